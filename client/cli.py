@@ -1,0 +1,151 @@
+"""`edufl client ...`: what a university runs next to its own data."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+import typer
+
+from client.validate import ValidationReport, validate_export
+from shared_models.cli_support import new_app, user_errors
+from shared_models.contract import load_spec
+from shared_models.errors import DataContractError
+
+app = new_app(
+    "University side: check exports against the consortium contract, train, score.\n\n"
+    "Example:\n\n  edufl client validate exports/2025-autumn --spec consortium.toml"
+)
+spec_app = new_app(
+    "Inspect the consortium data contract (the feature spec).\n\n"
+    "Example:\n\n  edufl client spec show --fingerprint"
+)
+app.add_typer(spec_app, name="spec")
+
+SPEC_OPTION = typer.Option(None, "--spec", help="Feature spec TOML; the default spec if omitted.")
+
+
+@app.command()
+@user_errors
+def validate(
+    data_dir: Path = typer.Argument(
+        ..., help="Institution export folder (students, activity, outcomes as .csv or .parquet)."
+    ),
+    spec: Path | None = SPEC_OPTION,
+    mapping: Path | None = typer.Option(
+        None, help="Column-mapping TOML; DATA_DIR/mapping.toml is used when present."
+    ),
+    max_problems: int = typer.Option(100, help="Problems to list; 0 lists every one."),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+) -> None:
+    """Check an export against the data contract; exit 0 when usable, 1 when not.
+
+    Reads only; nothing is modified. Lists rows, students, weeks covered, completeness per
+    feature, records below the completeness threshold (dropped at load) and every problem with
+    file, row and column. Columns that look like direct identifiers are refused.
+
+    Example:
+
+      edufl client validate demo/consortium/institution_01
+    """
+    feature_spec = load_spec(spec)
+    report, _ = validate_export(data_dir, feature_spec, mapping)
+    if as_json:
+        typer.echo(json.dumps(_report_json(report), indent=2))
+    else:
+        typer.echo(render_report(report, max_problems))
+    raise typer.Exit(0 if report.usable else 1)
+
+
+@spec_app.command("show")
+@user_errors
+def spec_show(
+    spec: Path | None = SPEC_OPTION,
+    fingerprint_only: bool = typer.Option(False, "--fingerprint", help="Print the hash only."),
+) -> None:
+    """Print a spec (validated) and its fingerprint.
+
+    Two parties hold the same contract when their fingerprints are equal.
+
+    Example:
+
+      edufl client spec show --fingerprint
+    """
+    feature_spec = load_spec(spec)
+    if fingerprint_only:
+        typer.echo(feature_spec.fingerprint)
+        return
+    typer.echo(f"# fingerprint: {feature_spec.fingerprint}")
+    typer.echo(feature_spec.to_toml())
+
+
+@spec_app.command("init")
+@user_errors
+def spec_init(path: Path = typer.Argument(..., help="Where to write the editable copy.")) -> None:
+    """Write a copy of the default spec to edit (refuses to overwrite).
+
+    Example:
+
+      edufl client spec init consortium.toml
+    """
+    if path.exists():
+        raise DataContractError(f"{path} exists; choose another path or delete it first")
+    text = load_spec(None).to_toml()
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, "utf-8")
+    tmp.replace(path)
+    typer.echo(f"wrote {path}")
+
+
+def render_report(report: ValidationReport, max_problems: int = 100) -> str:
+    """The human-readable validation report."""
+    verdict = "USABLE" if report.usable else "NOT USABLE"
+    lines = [
+        f"Export {report.data_dir}",
+        f"  contract   {report.spec_name} {report.spec_version} "
+        f"(fingerprint {report.spec_fingerprint[:12]})",
+    ]
+    for table, n in report.rows.items():
+        lines.append(f"  {table:<10} {n:>8} rows  ({report.files[table]})")
+    if report.n_students:
+        lines.append(f"  records    {report.n_students:>8} students (one per student and term)")
+    if report.weeks_covered:
+        lo, hi = report.weeks_covered
+        lines.append(
+            f"  weeks      {lo}-{hi}; {report.students_with_all_weeks} student(s) have every week"
+        )
+    if report.at_risk_rate is not None:
+        lines.append(f"  at risk    {100 * report.at_risk_rate:7.1f} % of students with an outcome")
+    if report.feature_completeness:
+        lines.append("  completeness per feature (observed cells / students x weeks):")
+        for name, share in report.feature_completeness.items():
+            lines.append(f"    {name:<22} {100 * share:6.1f} %")
+    if report.low_completeness:
+        lines.append(
+            f"  {len(report.low_completeness)} record(s) below the completeness threshold "
+            "(dropped when loading):"
+        )
+        for sid, term, share in report.low_completeness[:10]:
+            lines.append(f"    {sid} ({term}): {100 * share:.0f} %")
+        if len(report.low_completeness) > 10:
+            lines.append(f"    ... and {len(report.low_completeness) - 10} more")
+    problems = report.errors + report.warnings
+    if problems:
+        lines.append(f"  {len(report.errors)} error(s), {len(report.warnings)} warning(s):")
+        shown = problems if max_problems <= 0 else problems[:max_problems]
+        lines.extend(f"    {p}" for p in shown)
+        if len(shown) < len(problems):
+            lines.append(
+                f"    ... and {len(problems) - len(shown)} more (--max-problems 0 lists all)"
+            )
+    lines.append(f"=> {verdict}")
+    return "\n".join(lines)
+
+
+def _report_json(report: ValidationReport) -> dict[str, object]:
+    data = asdict(report)
+    data["data_dir"] = str(report.data_dir)
+    data["usable"] = report.usable
+    data["problems"] = [asdict(p) for p in report.problems]
+    return data

@@ -1,0 +1,1 @@
+"""edufl: server."""

@@ -1,0 +1,19 @@
+"""The small family of domain errors edufl raises for input a user can fix.
+
+The CLI turns any of these into one clear line and a non-zero exit; no traceback for a user
+mistake. Each refines the built-in exception it behaves like.
+"""
+
+from __future__ import annotations
+
+
+class EduflError(Exception):
+    """Base of every edufl error that a user, not a programmer, is expected to fix."""
+
+
+class DataContractError(EduflError, ValueError):
+    """A feature spec, an export or a mapping file does not satisfy the data contract."""
+
+
+class PrivacyBudgetExceeded(EduflError, RuntimeError):
+    """Spending more privacy budget would exceed what an institution allowed."""

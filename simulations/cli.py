@@ -1,0 +1,35 @@
+"""The `edufl` command, assembled from each package's own sub-commands."""
+
+from __future__ import annotations
+
+import typer
+
+from client.cli import app as client_app
+from shared_models.cli_support import configure_logging, new_app
+from simulations.simulate_cli import app as simulate_app
+
+app = new_app(
+    "edufl: federated, differentially private student-success models for university consortia.\n\n"
+    "Examples:\n\n"
+    "  edufl simulate synth demo/consortium          # the embedded synthetic consortium\n\n"
+    "  edufl client validate demo/consortium/institution_01"
+)
+app.add_typer(client_app, name="client")
+app.add_typer(simulate_app, name="simulate")
+
+
+@app.callback()
+def _root(
+    verbose: int = typer.Option(
+        0, "--verbose", "-v", count=True, show_default=False, help="-v info, -vv debug."
+    ),
+) -> None:
+    configure_logging(verbose)
+
+
+def main() -> None:
+    app(prog_name="edufl")
+
+
+if __name__ == "__main__":
+    main()
