@@ -78,10 +78,12 @@ def save_weights(model: nn.Module, path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {n: t.detach().cpu().contiguous() for n, t in _named_tensors(model).items()}
+    tmp = path.with_name(f".{path.name}.tmp")  # write then rename: never a half-written file
     if _st_save is not None:
-        _st_save(tensors, str(path))
+        _st_save(tensors, str(tmp))
     else:
-        torch.save(tensors, path)
+        torch.save(tensors, tmp)
+    tmp.replace(path)
     logger.debug("saved %d tensors to %s", len(tensors), path)
     return path
 

@@ -6,7 +6,9 @@ import typer
 
 from client.cli import app as client_app
 from shared_models.cli_support import configure_logging, new_app
+from simulations.demo import demo
 from simulations.simulate_cli import app as simulate_app
+from simulations.train_cli import train
 
 app = new_app(
     "edufl: federated, differentially private student-success models for university consortia.\n\n"
@@ -16,6 +18,8 @@ app = new_app(
 )
 app.add_typer(client_app, name="client")
 app.add_typer(simulate_app, name="simulate")
+app.command()(train)
+app.command()(demo)
 
 
 @app.callback()

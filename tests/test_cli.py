@@ -91,3 +91,11 @@ def test_spec_show_and_init(tmp_path: Path) -> None:
     assert again == fingerprint
     code, out = _invoke("client", "spec", "init", str(target))
     assert code == 2 and "exists" in out
+
+
+def test_demo_runs_the_main_job_and_prints_results(tmp_path: Path) -> None:
+    code, out = _invoke("demo", "--out", str(tmp_path))
+    assert code == 0, out
+    assert out.count(": ") and "usable" in out
+    assert "| **lstm** |" in out
+    assert (tmp_path / "centralized" / "roc.png").is_file()
