@@ -1,1 +1,42 @@
-"""edufl: privacy."""
+"""edufl: privacy.
+
+DP-SGD budgets that hold across a federation run (`DPSession`), the signed privacy ledger and
+the auditor's checks. Names below load on first use, so ``import privacy.keys`` (the server's
+key handling) does not pull in Opacus, torch and dp-accounting.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "PrivacyBudget": "privacy.budget",
+    "DPPlan": "privacy.budget",
+    "PrivacyConfigError": "privacy.budget",
+    "calibrate_noise": "privacy.budget",
+    "AccountantStore": "privacy.accountant_store",
+    "AccountantState": "privacy.accountant_store",
+    "compute_epsilon": "privacy.accountant_store",
+    "DPSession": "privacy.dp",
+    "InstitutionLedger": "privacy.institution_ledger",
+    "record_non_private_round": "privacy.institution_ledger",
+    "ConsortiumLedger": "privacy.consortium_ledger",
+    "encode_entry": "privacy.consortium_ledger",
+    "decode_entry": "privacy.consortium_ledger",
+    "REPLY_KEY": "privacy.consortium_ledger",
+    "LedgerEntry": "privacy.ledger",
+    "LedgerError": "privacy.ledger",
+    "verify_ledger": "privacy.audit",
+    "recompute_budget": "privacy.audit_budget",
+    "membership_inference": "privacy.attack",
+    "pseudonymize_export": "privacy.pseudonymize",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'privacy' has no attribute {name!r}")
+    return getattr(importlib.import_module(_EXPORTS[name]), name)

@@ -1,0 +1,179 @@
+"""`edufl audit ...`: what an auditor runs on a ledger or a trained model."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+import typer
+
+from client.loader import load_cohort
+from privacy.attack import attack_trained_model, render_attack
+from privacy.audit import VerifyReport, load_heads, load_keys, verify_ledger
+from privacy.audit_budget import recompute_budget
+from privacy.audit_report import budget_markdown, write_budget_report
+from privacy.ledger import parse_entries
+from shared_models.artifact import CARD_FILE
+from shared_models.cli_support import new_app, user_errors
+from shared_models.cohort import CohortArrays
+from shared_models.contract import load_spec
+from shared_models.errors import DataContractError
+
+app = new_app(
+    "Auditor's tools: verify the privacy ledger, recompute every epsilon, attack a model.\n\n"
+    "Example:\n\n  edufl audit verify runs/fed/ledger.jsonl --keys server-state/institutions.toml"
+)
+
+
+@app.command()
+@user_errors
+def verify(
+    ledger: Path = typer.Argument(..., help="A ledger.jsonl (consortium or institution copy)."),
+    keys: Path | None = typer.Option(
+        None,
+        "--keys",
+        help="Registered public keys: the server's institutions.toml, or a folder of NAME.pub.",
+    ),
+    heads: list[Path] = typer.Option(
+        [],
+        "--heads",
+        help="Chain ends to expect (an institution's own ledger.jsonl or a heads JSON); "
+        "repeat. Without them, entries cut from the end of a chain cannot be noticed.",
+    ),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+) -> None:
+    """Check every entry's signature and its place in its institution's chain.
+
+    Exit 0 when intact, 1 naming the first bad entry and why, 2 for unusable input.
+
+    Example:
+
+      edufl audit verify runs/fed/ledger.jsonl --keys server-state/institutions.toml
+    """
+    report = verify_ledger(
+        ledger, load_keys(keys) if keys else None, load_heads(heads) if heads else None
+    )
+    typer.echo(json.dumps(_verify_json(report), indent=2) if as_json else _render(report))
+    raise typer.Exit(0 if report.ok else 1)
+
+
+@app.command()
+@user_errors
+def budget(
+    ledger: Path = typer.Argument(..., help="A ledger.jsonl (consortium or institution copy)."),
+    out: Path | None = typer.Option(
+        None, "--out", help="Write budget.md, budget.json and epsilon.png into this folder."
+    ),
+) -> None:
+    """Recompute every claimed epsilon with an independent accountant (dp-accounting).
+
+    Per institution and round: claimed vs recomputed epsilon, budget and what remains. Exit 1
+    if a claim is understated by more than 1 % or a budget is exceeded. Check the ledger's
+    integrity with `edufl audit verify` first.
+
+    Example:
+
+      edufl audit budget runs/fed/ledger.jsonl --out runs/fed/audit
+    """
+    report = recompute_budget(parse_entries(ledger))
+    if not report.rows:
+        typer.echo(f"{ledger}: no entries")
+        raise typer.Exit(0)
+    typer.echo(budget_markdown(report))
+    if out is not None:
+        written = write_budget_report(report, out)
+        typer.echo(f"wrote {', '.join(str(p) for p in written.values())}")
+    raise typer.Exit(0 if report.ok else 1)
+
+
+@app.command()
+@user_errors
+def attack(
+    model_dir: Path = typer.Argument(
+        ..., help="A trained model folder (model.pt + model.json), e.g. `edufl train --out`."
+    ),
+    data: list[Path] = typer.Option(
+        ..., "--data", help="The export folder(s) the model was trained on; repeat."
+    ),
+    split: str | None = typer.Option(
+        None, help="Split rule used in training (random/stratified); the card's or random."
+    ),
+    seed: int | None = typer.Option(None, help="Split seed used in training; the card's or 0."),
+    claimed_epsilon: float | None = typer.Option(
+        None, "--claimed-epsilon", help="Epsilon to compare with; the model card's if recorded."
+    ),
+    delta: float | None = typer.Option(None, help="Delta of the claim; the card's or 1e-5."),
+    spec: Path | None = typer.Option(None, help="Feature spec TOML; the default if omitted."),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+) -> None:
+    """Membership inference: can the model tell its training students from held-out ones?
+
+    Reports attack AUC, advantage and a 95 % lower bound on epsilon next to the claimed
+    epsilon. Exit 1 if the lower bound exceeds the claim (the claim is refuted).
+
+    Example:
+
+      edufl audit attack runs/central --data demo/consortium/institution_01 --seed 0
+    """
+    if not (model_dir / CARD_FILE).is_file():
+        hint = (
+            "a federated run folder: export its global model to a model folder first"
+            if (model_dir / "checkpoints").is_dir()
+            else "no model.json here"
+        )
+        raise DataContractError(f"{model_dir}: not a trained model folder ({hint})")
+    feature_spec = load_spec(spec)
+    cohort = CohortArrays.concatenate([load_cohort(d, feature_spec) for d in data])
+    result = attack_trained_model(
+        model_dir,
+        cohort,
+        feature_spec,
+        split=split,
+        seed=seed,
+        delta=delta,
+        claimed_epsilon=claimed_epsilon,
+    )
+    if as_json:
+        typer.echo(json.dumps(asdict(result) | {"advantage_bound": result.advantage_bound}))
+    else:
+        typer.echo(render_attack(result))
+    refuted = (
+        result.claimed_epsilon is not None and result.epsilon_lower_bound > result.claimed_epsilon
+    )
+    raise typer.Exit(1 if refuted else 0)
+
+
+def _render(report: VerifyReport) -> str:
+    keys = (
+        "registered keys"
+        if report.keys_from_registry
+        else "each chain's own first key (pass --keys to check who signed)"
+    )
+    lines = [f"{report.path}: {report.entries} entries; signatures checked against {keys}"]
+    for name, count in sorted(report.chains.items()):
+        head = report.heads.get(name, {})
+        lines.append(
+            f"  {name:<24} {count:>5} valid entries, head seq {head.get('seq')} "
+            f"{str(head.get('hash', ''))[:16]}"
+        )
+    if report.ok:
+        lines.append("=> INTACT")
+        return "\n".join(lines)
+    lines.append(f"=> TAMPERED OR DAMAGED: first bad entry: {report.problems[0]}")
+    lines += [f"  {p}" for p in report.problems[1:20]]
+    if len(report.problems) > 20:
+        lines.append(f"  ... and {len(report.problems) - 20} more")
+    return "\n".join(lines)
+
+
+def _verify_json(report: VerifyReport) -> dict[str, object]:
+    return {
+        "path": str(report.path),
+        "ok": report.ok,
+        "entries": report.entries,
+        "chains": report.chains,
+        "heads": report.heads,
+        "keys_from_registry": report.keys_from_registry,
+        "problems": [asdict(p) for p in report.problems],
+    }

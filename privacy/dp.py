@@ -1,0 +1,322 @@
+"""DP-SGD for one institution across a whole federation run, with Opacus.
+
+A `DPSession` owns one ``PrivacyEngine`` whose accountant starts from the history persisted on
+the institution's disk, so rounds compose (a fresh engine per round would forget them) and a
+restarted node keeps counting. Per round::
+
+    session = DPSession.open(state_dir, budget, plan, institution="uni_a")
+    model, optimizer, loader = session.make_private(model, optimizer, loader)  # refuses first
+    ...train with train_one_epoch...
+    entry = session.spend_round(run_id, server_round, node)  # persist, sign, append ledger
+
+`make_private` refuses (``PrivacyBudgetExceeded``) before any step when one more round would
+exceed the budget, and stops training if a round takes more steps than it was checked for. The
+model trained in a round may leave the node only after `spend_round` returned.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cryptography.hazmat.primitives.asymmetric import ec
+from opacus import PrivacyEngine
+from opacus.optimizers import DPOptimizer
+from opacus.utils.batch_memory_manager import wrap_data_loader
+from torch import nn
+from torch.optim import Optimizer
+from torch.utils.data import DataLoader
+
+from privacy.accountant_store import (
+    AccountantState,
+    AccountantStore,
+    Segment,
+    compute_epsilon,
+    extend_history,
+    reconcile_state,
+)
+from privacy.budget import DPPlan, PrivacyBudget, PrivacyConfigError
+from privacy.institution_ledger import InstitutionLedger
+from shared_models.errors import PrivacyBudgetExceeded
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class _Round:
+    steps: int = 0
+
+
+class DPSession:
+    """One institution's DP-SGD budget, accountant and ledger (see the module docstring)."""
+
+    def __init__(
+        self,
+        store: AccountantStore,
+        state: AccountantState,
+        budget: PrivacyBudget,
+        ledger: InstitutionLedger,
+        max_physical_batch_size: int | None,
+    ) -> None:
+        self._store = store
+        self._state = state
+        self.budget = budget
+        self.ledger = ledger
+        self._max_physical = max_physical_batch_size
+        with warnings.catch_warnings():
+            # secure_mode needs torchcsprng (not installable here): noise comes from torch's
+            # PRNG, seeded per round. Said once in the docs, not on every round.
+            warnings.filterwarnings("ignore", "Secure RNG turned off", UserWarning)
+            self._engine = PrivacyEngine(accountant=budget.accountant)
+        self._engine.accountant.history = list(state.history)
+        self._round: _Round | None = None
+
+    @classmethod
+    def open(
+        cls,
+        state_dir: Path | str,
+        budget: PrivacyBudget,
+        plan: DPPlan,
+        *,
+        institution: str,
+        signing_key: ec.EllipticCurvePrivateKey | Path | None = None,
+        max_physical_batch_size: int | None = None,
+    ) -> DPSession:
+        """Open (or start) the institution's session in ``state_dir``; writes nothing.
+
+        Args:
+            state_dir: the institution's private folder; holds ``accountant.json`` and
+                ``ledger.jsonl`` (and ``keys/INSTITUTION`` when no key is given).
+            budget: the institution's (epsilon, delta) for the whole run.
+            plan: students, sample rate, steps per round and rounds (`DPPlan.for_training`).
+            institution: the institution's name, as registered with the consortium.
+            signing_key: the institution's EC key (its node key) or its OpenSSH file; None
+                uses ``state_dir/keys/INSTITUTION``, created on first use.
+            max_physical_batch_size: split Poisson batches into chunks of at most this many
+                students (Opacus' BatchMemoryManager); None keeps whole batches.
+
+        Raises:
+            PrivacyConfigError: delta is not below 1/n, or the budget cannot be reached.
+            AccountantStateError: the state belongs to another institution or budget.
+        """
+        budget.check_delta(plan.n_students)
+        state_dir = Path(state_dir)
+        store = AccountantStore(state_dir)
+        ledger = InstitutionLedger(state_dir, institution, signing_key)
+        with store.locked():
+            state = reconcile_state(store.load(), budget, plan, institution)
+            ledger.repair(state.last_entry)
+        return cls(store, state, budget, ledger, max_physical_batch_size)
+
+    # -- what a ClientApp reads ----------------------------------------------------------------
+
+    @property
+    def noise_multiplier(self) -> float:
+        return self._state.noise_multiplier
+
+    @property
+    def plan(self) -> DPPlan:
+        return self._state.plan
+
+    @property
+    def epsilon_spent(self) -> float:
+        return self._state.epsilon_spent
+
+    @property
+    def epsilon_remaining(self) -> float:
+        return max(0.0, self.budget.epsilon - self._state.epsilon_spent)
+
+    @property
+    def rounds_done(self) -> int:
+        return self._state.rounds_done
+
+    @property
+    def public_key(self) -> str:
+        """The ledger signing key as one OpenSSH line, for the consortium's registry."""
+        return self.ledger.public_key
+
+    # -- a round -------------------------------------------------------------------------------
+
+    def check_round(self) -> float:
+        """The epsilon one more full round would bring the institution to.
+
+        Raises:
+            PrivacyBudgetExceeded: that epsilon would exceed the budget.
+        """
+        self.ledger.refuse_if_voided()
+        plan = self._state.plan
+        segment = (self.noise_multiplier, plan.sample_rate, plan.steps_per_round)
+        projected = self._epsilon(extend_history(self._state.history, segment))
+        if projected > self.budget.epsilon:
+            raise PrivacyBudgetExceeded(
+                f"{self._state.institution}: one more round would raise epsilon from "
+                f"{self.epsilon_spent:.4g} to {projected:.4g}, above its budget "
+                f"{self.budget.epsilon:g} (delta {self.budget.delta:g}, {self.budget.accountant}) "
+                f"after {self.rounds_done} round(s); this institution takes no further DP rounds"
+            )
+        return projected
+
+    def make_private(
+        self, model: nn.Module, optimizer: Optimizer, loader: DataLoader[Any]
+    ) -> tuple[nn.Module, Optimizer, DataLoader[Any]]:
+        """Opacus' DP-SGD wrappers for one round, after checking the round fits the budget.
+
+        Poisson sampling at the plan's rate, per-student clipping at ``max_grad_norm``,
+        Gaussian noise at the calibrated multiplier. Matches ``client.local.Privatizer``.
+
+        Raises:
+            PrivacyBudgetExceeded: the round would exceed the budget (nothing was changed), or,
+                during training, the round takes more steps than ``plan.steps_per_round``.
+            PrivacyConfigError: the loader's sample rate is not the plan's.
+        """
+        if self._round is not None:
+            raise RuntimeError(
+                "make_private called again before spend_round ended the round; call "
+                "abandon_round() first if that round's training failed"
+            )
+        self.check_round()
+        plan = self._state.plan
+        # Attach the persisted history: this engine's accountant composes across rounds.
+        self._engine.accountant.history = list(self._state.history)
+        with warnings.catch_warnings():
+            # Every round rebuilds its loader over the same students: same logical dataset.
+            warnings.filterwarnings("ignore", "PrivacyEngine detected new dataset", UserWarning)
+            private_model, private_opt, private_loader = self._engine.make_private(
+                module=model,
+                optimizer=optimizer,
+                data_loader=loader,
+                noise_multiplier=self.noise_multiplier,
+                max_grad_norm=self.budget.max_grad_norm,
+                poisson_sampling=True,
+            )
+        rate = 1.0 / len(private_loader)
+        if not math.isclose(rate, plan.sample_rate, rel_tol=1e-9):
+            raise PrivacyConfigError(
+                f"the loader samples students at rate {rate:.6g}, the budget was calibrated for "
+                f"{plan.sample_rate:.6g}; build the plan with DPPlan.for_training(n, batch_size, "
+                "local_epochs, rounds) from the same batch size"
+            )
+        self._round = _Round()
+        self._guard_steps(private_opt)
+        if self._max_physical is not None:
+            # What BatchMemoryManager's __enter__ returns (its __exit__ does nothing); the
+            # Privatizer seam hands back a loader, not a context.
+            private_loader = wrap_data_loader(
+                data_loader=private_loader,
+                max_batch_size=self._max_physical,
+                optimizer=private_opt,
+            )
+        return private_model, private_opt, private_loader
+
+    def spend_round(self, run_id: str, server_round: int, node: str) -> dict[str, Any]:
+        """Commit the round's steps to disk and the ledger; returns the signed ledger entry.
+
+        The accountant history is persisted atomically first (the commit point), then the entry
+        is appended to ``ledger.jsonl`` (re-appended on the next open after a crash in between).
+        The entry holds aggregate DP parameters only; send it with the round's reply.
+
+        Raises:
+            PrivacyBudgetExceeded: another process of this node spent the budget meanwhile;
+                the round's model must not be released.
+        """
+        if self._round is None:
+            raise RuntimeError("spend_round without make_private: no round was trained")
+        steps, self._round = self._round.steps, None
+        plan = self._state.plan
+        segment: Segment = (self.noise_multiplier, plan.sample_rate, steps)
+        mine = [tuple(h) for h in self._engine.accountant.history]
+        if mine != extend_history(self._state.history, segment):
+            raise RuntimeError("the engine's accountant diverged from the steps this round took")
+        with self._store.locked():
+            base = self._store.load() or self._state
+            history = extend_history(base.history, segment)
+            epsilon = max(self._epsilon(history), base.epsilon_spent)
+            if epsilon > self.budget.epsilon:
+                raise PrivacyBudgetExceeded(
+                    f"{base.institution}: this round would bring epsilon to {epsilon:.4g}, above "
+                    f"its budget {self.budget.epsilon:g}; its model must not leave the node"
+                )
+            entry = self._entry(run_id, server_round, node, steps, epsilon)
+            state = base.model_copy(
+                update={
+                    "history": history,
+                    "rounds_done": base.rounds_done + 1,
+                    "epsilon_spent": epsilon,
+                    "last_entry": entry,
+                    "noise_multiplier": self.noise_multiplier,
+                    "plan": plan,
+                }
+            )
+            self._store.save(state)
+            self.ledger.append(entry)
+        self._state = state
+        logger.info(
+            "%s round %d: %d DP steps, epsilon %.4g of %g",
+            state.institution,
+            server_round,
+            steps,
+            epsilon,
+            self.budget.epsilon,
+        )
+        return entry
+
+    def abandon_round(self) -> None:
+        """Forget a round whose training failed; its model must never leave the node.
+
+        Nothing was committed for it, so nothing is spent; the next `make_private` starts from
+        the persisted history again.
+        """
+        if self._round is not None:
+            logger.warning("abandoning a DP round after %d step(s)", self._round.steps)
+        self._round = None
+        self._engine.accountant.history = list(self._state.history)
+
+    # -- helpers -------------------------------------------------------------------------------
+
+    def _epsilon(self, history: list[Segment]) -> float:
+        return compute_epsilon(self.budget.accountant, history, self.budget.delta)
+
+    def _guard_steps(self, optimizer: DPOptimizer) -> None:
+        """Stop a round at its checked number of steps, before the update that would exceed."""
+        account = optimizer.step_hook
+        limit = self._state.plan.steps_per_round
+        current = self._round
+        assert account is not None and current is not None
+
+        def guarded(opt: DPOptimizer) -> None:
+            if current.steps >= limit:
+                raise PrivacyBudgetExceeded(
+                    f"this round tried to take more than the {limit} DP steps it was checked for "
+                    "(local epochs x batches); the round is stopped and its model not released"
+                )
+            account(opt)
+            current.steps += 1
+
+        optimizer.attach_step_hook(guarded)
+
+    def _entry(
+        self, run_id: str, server_round: int, node: str, steps: int, epsilon: float
+    ) -> dict[str, Any]:
+        self.ledger.refuse_if_voided()
+        plan = self._state.plan
+        return self.ledger.sign_next(
+            {
+                "node": str(node),
+                "run_id": str(run_id),
+                "round": int(server_round),
+                "private": True,
+                "accountant": self.budget.accountant,
+                "noise_multiplier": float(self.noise_multiplier),
+                "sample_rate": float(plan.sample_rate),
+                "steps": int(steps),
+                "max_grad_norm": float(self.budget.max_grad_norm),
+                "delta": float(self.budget.delta),
+                "n_students": int(plan.n_students),
+                "epsilon_after": float(epsilon),
+                "epsilon_budget": float(self.budget.epsilon),
+            }
+        )
