@@ -1,0 +1,136 @@
+"""The Flower ``ClientApp`` every institution runs: ``client.app:app``.
+
+The node reads its own export from its node config (``data-path``; optional ``institution`` and
+``spec-path``), checks that it holds the contract the server trains with (spec fingerprint),
+trains or evaluates locally, and replies with the model's weights, ``num-examples`` and aggregate
+metrics only. Student records and predictions never leave the node. Errors are raised: Flower
+turns them into an error reply that the strategy skips and logs.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from pathlib import Path
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from client.local import (
+    NodeData,
+    build_local_model,
+    local_evaluate,
+    local_train,
+    prepare_node_data,
+)
+from client.settings import RoundSettings
+from shared_models.contract import FeatureSpec, load_spec
+from shared_models.errors import DataContractError
+from shared_models.weights import assign_weights, named_weights
+
+logger = logging.getLogger(__name__)
+
+#: Node-config keys (``flower-supernode --node-config 'data-path="..."'``).
+DATA_PATH = "data-path"
+INSTITUTION = "institution"
+SPEC_PATH = "spec-path"
+
+app = ClientApp()
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    """Train the received global model on this node's train split for the configured epochs."""
+    settings = RoundSettings.from_config(_config(msg))
+    node = _node(context, settings)
+    model = build_local_model(settings, node.shapes)
+    global_weights = _weights(msg)
+    assign_weights(model, global_weights)
+    metrics = local_train(model, node.train, settings, global_weights, validation=node.val)
+    logger.info(
+        "round %d: %s trained on %d records",
+        settings.server_round,
+        node.institution,
+        len(node.train),
+    )
+    arrays = ArrayRecord({name: Array(w) for name, w in named_weights(model).items()})
+    return _reply(msg, node, len(node.train), metrics, arrays)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    """Evaluate the received global model on this node's held-out test split."""
+    settings = RoundSettings.from_config(_config(msg))
+    node = _node(context, settings)
+    model = build_local_model(settings, node.shapes)
+    assign_weights(model, _weights(msg))
+    metrics = local_evaluate(model, node.test, settings)
+    return _reply(msg, node, len(node.test), metrics, None)
+
+
+def _config(msg: Message) -> ConfigRecord:
+    records = list(msg.content.config_records.values())
+    if len(records) != 1:
+        raise ValueError(f"expected one ConfigRecord in the message, got {len(records)}")
+    return records[0]
+
+
+def _weights(msg: Message) -> dict[str, np.ndarray]:
+    records = list(msg.content.array_records.values())
+    if len(records) != 1:
+        raise ValueError(f"expected one ArrayRecord in the message, got {len(records)}")
+    return {name: array.numpy() for name, array in records[0].items()}
+
+
+def _reply(
+    msg: Message,
+    node: NodeData,
+    num_examples: int,
+    metrics: dict[str, float],
+    arrays: ArrayRecord | None,
+) -> Message:
+    content = RecordDict()
+    if arrays is not None:
+        content["arrays"] = arrays
+    content["metrics"] = MetricRecord({"num-examples": num_examples, **metrics})
+    # The institution's name, not a student's: lets the server name a node in its logs.
+    content["node"] = ConfigRecord({INSTITUTION: node.institution})
+    return Message(content, reply_to=msg)
+
+
+def _node(context: Context, settings: RoundSettings) -> NodeData:
+    raw_path = context.node_config.get(DATA_PATH)
+    if not isinstance(raw_path, str) or not raw_path:
+        raise DataContractError(
+            f"this node has no {DATA_PATH!r} in its node config; start it with "
+            f"--node-config '{DATA_PATH}=\"/path/to/export\"'"
+        )
+    spec_path = context.node_config.get(SPEC_PATH) or settings.spec_path or None
+    spec = _spec(str(spec_path) if spec_path else None)
+    if settings.spec_fingerprint and settings.spec_fingerprint != spec.fingerprint:
+        raise DataContractError(
+            f"this node's data contract ({spec.name} {spec.version}, fingerprint "
+            f"{spec.short_fingerprint}) differs from the server's (fingerprint "
+            f"{settings.spec_fingerprint[:12]}); install the consortium's spec and set "
+            f"{SPEC_PATH!r} in the node config"
+        )
+    institution = context.node_config.get(INSTITUTION)
+    return _node_data(
+        str(Path(raw_path).resolve()),
+        spec,
+        settings.seed,
+        str(institution) if institution else None,
+    )
+
+
+@functools.lru_cache(maxsize=8)
+def _spec(path: str | None) -> FeatureSpec:
+    return load_spec(path)
+
+
+# One process may serve several virtual nodes in simulation; loading and splitting an export is
+# the slowest part of a round, so each process keeps the last few it prepared.
+@functools.lru_cache(maxsize=8)
+def _node_data(path: str, spec: FeatureSpec, seed: int, institution: str | None) -> NodeData:
+    return prepare_node_data(path, spec, seed=seed, institution=institution)

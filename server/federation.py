@@ -1,0 +1,241 @@
+"""One federated run on a Flower ``Grid``: the ServerApp's work, independent of how it is started.
+
+It builds the global model from the data contract, picks and guards the strategy, restores the
+last checkpoint when resuming, runs the remaining rounds and, after every round, commits a
+checkpoint and the round's per-institution metrics to the run directory; at the end it writes
+``summary.md`` and ``rounds.png`` there.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from flwr.app import Array, ArrayRecord
+from flwr.serverapp import Grid
+from torch import nn
+
+from server.checkpoints import CheckpointError, CheckpointStore
+from server.config import FederationConfig
+from server.guard import GuardedStrategy
+from server.report import write_report
+from server.rounds import RoundReport, run_rounds
+from server.strategies import build_strategy, restore_strategy_state, strategy_state
+from shared_models.contract import FeatureSpec, load_spec
+from shared_models.errors import EduflError
+from shared_models.registry import build_model
+from shared_models.training import set_seed
+from shared_models.weights import assign_weights, named_weights
+
+logger = logging.getLogger(__name__)
+
+#: Compared between a checkpoint and the config that resumes it; any difference is refused
+#: (the seed fixes every node's train/test split: changing it mid-run would leak test records).
+_RESUME_KEYS = ("model", "model_overrides", "task", "strategy", "seed", "spec_fingerprint")
+
+
+class FederationError(EduflError, RuntimeError):
+    """A federation that cannot go on (every node failed in a round)."""
+
+
+@dataclass(frozen=True)
+class FederationResult:
+    """Where a run ended."""
+
+    first_round: int  # the first round this invocation ran (> last_round if none was left)
+    last_round: int
+    evaluate: dict[str, float]  # aggregated test metrics after the last round run here
+
+
+def run_federation(
+    grid: Grid,
+    config: FederationConfig,
+    *,
+    on_round: Callable[[RoundReport], None] | None = None,
+) -> FederationResult:
+    """Run (or resume) the federation ``config`` describes on ``grid``.
+
+    Args:
+        grid: Flower's grid of connected nodes.
+        config: the validated federation config.
+        on_round: called after each committed round; logs a progress line by default.
+
+    Raises:
+        CheckpointError: the run directory holds another run's checkpoints, or holds checkpoints
+            and ``config.resume`` is false.
+        FederationError: every node failed in a round (the round is not committed).
+    """
+    spec = load_spec(config.spec_path)
+    model = global_model(config, spec)
+    store = CheckpointStore(config.out_dir)
+    strategy = GuardedStrategy(
+        build_strategy(
+            config.strategy,
+            fraction_train=config.fraction_train,
+            fraction_evaluate=config.fraction_evaluate,
+            min_nodes=config.min_nodes,
+            proximal_mu=config.proximal_mu,
+            params=config.strategy_params,
+        ),
+        config.guard,
+    )
+    first_round = _restore(store, config, spec, model, strategy)
+    if first_round > config.rounds:
+        logger.warning(
+            "all %d rounds of %s are done; nothing to run", config.rounds, config.out_dir
+        )
+        return FederationResult(first_round, config.rounds, {})
+    manifest = {**_identity(config, spec), "rounds_planned": config.rounds}
+    final: dict[str, float] = {}
+
+    def commit(report: RoundReport) -> None:
+        nonlocal final
+        if report.failures and not report.train_nodes:
+            # Nothing was trained: stop before committing a round that did not happen.
+            reason = report.failures[0].error.strip().splitlines() or ["unknown"]
+            raise FederationError(
+                f"round {report.server_round}: every node failed; node "
+                f"{report.failures[0].node_id}: {reason[-1]}"
+            )
+        assign_weights(model, {k: v.numpy() for k, v in report.arrays.items()})
+        store.save(
+            report.server_round,
+            model,
+            {**manifest, "train": report.train, "evaluate": report.evaluate},
+            state=strategy_state(strategy.inner),
+            metrics_record=round_record(report, config.strategy),
+        )
+        final = report.evaluate
+        if on_round is not None:
+            on_round(report)
+        else:
+            logger.info(progress_line(report, config.rounds))
+
+    arrays = ArrayRecord({k: Array(v) for k, v in named_weights(model).items()})
+    train_config = config.train_config(spec.fingerprint)
+    run_rounds(
+        strategy,
+        grid,
+        arrays,
+        first_round=first_round,
+        last_round=config.rounds,
+        train_config=train_config,
+        evaluate_config=train_config,
+        timeout=config.round_timeout,
+        on_round=commit,
+    )
+    write_report(config.out_dir)
+    return FederationResult(first_round, config.rounds, final)
+
+
+def global_model(config: FederationConfig, spec: FeatureSpec) -> nn.Module:
+    """The federation's model for the contract's shapes, with seeded initial weights."""
+    set_seed(config.seed)
+    return build_model(
+        config.model,
+        spec.weeks,
+        len(spec.dynamic_names),
+        len(spec.static_names),
+        config.model_overrides,
+    )
+
+
+def _identity(config: FederationConfig, spec: FeatureSpec) -> dict[str, Any]:
+    return {
+        "model": config.model,
+        "model_overrides": config.model_overrides,
+        "task": config.task,
+        "strategy": config.strategy,
+        "strategy_params": config.strategy_params,
+        "seed": config.seed,
+        "spec_fingerprint": spec.fingerprint,
+        "spec": f"{spec.name} {spec.version}",
+    }
+
+
+def check_out_dir(config: FederationConfig) -> None:
+    """Refuse to start a new run over another run's checkpoints (resuming is explicit).
+
+    Raises:
+        CheckpointError: ``config.out_dir`` holds checkpoints and ``config.resume`` is false.
+    """
+    last = CheckpointStore(config.out_dir).latest()
+    if last is not None and not config.resume:
+        raise CheckpointError(
+            f"{config.out_dir} already holds checkpoints up to round {last.round}; "
+            "resume that run (--resume) or choose another output directory"
+        )
+
+
+def _restore(
+    store: CheckpointStore,
+    config: FederationConfig,
+    spec: FeatureSpec,
+    model: nn.Module,
+    strategy: GuardedStrategy,
+) -> int:
+    """Load the last checkpoint into ``model``/``strategy`` when resuming; the next round."""
+    check_out_dir(config)
+    last = store.latest()
+    if last is None:
+        if config.resume:
+            logger.warning("no checkpoint in %s to resume from; starting at round 1", store.run_dir)
+        store.trim_metrics(0)
+        return 1
+    expected = _identity(config, spec)
+    differs = [k for k in _RESUME_KEYS if last.manifest.get(k) != expected[k]]
+    if differs:
+        detail = ", ".join(f"{k}: {last.manifest.get(k)!r} != {expected[k]!r}" for k in differs)
+        raise CheckpointError(
+            f"cannot resume {store.run_dir}: its checkpoints belong to a different run ({detail})"
+        )
+    restore_strategy_state(strategy.inner, store.load(last, model))
+    store.trim_metrics(last.round)
+    logger.warning("resuming %s after round %d", store.run_dir, last.round)
+    return last.round + 1
+
+
+def round_record(report: RoundReport, strategy: str) -> dict[str, Any]:
+    """The round's line in ``metrics.jsonl``: aggregates and each institution's metrics."""
+    nodes: dict[int, dict[str, Any]] = {}
+    for phase, results in (("train", report.train_nodes), ("evaluate", report.evaluate_nodes)):
+        for result in results:
+            entry = nodes.setdefault(
+                result.node_id, {"node_id": result.node_id, "institution": result.institution}
+            )
+            entry["institution"] = entry["institution"] or result.institution
+            entry[phase] = result.metrics
+    return {
+        "round": report.server_round,
+        "seconds": round(report.seconds, 3),
+        "strategy": strategy,
+        "train": report.train,
+        "evaluate": report.evaluate,
+        "institutions": sorted(nodes.values(), key=lambda e: e["institution"] or str(e["node_id"])),
+        "rejected": [vars(r) for r in report.rejected],
+        "failures": [{"node_id": f.node_id, "error": f.error} for f in report.failures],
+    }
+
+
+def progress_line(report: RoundReport, total_rounds: int) -> str:
+    """One human-readable line per round."""
+
+    def fmt(value: float | None) -> str:
+        return "n/a" if value is None or math.isnan(value) else f"{value:.4f}"
+
+    parts = [
+        f"round {report.server_round}/{total_rounds}",
+        f"{report.seconds:6.1f} s",
+        f"train loss {fmt(report.train.get('train/loss'))}",
+        f"val ROC-AUC {fmt(report.train.get('val/risk/roc_auc'))}",
+        f"test loss {fmt(report.evaluate.get('loss'))}",
+        f"federated ROC-AUC {fmt(report.evaluate.get('risk/roc_auc'))}",
+    ]
+    if report.rejected:
+        parts.append(f"rejected {len(report.rejected)}")
+    if report.failures:
+        parts.append(f"failed {len(report.failures)}")
+    return "  ".join(parts)

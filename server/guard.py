@@ -1,0 +1,223 @@
+"""A guard in front of any Flower strategy: bad updates never reach aggregation.
+
+`GuardedStrategy` wraps a strategy and filters the train replies of every round before the
+wrapped strategy's ``aggregate_train`` sees them. A reply is rejected when it does not carry
+exactly the global model's arrays (same names, same shapes), when a value is not finite, when its
+``num-examples`` weight is not a positive finite number, or when its update norm
+``||w_node - w_global||`` is above an absolute cap or more than ``norm_factor`` times the round's
+median. Every rejection is logged with the node id and, when the reply names it, the institution.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Annotated
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+from pydantic import BaseModel, ConfigDict, Field
+
+logger = logging.getLogger(__name__)
+
+WEIGHT_KEY = "num-examples"
+
+
+class GuardConfig(BaseModel):
+    """Thresholds of the update guard."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    # An update whose norm exceeds this multiple of the round's median norm is an outlier. With
+    # fewer than three replies the median cannot single one out; the absolute cap still applies.
+    norm_factor: Annotated[float, Field(gt=1)] = 10.0
+    max_update_norm: Annotated[float, Field(gt=0)] = 1000.0  # absolute cap on ||w - w_global||
+
+
+@dataclass(frozen=True)
+class Rejection:
+    """One reply the guard kept out of aggregation."""
+
+    node_id: int
+    institution: str
+    reason: str
+
+
+def institution_of(msg: Message) -> str:
+    """The institution name a reply carries in its ``node`` ConfigRecord, or ``""``."""
+    if msg.has_error():
+        return ""
+    for record in msg.content.config_records.values():
+        name = record.get("institution")
+        if isinstance(name, str):
+            return name
+    return ""
+
+
+def _reject_reason(msg: Message, reference: dict[str, np.ndarray]) -> tuple[str, float]:
+    """Why ``msg`` must be rejected (``""`` if not) and its update norm."""
+    arrays = list(msg.content.array_records.values())
+    metrics = list(msg.content.metric_records.values())
+    if len(arrays) != 1 or len(metrics) != 1:
+        return f"expected one ArrayRecord and one MetricRecord, got {len(arrays)}/{len(metrics)}", 0
+    record: ArrayRecord = arrays[0]
+    missing = sorted(set(reference) - set(record))
+    unexpected = sorted(set(record) - set(reference))
+    if missing or unexpected:
+        return f"wrong keys: missing {missing}, unexpected {unexpected}", 0
+    weight = metrics[0].get(WEIGHT_KEY)
+    if not isinstance(weight, int | float) or not math.isfinite(weight) or weight <= 0:
+        return f"{WEIGHT_KEY} must be a positive number, got {weight!r}", 0
+    squared = 0.0
+    for name, expected in reference.items():
+        value = record[name].numpy()
+        if value.shape != expected.shape:
+            return f"wrong shape for {name!r}: {value.shape}, expected {expected.shape}", 0
+        if not np.issubdtype(value.dtype, np.floating) or not np.isfinite(value).all():
+            return f"non-finite or non-float values in {name!r}", 0
+        squared += float(np.sum((value.astype(np.float64) - expected) ** 2))
+    return "", math.sqrt(squared)
+
+
+class GuardedStrategy(Strategy):
+    """Wraps a Flower strategy; its ``aggregate_train`` only sees replies that pass the guard.
+
+    Attributes:
+        inner: the wrapped strategy (its state, e.g. FedAdam's moments, lives there).
+        rejections: the replies rejected in the last aggregated round.
+    """
+
+    def __init__(self, inner: Strategy, config: GuardConfig | None = None) -> None:
+        self.inner = inner
+        self.config = config or GuardConfig()
+        self.rejections: list[Rejection] = []
+        self._reference: dict[str, np.ndarray] | None = None
+
+    def summary(self) -> None:
+        logger.info(
+            "update guard: norm factor %.3g x median, cap %.3g",
+            self.config.norm_factor,
+            self.config.max_update_norm,
+        )
+        self.inner.summary()
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        # The arrays sent this round are the reference for keys, shapes and update norms.
+        self._reference = {k: v.numpy().astype(np.float64) for k, v in arrays.items()}
+        return self.inner.configure_train(server_round, arrays, config, grid)
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        kept = self.filter_replies(server_round, replies)
+        return self.inner.aggregate_train(server_round, kept)
+
+    def filter_replies(self, server_round: int, replies: Iterable[Message]) -> list[Message]:
+        """The replies that may be aggregated; error replies pass through for the strategy to log.
+
+        Raises:
+            RuntimeError: called before ``configure_train`` of this round.
+        """
+        if self._reference is None:
+            raise RuntimeError("configure_train must run before aggregate_train")
+        self.rejections = []
+        candidates: list[tuple[Message, float]] = []
+        passed: list[Message] = []
+        replies = list(replies)
+        metric_keys = _majority_metric_keys(replies)
+        for msg in replies:
+            if msg.has_error():
+                passed.append(msg)
+                continue
+            reason, norm = _reject_reason(msg, self._reference)
+            if not reason and _metric_keys(msg) != metric_keys:
+                reason = _metric_keys_reason(msg, metric_keys)
+            if not reason and norm > self.config.max_update_norm:
+                reason = f"update norm {norm:.4g} exceeds the cap {self.config.max_update_norm:.4g}"
+            if reason:
+                self._reject(server_round, msg, reason)
+            else:
+                candidates.append((msg, norm))
+        if candidates:
+            median = float(np.median([norm for _, norm in candidates]))
+            limit = self.config.norm_factor * median
+            for msg, norm in candidates:
+                if median > 0 and norm > limit:
+                    self._reject(
+                        server_round,
+                        msg,
+                        f"update norm {norm:.4g} exceeds {self.config.norm_factor:g} x the "
+                        f"round's median {median:.4g}",
+                    )
+                else:
+                    passed.append(msg)
+        if self.rejections and all(msg.has_error() for msg in passed):
+            logger.warning(
+                "round %d: no update passed the guard; the model is unchanged", server_round
+            )
+        return passed
+
+    def _reject(self, server_round: int, msg: Message, reason: str, what: str = "update") -> None:
+        node_id = int(msg.metadata.src_node_id)
+        institution = institution_of(msg)
+        self.rejections.append(Rejection(node_id, institution, f"{what}: {reason}"))
+        logger.warning(
+            "round %d: rejected the %s of node %d%s: %s",
+            server_round,
+            what,
+            node_id,
+            f" ({institution})" if institution else "",
+            reason,
+        )
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        return self.inner.configure_evaluate(server_round, arrays, config, grid)
+
+    def aggregate_evaluate(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> MetricRecord | None:
+        # Evaluation replies carry metrics only; one with other keys or no weight would make
+        # Flower's consistency check abort the whole round's aggregation.
+        replies = list(replies)
+        metric_keys = _majority_metric_keys(replies)
+        kept = []
+        for msg in replies:
+            if msg.has_error() or _metric_keys(msg) == metric_keys:
+                kept.append(msg)
+            else:
+                self._reject(server_round, msg, _metric_keys_reason(msg, metric_keys), "evaluation")
+        return self.inner.aggregate_evaluate(server_round, kept)
+
+
+def _metric_keys(msg: Message) -> frozenset[str] | None:
+    """The keys of the reply's only MetricRecord (None if it has not exactly one)."""
+    records = list(msg.content.metric_records.values())
+    return frozenset(records[0]) if len(records) == 1 else None
+
+
+def _majority_metric_keys(replies: list[Message]) -> frozenset[str] | None:
+    """The metric keys most replies agree on (ties go to the earliest); must include the weight."""
+    counts: dict[frozenset[str], int] = {}
+    for msg in replies:
+        keys = None if msg.has_error() else _metric_keys(msg)
+        if keys is not None and WEIGHT_KEY in keys:
+            counts[keys] = counts.get(keys, 0) + 1
+    return max(counts, key=counts.__getitem__) if counts else None
+
+
+def _metric_keys_reason(msg: Message, expected: frozenset[str] | None) -> str:
+    keys = _metric_keys(msg)
+    if keys is None or expected is None:
+        return f"expected one MetricRecord with {WEIGHT_KEY!r}"
+    return (
+        f"metric keys differ from the round's: missing {sorted(expected - keys)}, "
+        f"unexpected {sorted(keys - expected)}"
+    )

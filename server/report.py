@@ -1,0 +1,163 @@
+"""A run directory's human-readable results: ``summary.md`` and ``rounds.png``.
+
+Both are derived from ``metrics.jsonl`` only, so they can be regenerated at any time (after a
+resumed run they cover every round, whichever invocation ran it).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+from server.checkpoints import CheckpointStore
+
+logger = logging.getLogger(__name__)
+
+SUMMARY = "summary.md"
+PLOT = "rounds.png"
+
+#: (column title, phase, metric key) of the per-round table.
+_ROUND_COLUMNS = (
+    ("train loss", "train", "train/loss"),
+    ("val ROC-AUC", "train", "val/risk/roc_auc"),
+    ("test loss", "evaluate", "loss"),
+    ("test ROC-AUC", "evaluate", "risk/roc_auc"),
+    ("test accuracy", "evaluate", "risk/accuracy"),
+    ("test F1", "evaluate", "risk/f1"),
+)
+_INSTITUTION_COLUMNS = (
+    ("test n", "num-examples"),
+    ("ROC-AUC", "risk/roc_auc"),
+    ("accuracy", "risk/accuracy"),
+    ("F1", "risk/f1"),
+    ("recall", "risk/recall"),
+    ("loss", "loss"),
+)
+
+
+def _fmt(value: Any, digits: int = 4) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    if isinstance(value, float) and value.is_integer() and abs(value) > 1:  # a count
+        return str(int(value))
+    return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return lines + ["| " + " | ".join(row) + " |" for row in rows]
+
+
+def _institutions(records: list[dict[str, Any]]) -> list[str]:
+    names = {e["institution"] or f"node {e['node_id']}" for r in records for e in r["institutions"]}
+    return sorted(names)
+
+
+def _per_institution(record: dict[str, Any], phase: str, key: str) -> dict[str, Any]:
+    return {
+        e["institution"] or f"node {e['node_id']}": e.get(phase, {}).get(key)
+        for e in record["institutions"]
+    }
+
+
+def render_summary(records: list[dict[str, Any]]) -> str:
+    """The markdown summary of a run's metrics log."""
+    if not records:
+        return "# Federated run\n\nNo round has completed yet.\n"
+    last = records[-1]
+    lines = [
+        f"# Federated run: {last['strategy']}, {len(records)} round(s)",
+        "",
+        f"Final federated test ROC-AUC (weighted by test records): "
+        f"**{_fmt(last['evaluate'].get('risk/roc_auc'))}**",
+        "",
+        "## Per round (aggregated over institutions)",
+        "",
+    ]
+    rows = []
+    for r in records:
+        row = [str(r["round"]), f"{r['seconds']:.1f}"]
+        row += [_fmt(r[phase].get(key)) for _, phase, key in _ROUND_COLUMNS]
+        row += [str(len(r["rejected"])), str(len(r["failures"]))]
+        rows.append(row)
+    header = ["round", "seconds", *(c[0] for c in _ROUND_COLUMNS), "rejected", "failed"]
+    lines += _table(header, rows)
+
+    names = _institutions(records)
+    lines += ["", f"## Per institution after round {last['round']} (test split)", ""]
+    rows = []
+    for entry in sorted(last["institutions"], key=lambda e: e["institution"]):
+        metrics = entry.get("evaluate", {})
+        name = entry["institution"] or f"node {entry['node_id']}"
+        rows.append([name, *(_fmt(metrics.get(key)) for _, key in _INSTITUTION_COLUMNS)])
+    lines += _table(["institution", *(c[0] for c in _INSTITUTION_COLUMNS)], rows)
+
+    lines += ["", "## Test ROC-AUC per institution and round", ""]
+    rows = []
+    for r in records:
+        values = _per_institution(r, "evaluate", "risk/roc_auc")
+        rows.append([str(r["round"]), *(_fmt(values.get(n)) for n in names)])
+    lines += _table(["round", *names], rows)
+
+    rejected = [(r["round"], x) for r in records for x in r["rejected"]]
+    if rejected:
+        lines += ["", "## Rejected updates", ""]
+        rows = [
+            [str(rnd), str(x["node_id"]), x["institution"] or "-", x["reason"]]
+            for rnd, x in rejected
+        ]
+        lines += _table(["round", "node", "institution", "reason"], rows)
+    return "\n".join(lines) + "\n"
+
+
+def plot_rounds(records: list[dict[str, Any]], path: Path) -> None:
+    """Test ROC-AUC and test loss per round, one line per institution plus the federation's."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only; never a display
+    import matplotlib.pyplot as plt
+
+    rounds = [r["round"] for r in records]
+    names = _institutions(records)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    panels = (("risk/roc_auc", "test ROC-AUC"), ("loss", "test loss"))
+    for ax, (key, title) in zip(axes, panels, strict=True):
+        for name in names:
+            values = [_per_institution(r, "evaluate", key).get(name) for r in records]
+            ax.plot(rounds, [math.nan if v is None else v for v in values], marker="o", label=name)
+        federated = [r["evaluate"].get(key) for r in records]
+        ax.plot(
+            rounds,
+            [math.nan if v is None else v for v in federated],
+            color="black",
+            linewidth=2.5,
+            marker="s",
+            label="federated (weighted)",
+        )
+        ax.set_xlabel("round")
+        ax.set_title(title)
+        ax.set_xticks(rounds)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def write_report(run_dir: Path | str) -> tuple[Path, Path]:
+    """Write ``summary.md`` and ``rounds.png`` from the run's metrics log; returns both paths."""
+    run_dir = Path(run_dir)
+    records = CheckpointStore(run_dir).read_metrics()
+    summary = run_dir / SUMMARY
+    tmp = summary.with_name(f".{SUMMARY}.tmp")
+    tmp.write_text(render_summary(records), "utf-8")
+    os.replace(tmp, summary)
+    plot = run_dir / PLOT
+    plot_rounds(records, plot)
+    logger.info("wrote %s and %s", summary, plot)
+    return summary, plot

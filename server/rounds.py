@@ -1,0 +1,135 @@
+"""The round loop: Flower's ``Strategy.start`` with a first round and per-node results.
+
+``Strategy.start`` always numbers rounds from 1 and hands the caller only aggregated metrics.
+A resumed run must continue at round ``k + 1`` (FedAdam's bias correction and the nodes' seeds
+depend on the round number), and the run log needs each institution's metrics, so this loop
+calls the strategy's own four steps (``configure_train``, ``aggregate_train``,
+``configure_evaluate``, ``aggregate_evaluate``) exactly as ``start`` does, with both.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+
+from flwr.app import ArrayRecord, ConfigRecord, Message
+from flwr.serverapp import Grid
+
+from server.guard import GuardedStrategy, Rejection, institution_of
+
+logger = logging.getLogger(__name__)
+
+ConfigValues = Mapping[str, bool | int | float | str]
+
+
+@dataclass(frozen=True)
+class NodeResult:
+    """Aggregate metrics one node reported in one phase of a round."""
+
+    node_id: int
+    institution: str
+    metrics: dict[str, float]
+    error: str = ""  # why the node failed (an error reply, or no reply in time)
+
+
+@dataclass(frozen=True)
+class RoundReport:
+    """What happened in one round (handed to the caller's ``on_round``)."""
+
+    server_round: int
+    seconds: float
+    arrays: ArrayRecord  # the global model after the round
+    train: dict[str, float]  # aggregated train metrics (empty if nothing was aggregated)
+    evaluate: dict[str, float]  # aggregated evaluation metrics on the nodes' test splits
+    train_nodes: list[NodeResult] = field(default_factory=list)
+    evaluate_nodes: list[NodeResult] = field(default_factory=list)
+    rejected: list[Rejection] = field(default_factory=list)
+    failures: list[NodeResult] = field(default_factory=list)  # error or missing replies
+
+
+def run_rounds(
+    strategy: GuardedStrategy,
+    grid: Grid,
+    arrays: ArrayRecord,
+    *,
+    first_round: int,
+    last_round: int,
+    train_config: ConfigValues,
+    evaluate_config: ConfigValues,
+    timeout: float,
+    on_round: Callable[[RoundReport], None],
+) -> ArrayRecord:
+    """Run rounds ``first_round..last_round``; ``on_round`` runs after each (e.g. to checkpoint).
+
+    Returns:
+        The global model after the last round.
+    """
+    for server_round in range(first_round, last_round + 1):
+        started = time.monotonic()
+        logger.info("round %d/%d: training", server_round, last_round)
+        messages = list(
+            strategy.configure_train(server_round, arrays, ConfigRecord(dict(train_config)), grid)
+        )
+        replies = _exchange(grid, messages, timeout)
+        train_nodes, failures = _node_results(messages, replies)
+        new_arrays, train_metrics = strategy.aggregate_train(server_round, replies)
+        if new_arrays is not None:
+            arrays = new_arrays
+        rejected = list(strategy.rejections)
+
+        logger.info("round %d/%d: evaluating", server_round, last_round)
+        messages = list(
+            strategy.configure_evaluate(
+                server_round, arrays, ConfigRecord(dict(evaluate_config)), grid
+            )
+        )
+        replies = _exchange(grid, messages, timeout)
+        evaluate_nodes, eval_failures = _node_results(messages, replies)
+        evaluate_metrics = strategy.aggregate_evaluate(server_round, replies)
+        rejected += strategy.rejections[len(rejected) :]
+
+        on_round(
+            RoundReport(
+                server_round=server_round,
+                seconds=time.monotonic() - started,
+                arrays=arrays,
+                train=dict(train_metrics or {}),
+                evaluate=dict(evaluate_metrics or {}),
+                train_nodes=train_nodes,
+                evaluate_nodes=evaluate_nodes,
+                rejected=rejected,
+                failures=failures + eval_failures,
+            )
+        )
+    return arrays
+
+
+def _exchange(grid: Grid, messages: list[Message], timeout: float) -> list[Message]:
+    return list(grid.send_and_receive(messages, timeout=timeout)) if messages else []
+
+
+def _node_results(
+    sent: Iterable[Message], replies: list[Message]
+) -> tuple[list[NodeResult], list[NodeResult]]:
+    """Per-node metrics of the replies, and the nodes that failed or did not reply."""
+    results, failures = [], []
+    answered = set()
+    for msg in replies:
+        node_id = int(msg.metadata.src_node_id)
+        answered.add(node_id)
+        if msg.has_error():
+            failures.append(NodeResult(node_id, "", {}, msg.error.reason))
+            logger.warning("node %d replied with an error: %s", node_id, msg.error.reason)
+            continue
+        metrics = {}
+        for record in msg.content.metric_records.values():
+            metrics |= {k: float(v) for k, v in record.items() if isinstance(v, int | float)}
+        results.append(NodeResult(node_id, institution_of(msg), metrics))
+    for msg in sent:
+        node_id = int(msg.metadata.dst_node_id)
+        if node_id not in answered:
+            failures.append(NodeResult(node_id, "", {}, "no reply in time"))
+            logger.warning("node %d did not reply in time", node_id)
+    return sorted(results, key=lambda r: r.institution or str(r.node_id)), failures
