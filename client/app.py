@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import logging
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
@@ -35,6 +36,9 @@ logger = logging.getLogger(__name__)
 DATA_PATH = "data-path"
 INSTITUTION = "institution"
 SPEC_PATH = "spec-path"
+PRIVACY_STATE = "privacy-state"  # this institution's DP state folder (accountant, ledger, key)
+PRIVACY_ROOT = "privacy-root"  # else ROOT/<institution> (simulation: <out-dir>/privacy)
+PRIVACY_KEY = "privacy-key"  # optional OpenSSH EC key signing the ledger entries
 
 app = ClientApp()
 
@@ -47,7 +51,29 @@ def train(msg: Message, context: Context) -> Message:
     model = build_local_model(settings, node.shapes)
     global_weights = _weights(msg)
     assign_weights(model, global_weights)
-    metrics = local_train(model, node.train, settings, global_weights, validation=node.val)
+    session = _dp_session(context, settings, node) if settings.dp_epsilon > 0 else None
+    try:
+        metrics = local_train(
+            model,
+            node.train,
+            settings,
+            global_weights,
+            validation=node.val,
+            privatize=session.make_private if session is not None else None,
+        )
+    except BaseException:
+        if session is not None:
+            session.abandon_round()  # nothing spent; the model never leaves the node
+        raise
+    privacy = None
+    if session is not None:
+        from privacy.consortium_ledger import REPLY_KEY, encode_entry
+
+        # Commit the spend before the model may leave the node (raises if over budget).
+        entry = session.spend_round(
+            str(msg.metadata.run_id), settings.server_round, str(context.node_id)
+        )
+        privacy = ConfigRecord({REPLY_KEY: encode_entry(entry)})
     logger.info(
         "round %d: %s trained on %d records",
         settings.server_round,
@@ -55,7 +81,7 @@ def train(msg: Message, context: Context) -> Message:
         len(node.train),
     )
     arrays = ArrayRecord({name: Array(w) for name, w in named_weights(model).items()})
-    return _reply(msg, node, len(node.train), metrics, arrays)
+    return _reply(msg, node, len(node.train), metrics, arrays, privacy)
 
 
 @app.evaluate()
@@ -89,6 +115,7 @@ def _reply(
     num_examples: int,
     metrics: dict[str, float],
     arrays: ArrayRecord | None,
+    privacy: ConfigRecord | None = None,
 ) -> Message:
     content = RecordDict()
     if arrays is not None:
@@ -96,6 +123,8 @@ def _reply(
     content["metrics"] = MetricRecord({"num-examples": num_examples, **metrics})
     # The institution's name, not a student's: lets the server name a node in its logs.
     content["node"] = ConfigRecord({INSTITUTION: node.institution})
+    if privacy is not None:  # the signed ledger entry: aggregate DP parameters only
+        content["privacy"] = privacy
     return Message(content, reply_to=msg)
 
 
@@ -121,6 +150,41 @@ def _node(context: Context, settings: RoundSettings) -> NodeData:
         spec,
         settings.seed,
         str(institution) if institution else None,
+    )
+
+
+def _dp_session(context: Context, settings: RoundSettings, node: NodeData) -> Any:
+    """This institution's `privacy.DPSession` for the run's budget (state kept across rounds)."""
+    from privacy.budget import DPPlan, PrivacyBudget, PrivacyConfigError
+    from privacy.dp import DPSession
+
+    state = context.node_config.get(PRIVACY_STATE)
+    root = context.node_config.get(PRIVACY_ROOT)
+    if state:
+        state_dir = Path(str(state))
+    elif root:
+        state_dir = Path(str(root)) / node.institution
+    else:
+        raise PrivacyConfigError(
+            f"the server asks for DP training but this node has no {PRIVACY_STATE!r} in its node "
+            f"config; start it with --node-config '{PRIVACY_STATE}=\"/path/to/private/state\"'"
+        )
+    budget = PrivacyBudget(
+        epsilon=settings.dp_epsilon,
+        delta=settings.dp_delta,
+        max_grad_norm=settings.dp_max_grad_norm,
+        accountant=settings.dp_accountant,
+    )
+    plan = DPPlan.for_training(
+        len(node.train), settings.batch_size, settings.local_epochs, settings.planned_rounds
+    )
+    key = context.node_config.get(PRIVACY_KEY)
+    return DPSession.open(
+        state_dir,
+        budget,
+        plan,
+        institution=node.institution,
+        signing_key=Path(str(key)) if key else None,
     )
 
 

@@ -149,3 +149,22 @@ def _report_json(report: ValidationReport) -> dict[str, object]:
     data["usable"] = report.usable
     data["problems"] = [asdict(p) for p in report.problems]
     return data
+
+
+# Deployment: the node's keys and the SuperNode (client/deploy_cli.py).
+from client.deploy_cli import keys_app, start  # noqa: E402
+
+app.add_typer(keys_app, name="keys")
+app.command("start")(start)
+
+# Local early warning: scoring, advisor reports, actions, rules (client/scoring_cli.py).
+from client.scoring_cli import actions_app, report, rules_app, score  # noqa: E402
+
+app.command("score")(score)
+app.command("report")(report)
+app.add_typer(actions_app, name="actions")
+app.add_typer(rules_app, name="rules")
+
+from privacy.pseudonymize_cli import pseudonymize  # noqa: E402
+
+app.command("pseudonymize")(pseudonymize)

@@ -37,6 +37,11 @@ class RoundSettings(BaseModel):
     spec_fingerprint: str = Field(default="", alias="spec-fingerprint")  # "" = do not check
     spec_path: str = Field(default="", alias="spec-path")  # "" = the node's own or the default
     server_round: Annotated[int, Field(ge=0, alias="server-round")] = 0  # set by every strategy
+    planned_rounds: Annotated[int, Field(ge=1, alias="planned-rounds")] = 1  # the run's total
+    dp_epsilon: Annotated[float, Field(ge=0, alias="dp-epsilon")] = 0.0  # 0: train without DP
+    dp_delta: Annotated[float, Field(gt=0, lt=1, alias="dp-delta")] = 1e-5
+    dp_max_grad_norm: Annotated[float, Field(gt=0, alias="dp-max-grad-norm")] = 1.0
+    dp_accountant: Literal["rdp", "prv"] = Field(default="rdp", alias="dp-accountant")
 
     @field_validator("model")
     @classmethod

@@ -53,6 +53,11 @@ class FederationConfig(BaseModel):
     spec_path: Path | None = None  # the consortium's feature spec; the default spec if None
     round_timeout: Annotated[float, Field(gt=0)] = 3600.0  # seconds to wait for replies
     guard: GuardConfig = Field(default_factory=GuardConfig)
+    # DP-SGD at every node (privacy.DPSession); None trains without DP. Per institution, whole run.
+    dp_epsilon: Annotated[float, Field(gt=0)] | None = None
+    dp_delta: Annotated[float, Field(gt=0, lt=1)] = 1e-5
+    dp_max_grad_norm: Annotated[float, Field(gt=0)] = 1.0
+    dp_accountant: Literal["rdp", "prv"] = "rdp"
 
     @model_validator(mode="after")
     def _consistent(self) -> FederationConfig:
@@ -101,7 +106,7 @@ class FederationConfig(BaseModel):
                     raise FederationConfigError(
                         f"run config {key}: not valid JSON ({exc})"
                     ) from None
-            if name == "spec_path" and value == "":
+            if name in ("spec_path", "dp_epsilon") and value == "":
                 value = None
             raw[name] = value
         if guard:
@@ -143,6 +148,11 @@ class FederationConfig(BaseModel):
             "seed": self.seed,
             "spec-fingerprint": spec_fingerprint,
             "spec-path": str(self.spec_path) if self.spec_path else "",
+            "planned-rounds": self.rounds,
+            "dp-epsilon": self.dp_epsilon or 0.0,  # 0: no DP
+            "dp-delta": self.dp_delta,
+            "dp-max-grad-norm": self.dp_max_grad_norm,
+            "dp-accountant": self.dp_accountant,
         }
 
 

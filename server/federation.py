@@ -91,6 +91,8 @@ def run_federation(
     manifest = {**_identity(config, spec), "rounds_planned": config.rounds}
     final: dict[str, float] = {}
 
+    ledger = _consortium_ledger(config)
+
     def commit(report: RoundReport) -> None:
         nonlocal final
         if report.failures and not report.train_nodes:
@@ -101,6 +103,8 @@ def run_federation(
                 f"{report.failures[0].node_id}: {reason[-1]}"
             )
         assign_weights(model, {k: v.numpy() for k, v in report.arrays.items()})
+        if ledger is not None:
+            _record_privacy(ledger, report)
         store.save(
             report.server_round,
             model,
@@ -129,6 +133,51 @@ def run_federation(
     )
     write_report(config.out_dir)
     return FederationResult(first_round, config.rounds, final)
+
+
+def _consortium_ledger(config: FederationConfig) -> Any:
+    """The run's ``ledger.jsonl`` when the run trains with DP (None otherwise)."""
+    if config.dp_epsilon is None:
+        return None
+    from privacy.consortium_ledger import ConsortiumLedger
+
+    return ConsortiumLedger(config.out_dir / "ledger.jsonl")
+
+
+def _record_privacy(ledger: Any, report: RoundReport) -> None:
+    """Append each node's signed entry; a refused one is logged, never silently kept."""
+    from privacy.ledger import LedgerError
+
+    for result in report.train_nodes:
+        if not result.privacy:
+            logger.warning(
+                "round %d: %s sent no privacy ledger entry in a DP run",
+                report.server_round,
+                result.institution or result.node_id,
+            )
+            continue
+        try:
+            ledger.receive_text(result.privacy)
+        except LedgerError as exc:
+            logger.error("round %d: %s", report.server_round, exc)
+
+
+def node_epsilons(report: RoundReport) -> dict[str, float]:
+    """Epsilon each institution reported spent after the round (DP runs only)."""
+    from privacy.consortium_ledger import decode_entry
+    from privacy.ledger import LedgerError
+
+    spent: dict[str, float] = {}
+    for result in report.train_nodes:
+        if not result.privacy:
+            continue
+        try:
+            entry = decode_entry(result.privacy)
+        except LedgerError:
+            continue
+        name = result.institution or str(result.node_id)
+        spent[name] = float(entry.get("epsilon_after", math.nan))
+    return spent
 
 
 def global_model(config: FederationConfig, spec: FeatureSpec) -> nn.Module:
@@ -208,7 +257,11 @@ def round_record(report: RoundReport, strategy: str) -> dict[str, Any]:
             )
             entry["institution"] = entry["institution"] or result.institution
             entry[phase] = result.metrics
-    return {
+    epsilons = node_epsilons(report)
+    for entry in nodes.values():
+        if entry["institution"] in epsilons:
+            entry["epsilon"] = epsilons[entry["institution"]]
+    record: dict[str, Any] = {
         "round": report.server_round,
         "seconds": round(report.seconds, 3),
         "strategy": strategy,
@@ -218,6 +271,9 @@ def round_record(report: RoundReport, strategy: str) -> dict[str, Any]:
         "rejected": [vars(r) for r in report.rejected],
         "failures": [{"node_id": f.node_id, "error": f.error} for f in report.failures],
     }
+    if epsilons:
+        record["epsilon_max"] = max(epsilons.values())
+    return record
 
 
 def progress_line(report: RoundReport, total_rounds: int) -> str:
@@ -234,6 +290,9 @@ def progress_line(report: RoundReport, total_rounds: int) -> str:
         f"test loss {fmt(report.evaluate.get('loss'))}",
         f"federated ROC-AUC {fmt(report.evaluate.get('risk/roc_auc'))}",
     ]
+    epsilons = node_epsilons(report)
+    if epsilons:
+        parts.append(f"epsilon max {max(epsilons.values()):.3f}")
     if report.rejected:
         parts.append(f"rejected {len(report.rejected)}")
     if report.failures:

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from flwr.app import ArrayRecord, ConfigRecord, Message
 from flwr.serverapp import Grid
 
+from privacy.consortium_ledger import REPLY_KEY
 from server.guard import GuardedStrategy, Rejection, institution_of
 
 logger = logging.getLogger(__name__)
@@ -32,6 +33,7 @@ class NodeResult:
     institution: str
     metrics: dict[str, float]
     error: str = ""  # why the node failed (an error reply, or no reply in time)
+    privacy: str = ""  # the node's signed DP ledger entry (encode_entry's text), if it sent one
 
 
 @dataclass(frozen=True)
@@ -126,7 +128,9 @@ def _node_results(
         metrics = {}
         for record in msg.content.metric_records.values():
             metrics |= {k: float(v) for k, v in record.items() if isinstance(v, int | float)}
-        results.append(NodeResult(node_id, institution_of(msg), metrics))
+        privacy = msg.content.config_records.get("privacy")
+        entry = privacy.get(REPLY_KEY, "") if privacy is not None else ""
+        results.append(NodeResult(node_id, institution_of(msg), metrics, privacy=str(entry)))
     for msg in sent:
         node_id = int(msg.metadata.dst_node_id)
         if node_id not in answered:

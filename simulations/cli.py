@@ -5,6 +5,8 @@ from __future__ import annotations
 import typer
 
 from client.cli import app as client_app
+from privacy.cli import app as audit_app
+from server.cli import app as server_app
 from shared_models.cli_support import configure_logging, new_app
 from simulations.demo import demo
 from simulations.simulate_cli import app as simulate_app
@@ -18,6 +20,8 @@ app = new_app(
 )
 app.add_typer(client_app, name="client")
 app.add_typer(simulate_app, name="simulate")
+app.add_typer(server_app, name="server")
+app.add_typer(audit_app, name="audit")
 app.command()(train)
 app.command()(demo)
 

@@ -96,7 +96,9 @@ def simulate(
 
         run_simulation(
             server_app=server,
-            client_app=simulation_client_app(paths),
+            client_app=simulation_client_app(
+                paths, privacy_root=str((Path(config.out_dir) / "privacy").resolve())
+            ),
             num_supernodes=len(paths),
             backend_config=backend_config,  # type: ignore[arg-type]
         )
@@ -105,14 +107,21 @@ def simulate(
     return outcome[0]
 
 
-def simulation_client_app(data_paths: Sequence[str]) -> ClientApp:
-    """A ClientApp that gives virtual node ``i`` the i-th export, then runs `client.app`'s."""
+def simulation_client_app(data_paths: Sequence[str], privacy_root: str = "") -> ClientApp:
+    """A ClientApp that gives virtual node ``i`` the i-th export, then runs `client.app`'s.
+
+    ``privacy_root`` holds each institution's DP state in its own folder (``ROOT/<institution>``,
+    under the run directory so a resumed run keeps counting).
+    """
     paths = tuple(data_paths)
     app = ClientApp()
 
     @app.train()
     def _train(msg: Message, context: Context) -> Message:
-        return node_app.train(msg, _with_data_path(context, paths))
+        context = _with_data_path(context, paths)
+        if privacy_root:
+            context.node_config.setdefault(node_app.PRIVACY_ROOT, privacy_root)
+        return node_app.train(msg, context)
 
     @app.evaluate()
     def _evaluate(msg: Message, context: Context) -> Message:

@@ -104,6 +104,15 @@ def run(
     centralized: bool = typer.Option(
         False, "--centralized", help="Also train centrally on the same pooled splits; compare."
     ),
+    dp_epsilon: float | None = typer.Option(
+        None, "--dp-epsilon", help="Train with DP-SGD: each institution's epsilon for the run."
+    ),
+    dp_delta: float | None = typer.Option(
+        None, "--dp-delta", help="DP delta per institution (default 1e-5; below 1/students)."
+    ),
+    dp_max_grad_norm: float | None = typer.Option(
+        None, "--dp-max-grad-norm", help="DP per-student gradient clipping bound (default 1)."
+    ),
 ) -> None:
     """Run a federated simulation: one virtual node per institution export, on Ray.
 
@@ -147,6 +156,9 @@ def run(
         "spec_path": spec,
         "resume": resume or None,
         "out_dir": out,
+        "dp_epsilon": dp_epsilon,
+        "dp_delta": dp_delta,
+        "dp_max_grad_norm": dp_max_grad_norm,
     }
     given = {k: v for k, v in options.items() if v is not None}
     if config is not None:
@@ -166,6 +178,8 @@ def run(
         + ("n/a" if final is None else f"{final:.4f}")
         + f"; see {out / 'summary.md'}"
     )
+    if federation.dp_epsilon is not None:
+        typer.echo(f"privacy ledger: {out / 'ledger.jsonl'} (edufl audit verify / budget)")
     if centralized:
         from simulations.reference import centralized_reference
 

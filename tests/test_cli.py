@@ -93,9 +93,12 @@ def test_spec_show_and_init(tmp_path: Path) -> None:
     assert code == 2 and "exists" in out
 
 
-def test_demo_runs_the_main_job_and_prints_results(tmp_path: Path) -> None:
-    code, out = _invoke("demo", "--out", str(tmp_path))
+@pytest.mark.slow
+def test_demo_runs_the_whole_pipeline_and_says_where_to_look(tmp_path: Path) -> None:
+    code, out = _invoke("demo", "--out", str(tmp_path), "--rounds", "2")
     assert code == 0, out
-    assert out.count(": ") and "usable" in out
-    assert "| **lstm** |" in out
-    assert (tmp_path / "centralized" / "roc.png").is_file()
+    assert "usable" in out and "federated test ROC-AUC" in out
+    assert "Where to look:" in out
+    assert (tmp_path / "federated" / "summary.md").is_file()
+    reports = sorted(tmp_path.glob("institutions/*/report/report.html"))
+    assert len(reports) == 4

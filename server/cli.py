@@ -1,0 +1,220 @@
+"""`edufl server ...`: what the consortium operator runs — keys, enrolment, the server."""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from privacy.keys import (
+    DEFAULT_ADDRESSES,
+    init_consortium_keys,
+    load_node_public_key,
+    public_key_line,
+)
+from server import deploy
+from server.config import FederationConfig
+from server.flwr_control import FINISHED
+from server.registry import load_registry, save_registry
+from shared_models.cli_support import new_app, user_errors
+from shared_models.processes import DeploymentError, split_address, terminate_on_sigterm
+
+app = new_app(
+    "Consortium operator: TLS keys, institution enrolment, the federation server.\n\n"
+    "Example:\n\n\b\n  edufl server start --keys consortium/keys --state consortium/state"
+)
+keys_app = new_app(
+    "The consortium CA and the server's TLS certificate.\n\n"
+    "Example:\n\n\b\n  edufl server keys init --dir consortium/keys --address 127.0.0.1"
+)
+app.add_typer(keys_app, name="keys")
+
+KEYS_DIR = Path("consortium/keys")
+STATE_DIR = Path("consortium/state")
+STATE_OPTION = typer.Option(
+    STATE_DIR, "--state", help="Server state folder: registry, SuperLink database, logs."
+)
+
+
+@keys_app.command("init")
+@user_errors
+def keys_init(
+    keys_dir: Path = typer.Option(KEYS_DIR, "--dir", help="Folder to write the key files into."),
+    addresses: list[str] = typer.Option(
+        list(DEFAULT_ADDRESSES),
+        "--address",
+        help="Host name or IP address nodes reach the server at (repeat for several).",
+    ),
+    valid_days: int = typer.Option(825, min=1, help="Validity of the certificates in days."),
+    force: bool = typer.Option(False, "--force", help="Replace existing key files."),
+) -> None:
+    """Create the consortium CA and a server certificate for the given addresses.
+
+    Writes ca.pem (give it to every institution), ca.key (keep offline), server.pem and
+    server.key (mode 0600). Every --address becomes a subject alternative name: a node must
+    reach the server by one of them or TLS refuses the connection. Refuses to overwrite
+    existing files unless --force.
+
+    Example:
+
+    \b
+      edufl server keys init --dir consortium/keys --address 127.0.0.1 --address localhost
+    """
+    paths = init_consortium_keys(keys_dir, addresses, valid_days=valid_days, force=force)
+    typer.echo(f"wrote {paths.ca_cert}  (consortium CA: give it to every institution)")
+    typer.echo(f"wrote {paths.ca_key}  (CA private key, 0600: keep it offline)")
+    typer.echo(f"wrote {paths.server_cert}  (server certificate for {', '.join(addresses)})")
+    typer.echo(f"wrote {paths.server_key}  (server private key, 0600)")
+
+
+@app.command()
+@user_errors
+def enrol(
+    public_key: Path = typer.Argument(..., help="The institution's NAME.pub (OpenSSH EC key)."),
+    name: str = typer.Option(..., "--name", help="The institution's name in the consortium."),
+    state: Path = STATE_OPTION,
+) -> None:
+    """Enrol an institution: record its public key and let its node into the federation.
+
+    The key must be an EC key on a NIST curve in OpenSSH format, as written by
+    `edufl client keys init`. It is recorded in STATE/institutions.toml and registered with
+    the SuperLink at once if a server runs from STATE, otherwise at the next
+    `edufl server start`.
+
+    Example:
+
+    \b
+      edufl server enrol uni-a.pub --name uni-a --state consortium/state
+    """
+    line = public_key_line(load_node_public_key(public_key))
+    layout = deploy.ServerLayout(state)
+    registry = load_registry(state).with_institution(name, line)
+    save_registry(state, registry)
+    running = deploy.running_server(layout)
+    if running is None:
+        typer.echo(f"enrolled {name}; it is registered when `edufl server start` runs")
+    elif not running.get("tls"):
+        typer.echo(f"enrolled {name}; the running server is --insecure, so keys are not checked")
+    else:
+        registry = deploy.register_institutions(layout, registry)
+        node_id = registry.institutions[name].node_id
+        typer.echo(f"enrolled {name}; registered with the running SuperLink as node {node_id}")
+
+
+@app.command()
+@user_errors
+def start(
+    keys: Path = typer.Option(KEYS_DIR, "--keys", help="Folder from `edufl server keys init`."),
+    state: Path = STATE_OPTION,
+    address: str = typer.Option(
+        deploy.DEFAULT_ADDRESS,
+        "--address",
+        help="HOST:PORT the SuperLink listens on; HOST must be in the certificate.",
+    ),
+    config: Path | None = typer.Option(
+        None, "--config", help="Federation config TOML (strategy, model, rounds, ...)."
+    ),
+    rounds: int | None = typer.Option(None, min=1, help="Rounds (overrides the config)."),
+    min_nodes: int | None = typer.Option(
+        None, min=1, help="Nodes a round waits for (overrides the config)."
+    ),
+    strategy: str | None = typer.Option(None, help="Strategy name (overrides the config)."),
+    model: str | None = typer.Option(None, help="Model name (overrides the config)."),
+    out: Path | None = typer.Option(
+        None, "--out", help="Run folder: checkpoints and metrics (default STATE/run)."
+    ),
+    resume: bool = typer.Option(False, "--resume", help="Continue from the last checkpoint."),
+    timeout: float | None = typer.Option(
+        None, min=1, help="Stop the run if it has not finished after this many seconds."
+    ),
+    keep_running: bool = typer.Option(
+        False, "--keep-running", help="Keep the SuperLink up after the run (Ctrl-C stops it)."
+    ),
+    insecure: bool = typer.Option(
+        False, "--insecure", help="Plaintext, no node authentication: local tests only."
+    ),
+) -> None:
+    """Start the SuperLink with TLS and node authentication, then run the federation.
+
+    The SuperLink keeps its state in STATE/superlink.db, lets in only the nodes of enrolled
+    institutions and never installs packages at run time. The ServerApp run starts at once
+    and waits until --min-nodes nodes are connected; its log is shown here. The command ends
+    when the run finishes (exit code 0 when it completed), stopping the SuperLink unless
+    --keep-running.
+
+    Example:
+
+    \b
+      edufl server start --keys consortium/keys --state consortium/state \\
+        --address 127.0.0.1:8000 --rounds 3 --min-nodes 3
+    """
+    overrides: dict[str, Any] = {
+        "rounds": rounds,
+        "min_nodes": min_nodes,
+        "strategy": strategy,
+        "model": model,
+        "resume": resume or None,
+    }
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    if config is not None:
+        federation = FederationConfig.from_toml(config, **overrides)
+    else:
+        federation = FederationConfig.validated(overrides, "command-line options")
+    if out is None and "out_dir" not in federation.model_fields_set:
+        out = state / "run"
+    # The ServerApp runs in a process the SuperLink starts elsewhere: paths must be absolute.
+    federation = federation.model_copy(
+        update={
+            "out_dir": (out or federation.out_dir).resolve(),
+            "spec_path": federation.spec_path.resolve() if federation.spec_path else None,
+        }
+    )
+    split_address(address)
+    layout = deploy.ServerLayout(state)
+    if insecure:
+        typer.secho(
+            "WARNING: --insecure: plaintext transport and no node authentication; anyone who "
+            f"can reach {address} can join the federation and read the model. Local tests only.",
+            fg=typer.colors.YELLOW,
+            err=True,
+        )
+        consortium_keys = None
+    else:
+        consortium_keys = deploy.check_keys(keys)
+
+    run_id, status = None, "not started"
+    with terminate_on_sigterm():
+        superlink = deploy.start_superlink(layout, address, consortium_keys)
+        try:
+            mode = "plaintext, no node authentication" if insecure else "TLS, node authentication"
+            typer.echo(f"SuperLink listening on {address} ({mode}); state in {state}")
+            stale = deploy.stop_unfinished_runs(layout)
+            if stale:
+                typer.echo(f"stopped {len(stale)} run(s) an earlier server left unfinished")
+            if not insecure:
+                registry = deploy.load_and_register(layout)
+                names = ", ".join(registry.institutions) or "none yet (edufl server enrol)"
+                typer.echo(f"enrolled institutions: {names}")
+            run_id = deploy.submit_run(layout, federation.to_run_config())
+            typer.echo(
+                f"run {run_id}: {federation.model}, {federation.strategy}, "
+                f"{federation.rounds} round(s); waiting for {federation.min_nodes} node(s)",
+            )
+            status = deploy.wait_for_run(layout, superlink, run_id, timeout=timeout)
+            typer.echo(f"run {run_id} {status}; results in {federation.out_dir}")
+            if keep_running:
+                typer.echo("SuperLink still running; Ctrl-C stops it")
+                superlink.process.wait()
+        except KeyboardInterrupt:
+            typer.echo("stopping")
+            status = "interrupted"
+        finally:
+            if run_id is not None and not status.startswith(FINISHED):
+                # Or the SuperLink would start this run again at its next start.
+                with contextlib.suppress(DeploymentError):
+                    layout.control(timeout=60).stop_run(run_id)
+            deploy.stop_superlink(layout, superlink)
+    if status != "finished:completed":
+        raise typer.Exit(1)

@@ -1,0 +1,1 @@
+"""Tests of the deployment: keys, enrolment, real SuperLink and SuperNodes."""
