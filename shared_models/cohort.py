@@ -25,7 +25,8 @@ class CohortArrays:
         week_mask: 1.0 where the week was observed (a row exists), else 0.0; float32 (n, weeks).
         static: static attributes after one-hot encoding, float32 (n, n_static); NaN if missing.
         grade: final grade on the contract's scale, float32 (n,); NaN when not graded.
-        at_risk: the contract's at-risk label, float32 (n,), values 0.0 / 1.0.
+        at_risk: the contract's at-risk label, float32 (n,): 0.0 / 1.0, NaN when the outcome
+            is not known yet (scoring-only exports).
         dynamic_names: names of the dynamic features, in tensor order.
         static_names: names of the static columns after encoding (``program=stem`` ...).
         institution: name of the institution of each record, shape (n,).
