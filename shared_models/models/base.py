@@ -96,6 +96,17 @@ class OutputHeads(nn.Module):
     numerically stable loss).
     """
 
+    @classmethod
+    def for_config(cls, in_features: int, config: ModelConfig, n_static: int) -> OutputHeads:
+        """The heads a model config asks for; static features join only when ``use_static``."""
+        return cls(
+            in_features,
+            config.targets,
+            n_static=n_static if config.use_static else 0,
+            dense_units=config.dense_units,
+            dropout=config.dropout,
+        )
+
     def __init__(
         self,
         in_features: int,

@@ -117,13 +117,7 @@ class CNNLSTMModel(StudentModel):
             self.rnn = DPLSTM(per_week, cfg.lstm_hidden_size, batch_first=True)
             self.pool = None
             summary_size = cfg.lstm_hidden_size
-        self.head = OutputHeads(
-            summary_size,
-            cfg.targets,
-            n_static=n_static if cfg.use_static else 0,
-            dense_units=cfg.dense_units,
-            dropout=cfg.dropout,
-        )
+        self.head = OutputHeads.for_config(summary_size, cfg, n_static)
 
     def _encode(self, dynamic: Tensor, week_mask: Tensor, static: Tensor) -> Tensor:
         masked = masked_dynamic(dynamic, week_mask)  # (B, W, F + 1), mask last

@@ -40,13 +40,7 @@ class GRUModel(StudentModel):
         cfg = config or GRUConfig()
         super().__init__(n_weeks, n_dynamic, n_static, cfg)
         self.rnn = DPGRU(n_dynamic + 1, cfg.hidden_size, batch_first=True)
-        self.head = OutputHeads(
-            cfg.hidden_size,
-            cfg.targets,
-            n_static=n_static if cfg.use_static else 0,
-            dense_units=cfg.dense_units,
-            dropout=cfg.dropout,
-        )
+        self.head = OutputHeads.for_config(cfg.hidden_size, cfg, n_static)
 
     def _encode(self, dynamic: Tensor, week_mask: Tensor, static: Tensor) -> Tensor:
         sequence, _ = self.rnn(masked_dynamic(dynamic, week_mask))

@@ -45,13 +45,7 @@ class LSTMGRUModel(StudentModel):
         super().__init__(n_weeks, n_dynamic, n_static, cfg)
         self.lstm = DPLSTM(n_dynamic + 1, cfg.lstm_hidden_size, batch_first=True)
         self.gru = DPGRU(cfg.lstm_hidden_size, cfg.gru_hidden_size, batch_first=True)
-        self.head = OutputHeads(
-            cfg.gru_hidden_size,
-            cfg.targets,
-            n_static=n_static if cfg.use_static else 0,
-            dense_units=cfg.dense_units,
-            dropout=cfg.dropout,
-        )
+        self.head = OutputHeads.for_config(cfg.gru_hidden_size, cfg, n_static)
 
     def _encode(self, dynamic: Tensor, week_mask: Tensor, static: Tensor) -> Tensor:
         lstm_sequence, _ = self.lstm(masked_dynamic(dynamic, week_mask))
