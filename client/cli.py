@@ -9,6 +9,7 @@ from pathlib import Path
 import typer
 
 from client.validate import ValidationReport, validate_export
+from shared_models.atomic import write_text_atomic
 from shared_models.cli_support import new_app, user_errors
 from shared_models.contract import load_spec
 from shared_models.errors import DataContractError
@@ -92,9 +93,7 @@ def spec_init(path: Path = typer.Argument(..., help="Where to write the editable
     if path.exists():
         raise DataContractError(f"{path} exists; choose another path or delete it first")
     text = load_spec(None).to_toml()
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, "utf-8")
-    tmp.replace(path)
+    write_text_atomic(path, text)
     typer.echo(f"wrote {path}")
 
 

@@ -21,6 +21,7 @@ from client import report_plots as plots
 from client.early_warning import EarlyWarning
 from client.scoring import TIERS
 from client.store import ActionRecord
+from shared_models.atomic import write_text_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -74,9 +75,9 @@ def write_report(
     order = np.argsort(-warning.scores.probability, kind="stable")
     frame = students_frame(warning, actions).iloc[order]
     csv_path = out_dir / CSV_NAME
-    _atomic_write(csv_path, frame.to_csv(index=False, lineterminator="\n"))
+    write_text_atomic(csv_path, frame.to_csv(index=False, lineterminator="\n"))
     html_path = out_dir / HTML_NAME
-    _atomic_write(html_path, render_html(warning, order[:max_rows], actions))
+    write_text_atomic(html_path, render_html(warning, order[:max_rows], actions))
     return html_path, csv_path
 
 
@@ -247,9 +248,3 @@ def _action_text(action: ActionRecord | None) -> str:
         return ""
     note = f": {action.note}" if action.note else ""
     return f"{action.action} ({action.recorded_at[:10]}){note}"
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, "utf-8")
-    tmp.replace(path)

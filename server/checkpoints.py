@@ -20,8 +20,7 @@ import hashlib
 import json
 import logging
 import math
-import os
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -31,6 +30,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from shared_models.atomic import write_atomic
 from shared_models.errors import EduflError
 from shared_models.weights import load_weights, save_weights
 
@@ -53,12 +53,6 @@ class Checkpoint:
     manifest: dict[str, Any]
     weights_path: Path
     state_path: Path | None
-
-
-def _atomic(path: Path, write: Callable[[Path], object]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    write(tmp)
-    os.replace(tmp, path)
 
 
 def _sha256(path: Path) -> str:
@@ -102,7 +96,7 @@ class CheckpointStore:
         if state:
             state_path = stem.with_suffix(".state")
             tensors = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in state.items()}
-            _atomic(state_path, lambda tmp: torch.save(tensors, tmp))
+            write_atomic(state_path, lambda tmp: torch.save(tensors, tmp))
         if metrics_record is not None:
             self.append_metrics(metrics_record)
         full = {
@@ -115,7 +109,7 @@ class CheckpointStore:
             "state": state_path.name if state_path else None,
         }
         text = json.dumps(_finite(full), indent=2, sort_keys=True, default=_json_default)
-        _atomic(stem.with_suffix(".json"), lambda tmp: tmp.write_text(text + "\n", "utf-8"))
+        write_atomic(stem.with_suffix(".json"), lambda tmp: tmp.write_text(text + "\n", "utf-8"))
         logger.info("checkpoint of round %d written to %s", server_round, weights_path)
         return Checkpoint(server_round, full, weights_path, state_path)
 
@@ -193,7 +187,7 @@ class CheckpointStore:
         text = "".join(
             json.dumps(_finite(r), sort_keys=True, default=_json_default) + "\n" for r in records
         )
-        _atomic(self.metrics_path, lambda tmp: tmp.write_text(text, "utf-8"))
+        write_atomic(self.metrics_path, lambda tmp: tmp.write_text(text, "utf-8"))
 
 
 def _finite(value: Any) -> Any:

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from server.checkpoints import CheckpointStore
+from shared_models.atomic import write_text_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -154,9 +155,7 @@ def write_report(run_dir: Path | str) -> tuple[Path, Path]:
     run_dir = Path(run_dir)
     records = CheckpointStore(run_dir).read_metrics()
     summary = run_dir / SUMMARY
-    tmp = summary.with_name(f".{SUMMARY}.tmp")
-    tmp.write_text(render_summary(records), "utf-8")
-    os.replace(tmp, summary)
+    write_text_atomic(summary, render_summary(records))
     plot = run_dir / PLOT
     plot_rounds(records, plot)
     logger.info("wrote %s and %s", summary, plot)

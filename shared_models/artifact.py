@@ -14,6 +14,7 @@ from typing import Any
 
 from torch import nn
 
+from shared_models.atomic import write_text_atomic
 from shared_models.cohort import Normalizer
 from shared_models.contract import FeatureSpec
 from shared_models.errors import DataContractError
@@ -66,9 +67,7 @@ def save_trained(
         "extra": extra or {},
     }
     save_weights(model, out_dir / WEIGHTS_FILE)
-    tmp = out_dir / f".{CARD_FILE}.tmp"
-    tmp.write_text(json.dumps(card, indent=2), "utf-8")
-    tmp.replace(out_dir / CARD_FILE)
+    write_text_atomic(out_dir / CARD_FILE, json.dumps(card, indent=2))
     return out_dir / CARD_FILE
 
 

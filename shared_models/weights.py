@@ -17,6 +17,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from shared_models.atomic import write_atomic
+
 logger = logging.getLogger(__name__)
 
 try:  # safetensors is preferred when installed; torch's zip format with weights_only otherwise
@@ -78,12 +80,10 @@ def save_weights(model: nn.Module, path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {n: t.detach().cpu().contiguous() for n, t in _named_tensors(model).items()}
-    tmp = path.with_name(f".{path.name}.tmp")  # write then rename: never a half-written file
     if _st_save is not None:
-        _st_save(tensors, str(tmp))
+        write_atomic(path, lambda tmp: _st_save(tensors, str(tmp)))
     else:
-        torch.save(tensors, tmp)
-    tmp.replace(path)
+        write_atomic(path, lambda tmp: torch.save(tensors, tmp))
     logger.debug("saved %d tensors to %s", len(tensors), path)
     return path
 

@@ -16,6 +16,7 @@ from typing import Any, Literal
 import numpy as np
 
 from shared_models.artifact import save_trained
+from shared_models.atomic import write_text_atomic
 from shared_models.baselines import fit_baselines
 from shared_models.cohort import CohortArrays, Normalizer
 from shared_models.contract import FeatureSpec
@@ -227,6 +228,4 @@ def _cell(values: list[float | None]) -> str:
 
 
 def _write_json(path: Path, data: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=float), "utf-8")
-    tmp.replace(path)
+    write_text_atomic(path, json.dumps(data, indent=2, default=float))

@@ -19,6 +19,7 @@ import tomli_w
 
 from client.export import read_export
 from client.mapping import find_mapping
+from shared_models.atomic import write_atomic, write_text_atomic
 from shared_models.contract import STUDENT_ID, TERM, FeatureSpec
 from shared_models.errors import DataContractError
 
@@ -213,9 +214,9 @@ def write_exports(
         rate = float(np.nanmean(risk)) if np.isfinite(risk).any() else float("nan")
         sizes[name] = {"records": len(part), "at_risk_rate": round(rate, 4)}
         written.append(folder)
-    _write_text(out_dir / SPEC_FILE, spec.to_toml())
+    write_text_atomic(out_dir / SPEC_FILE, spec.to_toml())
     manifest = {**about, "spec_fingerprint": spec.fingerprint, "parts": sizes}
-    _write_text(out_dir / MANIFEST, tomli_w.dumps(manifest))
+    write_text_atomic(out_dir / MANIFEST, tomli_w.dumps(manifest))
     return written
 
 
@@ -283,12 +284,4 @@ def _prepare(out_dir: Path) -> None:
 
 
 def _write_csv(frame: pd.DataFrame, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    frame.to_csv(tmp, index=False, lineterminator="\n")
-    tmp.replace(path)
-
-
-def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, "utf-8")
-    tmp.replace(path)
+    write_atomic(path, lambda tmp: frame.to_csv(tmp, index=False, lineterminator="\n"))

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import matplotlib
 
+from shared_models.atomic import write_atomic
+
 matplotlib.use("Agg")  # files only; no display on servers or CI
 import matplotlib.pyplot as plt
 import numpy as np
@@ -15,11 +17,10 @@ from sklearn.metrics import roc_auc_score, roc_curve
 
 def _save(fig: plt.Figure, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
-    fig.savefig(tmp, dpi=120, bbox_inches="tight")
-    plt.close(fig)
-    tmp.replace(path)
-    return path
+    try:
+        return write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=120, bbox_inches="tight"))
+    finally:
+        plt.close(fig)
 
 
 def roc_curves(

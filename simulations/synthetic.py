@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 import tomli_w
 
+from shared_models.atomic import write_atomic, write_text_atomic
 from shared_models.contract import FeatureSpec, default_spec
 
 TERM_LABEL = "2025-autumn"
@@ -248,16 +249,12 @@ def write_consortium(
         "spec_fingerprint": spec.fingerprint,
         "institutions": [asdict(p) for p in profiles],
     }
-    tmp = out_dir / f".{MANIFEST}.tmp"
-    tmp.write_text(tomli_w.dumps(manifest), "utf-8")
-    tmp.replace(out_dir / MANIFEST)
+    write_text_atomic(out_dir / MANIFEST, tomli_w.dumps(manifest))
     return written
 
 
 def _write_atomic(frame: pd.DataFrame, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
     if path.suffix == ".parquet":
-        frame.to_parquet(tmp, index=False)
+        write_atomic(path, lambda tmp: frame.to_parquet(tmp, index=False))
     else:
-        frame.to_csv(tmp, index=False, lineterminator="\n")
-    tmp.replace(path)
+        write_atomic(path, lambda tmp: frame.to_csv(tmp, index=False, lineterminator="\n"))
