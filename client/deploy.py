@@ -14,7 +14,18 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from client.app import DATA_PATH, INSTITUTION, SPEC_PATH
+from client.app import (
+    DATA_PATH,
+    DP_DELTA,
+    DP_EPSILON,
+    DP_MODE,
+    DP_MODE_OFF,
+    DP_MODE_REQUIRED,
+    INSTITUTION,
+    PRIVACY_KEY,
+    PRIVACY_STATE,
+    SPEC_PATH,
+)
 from client.validate import ValidationReport, validate_export
 from privacy.keys import KeyMaterialError, check_name, load_node_private_key
 from shared_models import processes
@@ -44,6 +55,14 @@ class NodeOptions:
     runtime_port: int  # this node's local Runtime API port (unique per machine)
     spec: Path | None = None
     insecure: bool = False
+    #: DP-SGD: this institution's own budget for a run; None takes the server's (or 8.0).
+    dp_epsilon: float | None = None
+    dp_delta: float | None = None
+    #: True only with the explicit --no-dp: rounds the server asks without DP then train
+    #: without it, and each is recorded as non-private in the signed ledger.
+    no_dp: bool = False
+    #: Accountant state and the institution's ledger; default HOME/privacy.
+    privacy_state: Path | None = None
 
 
 def check_export(data_dir: Path, spec: Path | None) -> ValidationReport:
@@ -90,6 +109,7 @@ def supernode_argv(options: NodeOptions) -> list[str]:
     )
     if options.spec is not None:
         node_config += f' {SPEC_PATH}="{options.spec.resolve()}"'
+    node_config += _privacy_config(options)
     argv = [processes.executable("flower-supernode"), "--superlink", options.superlink]
     if options.insecure:
         argv.append("--insecure")
@@ -111,6 +131,20 @@ def supernode_argv(options: NodeOptions) -> list[str]:
         "--port",
         str(options.runtime_port),
     ]
+
+
+def _privacy_config(options: NodeOptions) -> str:
+    """The node-config keys that make DP-SGD this node's default (see `client.app`)."""
+    state = (options.privacy_state or options.home / "privacy").resolve()
+    config = f' {PRIVACY_STATE}="{state}"'
+    config += f' {DP_MODE}="{DP_MODE_OFF if options.no_dp else DP_MODE_REQUIRED}"'
+    if options.dp_epsilon is not None:
+        config += f" {DP_EPSILON}={float(options.dp_epsilon)!r}"
+    if options.dp_delta is not None:
+        config += f" {DP_DELTA}={float(options.dp_delta)!r}"
+    if options.private_key is not None:  # ledger entries signed with the enrolled node key
+        config += f' {PRIVACY_KEY}="{options.private_key.resolve()}"'
+    return config
 
 
 def start_supernode(options: NodeOptions, *, ready_timeout: float = 60.0) -> Child:

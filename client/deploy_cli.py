@@ -63,6 +63,31 @@ def start(
     insecure: bool = typer.Option(
         False, "--insecure", help="Plaintext, no node authentication: local tests only."
     ),
+    dp_epsilon: float | None = typer.Option(
+        None,
+        "--dp-epsilon",
+        min=0.01,
+        help="This institution's epsilon for a whole run (default: the server's, else 8).",
+    ),
+    dp_delta: float | None = typer.Option(
+        None,
+        "--dp-delta",
+        min=0.0,
+        max=1.0,
+        help="This institution's delta; must be below 1/n (default: the server's, 1e-5).",
+    ),
+    no_dp: bool = typer.Option(
+        False,
+        "--no-dp",
+        help="Allow training without DP when the server asks for none; each such round is "
+        "recorded as non-private in the signed ledger.",
+    ),
+    privacy_state: Path | None = typer.Option(
+        None,
+        "--privacy-state",
+        help="Folder of the accountant state and this institution's ledger (default "
+        "HOME/privacy); keep it across restarts so spent epsilon keeps counting.",
+    ),
 ) -> None:
     """Join the federation: run a SuperNode that trains on this institution's export.
 
@@ -70,7 +95,10 @@ def start(
     refuses an unusable one. The node connects to the server
     over TLS, checked against the consortium CA, and authenticates with the institution's key;
     it trains only when the server asks and sends back weights and aggregate metrics, never
-    records. Runs until Ctrl-C; its log is shown here.
+    records. Every round trains with DP-SGD (Opacus) under this institution's budget, whatever
+    the server proposes, unless --no-dp; the accountant's state and the signed ledger live in
+    --privacy-state, so a restarted node keeps counting, and a round that would exceed the
+    budget is refused. Runs until Ctrl-C; its log is shown here.
 
     Example:
 
@@ -89,6 +117,28 @@ def start(
             fg=typer.colors.YELLOW,
             err=True,
         )
+    if no_dp:
+        if dp_epsilon is not None or dp_delta is not None:
+            raise typer.BadParameter(
+                "--no-dp excludes --dp-epsilon and --dp-delta", param_hint="--no-dp"
+            )
+        typer.secho(
+            "WARNING: --no-dp: rounds the server asks without DP train without it; each is "
+            "recorded as non-private in the signed ledger, and no epsilon can be claimed for "
+            "this institution afterwards.",
+            fg=typer.colors.YELLOW,
+            err=True,
+        )
+    elif dp_delta is not None and not 0 < dp_delta < 1:
+        raise typer.BadParameter(
+            f"delta must be in (0, 1), got {dp_delta:g}", param_hint="--dp-delta"
+        )
+    elif dp_delta is not None and dp_delta * report.n_students >= 1:
+        raise typer.BadParameter(
+            f"delta {dp_delta:g} is not below 1/n = {1 / report.n_students:.3g} for this "
+            f"export's {report.n_students} students",
+            param_hint="--dp-delta",
+        )
     options = NodeOptions(
         data_dir=data,
         superlink=superlink,
@@ -99,11 +149,18 @@ def start(
         runtime_port=runtime_port or processes.free_port(),
         spec=spec,
         insecure=insecure,
+        dp_epsilon=dp_epsilon,
+        dp_delta=dp_delta,
+        no_dp=no_dp,
+        privacy_state=privacy_state,
     )
     with processes.terminate_on_sigterm():
         child = start_supernode(options)
         try:
-            typer.echo(f"node {name} started (pid {child.pid}); connecting to {superlink}")
+            privacy = "WITHOUT DP when the server asks none" if no_dp else "DP-SGD required"
+            typer.echo(
+                f"node {name} started (pid {child.pid}); connecting to {superlink}; {privacy}"
+            )
             code = follow(child)
         except KeyboardInterrupt:
             typer.echo("stopping")

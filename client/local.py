@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -146,7 +147,8 @@ def local_train(
     a round is reproducible (and a resumed run retrains a round exactly).
 
     Returns:
-        ``train/loss`` (mean loss of the last epoch) and, with ``validation``, ``val/...``
+        ``train/loss`` (mean loss of the last epoch), ``train/seconds`` (local training
+        time), ``train/steps`` (optimizer steps taken) and, with ``validation``, ``val/...``
         aggregate metrics; no per-student value.
     """
     set_seed(settings.seed * 100_003 + settings.server_round)
@@ -157,6 +159,7 @@ def local_train(
     if privatize is not None:
         model, optimizer, loader = privatize(model, optimizer, loader)
     loss = math.nan
+    started = time.perf_counter()
     for _ in range(settings.local_epochs):
         loss = train_one_epoch(
             model,
@@ -166,7 +169,12 @@ def local_train(
             proximal_mu=settings.proximal_mu,
             global_params=global_weights if settings.proximal_mu > 0 else None,
         )
-    metrics = {"train/loss": float(loss)}
+    metrics = {
+        "train/loss": float(loss),
+        # Local work only (the deployment benchmark subtracts it from a round's wall time).
+        "train/seconds": time.perf_counter() - started,
+        "train/steps": float(settings.local_epochs * len(loader)),
+    }
     if validation is not None:
         metrics |= local_evaluate(model, validation, settings, prefix="val/")
     return metrics

@@ -36,6 +36,9 @@ class RoundSettings(BaseModel):
     seed: int = 0  # the node's split and its per-round shuffling/dropout seeds derive from it
     spec_fingerprint: str = Field(default="", alias="spec-fingerprint")  # "" = do not check
     spec_path: str = Field(default="", alias="spec-path")  # "" = the node's own or the default
+    #: The federation run's own id, stable across server restarts and resumes (the ledger's
+    #: ``run_id``); "" = Flower's run id of this message.
+    run_id: str = Field(default="", alias="run-id", max_length=64)
     server_round: Annotated[int, Field(ge=0, alias="server-round")] = 0  # set by every strategy
     planned_rounds: Annotated[int, Field(ge=1, alias="planned-rounds")] = 1  # the run's total
     dp_epsilon: Annotated[float, Field(ge=0, alias="dp-epsilon")] = 0.0  # 0: train without DP

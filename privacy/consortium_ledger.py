@@ -28,6 +28,8 @@ logger = logging.getLogger(__name__)
 
 #: ConfigRecord key under which a node's reply carries its new ledger entry.
 REPLY_KEY = "privacy-ledger-entry"
+#: ... and the run's earlier entries of its chain (a JSON list), so the server can fill a gap.
+EARLIER_KEY = "privacy-ledger-earlier"
 
 
 class ConsortiumLedger:
@@ -69,8 +71,16 @@ class ConsortiumLedger:
         logger.info("ledger: %s round %d (seq %d) recorded", name, parsed.round, parsed.seq)
         return True
 
-    def receive_text(self, text: str, key: ec.EllipticCurvePublicKey | None = None) -> bool:
-        """`receive` for an entry as it arrives in a reply (`encode_entry`'s text)."""
+    def receive_text(
+        self, text: str, key: ec.EllipticCurvePublicKey | None = None, earlier: str = ""
+    ) -> bool:
+        """`receive` for an entry as it arrives in a reply (`encode_entry`'s text).
+
+        ``earlier`` (`encode_entries`' text) are the node's earlier entries of the run: those
+        the ledger lacks are received first, in order, so a lost reply leaves no gap.
+        """
+        for entry in decode_entries(earlier):
+            self.receive(entry, key)
         return self.receive(decode_entry(text), key)
 
     def entries(self) -> list[LedgerEntry]:
@@ -80,6 +90,24 @@ class ConsortiumLedger:
 def encode_entry(entry: dict[str, Any]) -> str:
     """The entry as text for a Flower ``ConfigRecord`` value."""
     return canonical_json(entry).decode("ascii")
+
+
+def encode_entries(entries: list[dict[str, Any]]) -> str:
+    """Several entries as one text (a JSON list of canonical entries)."""
+    return "[" + ",".join(encode_entry(e) for e in entries) + "]"
+
+
+def decode_entries(text: str) -> list[dict[str, Any]]:
+    """Inverse of `encode_entries`; "" is no entry."""
+    if not text.strip():
+        return []
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise LedgerError(f"ledger entries are not valid JSON ({exc})") from None
+    if not isinstance(obj, list) or not all(isinstance(e, dict) for e in obj):
+        raise LedgerError("ledger entries must be a JSON list of objects")
+    return obj
 
 
 def decode_entry(text: str) -> dict[str, Any]:

@@ -31,6 +31,10 @@ keys_app = new_app(
 )
 app.add_typer(keys_app, name="keys")
 
+#: What `edufl server start` proposes to every institution when neither the config nor
+#: --dp-epsilon sets it (the demo's and the seed papers' usual budget).
+DEFAULT_DEPLOY_EPSILON = 8.0
+
 KEYS_DIR = Path("consortium/keys")
 STATE_DIR = Path("consortium/state")
 STATE_OPTION = typer.Option(
@@ -135,11 +139,26 @@ def start(
     insecure: bool = typer.Option(
         False, "--insecure", help="Plaintext, no node authentication: local tests only."
     ),
+    dp_epsilon: float | None = typer.Option(
+        None,
+        "--dp-epsilon",
+        min=0.01,
+        help=f"Epsilon proposed to every institution for the run (default "
+        f"{DEFAULT_DEPLOY_EPSILON:g}; each node may set its own).",
+    ),
+    no_dp: bool = typer.Option(
+        False,
+        "--no-dp",
+        help="Propose training without DP (nodes still use DP unless started with --no-dp).",
+    ),
 ) -> None:
     """Start the SuperLink with TLS and node authentication, then run the federation.
 
     The SuperLink keeps its state in STATE/superlink.db, lets in only the nodes of enrolled
-    institutions and never installs packages at run time. The ServerApp run starts at once
+    institutions and never installs packages at run time. Training is differentially private
+    by default: every institution is asked for DP-SGD at --dp-epsilon (8 unless the config or
+    the option says otherwise; each node may hold its own budget), and every round's spend
+    arrives in the signed ledger STATE/run/ledger.jsonl. The ServerApp run starts at once
     and waits until --min-nodes nodes are connected; its log is shown here. The command ends
     when the run finishes (exit code 0 when it completed), stopping the SuperLink unless
     --keep-running.
@@ -150,7 +169,12 @@ def start(
       edufl server start --keys consortium/keys --state consortium/state \\
         --address 127.0.0.1:8000 --rounds 3 --min-nodes 3
     """
+    if no_dp and dp_epsilon is not None:
+        raise typer.BadParameter(
+            "--no-dp and --dp-epsilon exclude each other", param_hint="--no-dp"
+        )
     overrides: dict[str, Any] = {
+        "dp_epsilon": dp_epsilon,
         "rounds": rounds,
         "min_nodes": min_nodes,
         "strategy": strategy,
@@ -162,6 +186,17 @@ def start(
         federation = FederationConfig.from_toml(config, **overrides)
     else:
         federation = FederationConfig.validated(overrides, "command-line options")
+    if no_dp:
+        federation = federation.model_copy(update={"dp_epsilon": None})
+        typer.secho(
+            "WARNING: --no-dp: the server proposes training without differential privacy; "
+            "nodes started with their own --no-dp train without it, and every such round is "
+            "recorded as non-private in the signed ledger.",
+            fg=typer.colors.YELLOW,
+            err=True,
+        )
+    elif federation.dp_epsilon is None:  # DP is the deployment default
+        federation = federation.model_copy(update={"dp_epsilon": DEFAULT_DEPLOY_EPSILON})
     if out is None and "out_dir" not in federation.model_fields_set:
         out = state / "run"
     # The ServerApp runs in a process the SuperLink starts elsewhere: paths must be absolute.
@@ -198,9 +233,15 @@ def start(
                 names = ", ".join(registry.institutions) or "none yet (edufl server enrol)"
                 typer.echo(f"enrolled institutions: {names}")
             run_id = deploy.submit_run(layout, federation.to_run_config())
+            privacy = (
+                f"DP-SGD, epsilon {federation.dp_epsilon:g} per institution"
+                if federation.dp_epsilon is not None
+                else "no DP proposed"
+            )
             typer.echo(
                 f"run {run_id}: {federation.model}, {federation.strategy}, "
-                f"{federation.rounds} round(s); waiting for {federation.min_nodes} node(s)",
+                f"{federation.rounds} round(s), {privacy}; waiting for "
+                f"{federation.min_nodes} node(s)",
             )
             status = deploy.wait_for_run(layout, superlink, run_id, timeout=timeout)
             typer.echo(f"run {run_id} {status}; results in {federation.out_dir}")

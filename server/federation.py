@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -88,7 +89,13 @@ def run_federation(
             "all %d rounds of %s are done; nothing to run", config.rounds, config.out_dir
         )
         return FederationResult(first_round, config.rounds, {})
-    manifest = {**_identity(config, spec), "rounds_planned": config.rounds}
+    run_id = _run_id(store, first_round)
+    manifest = {
+        **_identity(config, spec),
+        "rounds_planned": config.rounds,
+        "run_id": run_id,
+        "dp_epsilon": config.dp_epsilon,  # None: the server asked for no DP (nodes may still)
+    }
     final: dict[str, float] = {}
 
     ledger = _consortium_ledger(config)
@@ -103,12 +110,16 @@ def run_federation(
                 f"{report.failures[0].node_id}: {reason[-1]}"
             )
         assign_weights(model, {k: v.numpy() for k, v in report.arrays.items()})
-        if ledger is not None:
-            _record_privacy(ledger, report)
+        _record_privacy(ledger, report, dp_requested=config.dp_epsilon is not None)
         store.save(
             report.server_round,
             model,
-            {**manifest, "train": report.train, "evaluate": report.evaluate},
+            {
+                **manifest,
+                "train": report.train,
+                "evaluate": report.evaluate,
+                "update_digests": strategy.seen,  # replays stay detectable after a restart
+            },
             state=strategy_state(strategy.inner),
             metrics_record=round_record(report, config.strategy),
         )
@@ -119,7 +130,7 @@ def run_federation(
             logger.info(progress_line(report, config.rounds))
 
     arrays = ArrayRecord({k: Array(v) for k, v in named_weights(model).items()})
-    train_config = config.train_config(spec.fingerprint)
+    train_config = {**config.train_config(spec.fingerprint), "run-id": run_id}
     run_rounds(
         strategy,
         grid,
@@ -135,29 +146,40 @@ def run_federation(
     return FederationResult(first_round, config.rounds, final)
 
 
+def _run_id(store: CheckpointStore, first_round: int) -> str:
+    """The run's own id: kept in every checkpoint, so a resumed run (a new Flower run) keeps it."""
+    last = store.latest()
+    if first_round > 1 and last is not None and last.manifest.get("run_id"):
+        return str(last.manifest["run_id"])
+    return uuid.uuid4().hex
+
+
 def _consortium_ledger(config: FederationConfig) -> Any:
-    """The run's ``ledger.jsonl`` when the run trains with DP (None otherwise)."""
-    if config.dp_epsilon is None:
-        return None
+    """The run's ``ledger.jsonl``: every institution's signed DP (or explicitly non-DP) rounds.
+
+    Kept whether or not the server asks for DP: in a deployment each institution's node decides
+    (DP is its default), and a round it trains without DP is recorded too.
+    """
     from privacy.consortium_ledger import ConsortiumLedger
 
     return ConsortiumLedger(config.out_dir / "ledger.jsonl")
 
 
-def _record_privacy(ledger: Any, report: RoundReport) -> None:
+def _record_privacy(ledger: Any, report: RoundReport, *, dp_requested: bool) -> None:
     """Append each node's signed entry; a refused one is logged, never silently kept."""
     from privacy.ledger import LedgerError
 
     for result in report.train_nodes:
         if not result.privacy:
-            logger.warning(
-                "round %d: %s sent no privacy ledger entry in a DP run",
-                report.server_round,
-                result.institution or result.node_id,
-            )
+            if dp_requested:
+                logger.warning(
+                    "round %d: %s sent no privacy ledger entry in a DP run",
+                    report.server_round,
+                    result.institution or result.node_id,
+                )
             continue
         try:
-            ledger.receive_text(result.privacy)
+            ledger.receive_text(result.privacy, earlier=result.privacy_earlier)
         except LedgerError as exc:
             logger.error("round %d: %s", report.server_round, exc)
 
@@ -176,7 +198,9 @@ def node_epsilons(report: RoundReport) -> dict[str, float]:
         except LedgerError:
             continue
         name = result.institution or str(result.node_id)
-        spent[name] = float(entry.get("epsilon_after", math.nan))
+        epsilon = entry.get("epsilon_after", math.nan)
+        # None: the institution trained this round without DP, its epsilon is unbounded.
+        spent[name] = math.inf if epsilon is None else float(epsilon)
     return spent
 
 
@@ -242,6 +266,9 @@ def _restore(
             f"cannot resume {store.run_dir}: its checkpoints belong to a different run ({detail})"
         )
     restore_strategy_state(strategy.inner, store.load(last, model))
+    digests = last.manifest.get("update_digests", {})
+    if isinstance(digests, dict):
+        strategy.seen = {str(k): int(v) for k, v in digests.items()}
     store.trim_metrics(last.round)
     logger.warning("resuming %s after round %d", store.run_dir, last.round)
     return last.round + 1
@@ -260,7 +287,8 @@ def round_record(report: RoundReport, strategy: str) -> dict[str, Any]:
     epsilons = node_epsilons(report)
     for entry in nodes.values():
         if entry["institution"] in epsilons:
-            entry["epsilon"] = epsilons[entry["institution"]]
+            epsilon = epsilons[entry["institution"]]
+            entry["epsilon"] = None if math.isinf(epsilon) else epsilon  # None: trained w/o DP
     record: dict[str, Any] = {
         "round": report.server_round,
         "seconds": round(report.seconds, 3),
@@ -271,8 +299,12 @@ def round_record(report: RoundReport, strategy: str) -> dict[str, Any]:
         "rejected": [vars(r) for r in report.rejected],
         "failures": [{"node_id": f.node_id, "error": f.error} for f in report.failures],
     }
-    if epsilons:
-        record["epsilon_max"] = max(epsilons.values())
+    bounded = [e for e in epsilons.values() if not math.isinf(e)]
+    if bounded:
+        record["epsilon_max"] = max(bounded)
+    without_dp = sorted(name for name, e in epsilons.items() if math.isinf(e))
+    if without_dp:
+        record["trained_without_dp"] = without_dp
     return record
 
 
@@ -291,8 +323,11 @@ def progress_line(report: RoundReport, total_rounds: int) -> str:
         f"federated ROC-AUC {fmt(report.evaluate.get('risk/roc_auc'))}",
     ]
     epsilons = node_epsilons(report)
-    if epsilons:
-        parts.append(f"epsilon max {max(epsilons.values()):.3f}")
+    bounded = [e for e in epsilons.values() if not math.isinf(e)]
+    if bounded:
+        parts.append(f"epsilon max {max(bounded):.3f}")
+    if len(bounded) < len(epsilons):
+        parts.append(f"WITHOUT DP {len(epsilons) - len(bounded)}")
     if report.rejected:
         parts.append(f"rejected {len(report.rejected)}")
     if report.failures:

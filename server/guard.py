@@ -5,11 +5,14 @@ wrapped strategy's ``aggregate_train`` sees them. A reply is rejected when it do
 exactly the global model's arrays (same names, same shapes), when a value is not finite, when its
 ``num-examples`` weight is not a positive finite number, or when its update norm
 ``||w_node - w_global||`` is above an absolute cap or more than ``norm_factor`` times the round's
-median. Every rejection is logged with the node id and, when the reply names it, the institution.
+median, or when it is a replay: bit-for-bit the update some node sent in an earlier round, or
+another node's update of the same round. Every rejection is logged with the node id and, when
+the reply names it, the institution.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 from collections.abc import Iterable
@@ -89,12 +92,15 @@ class GuardedStrategy(Strategy):
     Attributes:
         inner: the wrapped strategy (its state, e.g. FedAdam's moments, lives there).
         rejections: the replies rejected in the last aggregated round.
+        seen: digest of every update that passed, with its round (kept in the checkpoints,
+            so a replay is caught across a server restart too).
     """
 
     def __init__(self, inner: Strategy, config: GuardConfig | None = None) -> None:
         self.inner = inner
         self.config = config or GuardConfig()
         self.rejections: list[Rejection] = []
+        self.seen: dict[str, int] = {}
         self._reference: dict[str, np.ndarray] | None = None
 
     def summary(self) -> None:
@@ -131,6 +137,7 @@ class GuardedStrategy(Strategy):
         passed: list[Message] = []
         replies = list(replies)
         metric_keys = _majority_metric_keys(replies)
+        this_round: dict[str, int] = {}
         for msg in replies:
             if msg.has_error():
                 passed.append(msg)
@@ -140,6 +147,13 @@ class GuardedStrategy(Strategy):
                 reason = _metric_keys_reason(msg, metric_keys)
             if not reason and norm > self.config.max_update_norm:
                 reason = f"update norm {norm:.4g} exceeds the cap {self.config.max_update_norm:.4g}"
+            if not reason:
+                digest = update_digest(msg)
+                if digest in self.seen and self.seen[digest] < server_round:
+                    reason = f"replayed update: identical to one sent in round {self.seen[digest]}"
+                elif digest in this_round:
+                    reason = f"replayed update: identical to node {this_round[digest]}'s this round"
+                this_round.setdefault(digest, int(msg.metadata.src_node_id))
             if reason:
                 self._reject(server_round, msg, reason)
             else:
@@ -157,6 +171,7 @@ class GuardedStrategy(Strategy):
                     )
                 else:
                     passed.append(msg)
+                    self.seen[update_digest(msg)] = server_round
         if self.rejections and all(msg.has_error() for msg in passed):
             logger.warning(
                 "round %d: no update passed the guard; the model is unchanged", server_round
@@ -195,6 +210,17 @@ class GuardedStrategy(Strategy):
             else:
                 self._reject(server_round, msg, _metric_keys_reason(msg, metric_keys), "evaluation")
         return self.inner.aggregate_evaluate(server_round, kept)
+
+
+def update_digest(msg: Message) -> str:
+    """SHA-256 over the names, shapes, dtypes and bytes of a reply's arrays."""
+    digest = hashlib.sha256()
+    for record in msg.content.array_records.values():
+        for name in sorted(record):
+            value = np.ascontiguousarray(record[name].numpy())
+            digest.update(f"{name}|{value.dtype.str}|{value.shape}|".encode())
+            digest.update(value.tobytes())
+    return digest.hexdigest()
 
 
 def _metric_keys(msg: Message) -> frozenset[str] | None:

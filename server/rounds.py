@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from flwr.app import ArrayRecord, ConfigRecord, Message
 from flwr.serverapp import Grid
 
-from privacy.consortium_ledger import REPLY_KEY
+from privacy.consortium_ledger import EARLIER_KEY, REPLY_KEY
 from server.guard import GuardedStrategy, Rejection, institution_of
 
 logger = logging.getLogger(__name__)
@@ -34,6 +34,7 @@ class NodeResult:
     metrics: dict[str, float]
     error: str = ""  # why the node failed (an error reply, or no reply in time)
     privacy: str = ""  # the node's signed DP ledger entry (encode_entry's text), if it sent one
+    privacy_earlier: str = ""  # the run's earlier entries of its chain (encode_entries' text)
 
 
 @dataclass(frozen=True)
@@ -130,7 +131,16 @@ def _node_results(
             metrics |= {k: float(v) for k, v in record.items() if isinstance(v, int | float)}
         privacy = msg.content.config_records.get("privacy")
         entry = privacy.get(REPLY_KEY, "") if privacy is not None else ""
-        results.append(NodeResult(node_id, institution_of(msg), metrics, privacy=str(entry)))
+        earlier = privacy.get(EARLIER_KEY, "") if privacy is not None else ""
+        results.append(
+            NodeResult(
+                node_id,
+                institution_of(msg),
+                metrics,
+                privacy=str(entry),
+                privacy_earlier=str(earlier),
+            )
+        )
     for msg in sent:
         node_id = int(msg.metadata.dst_node_id)
         if node_id not in answered:

@@ -7,11 +7,13 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 from flwr.cli.config_utils import load_and_validate
 from flwr.cli.flower_config import read_superlink_connection
+from flwr.common.config import parse_config_args
 from typer.testing import CliRunner
 
 from client.deploy import NodeOptions, supernode_argv
@@ -96,10 +98,42 @@ def test_supernode_pins_the_ca_uses_the_node_key_and_names_its_export(tmp_path: 
     joined = " ".join(argv)
     assert f"--root-certificates {tmp_path / 'ca.pem'}" in joined
     assert f"--auth-supernode-private-key {tmp_path / 'uni-a'}" in joined
-    node_config = argv[argv.index("--node-config") + 1]
-    assert node_config == f'data-path="{tmp_path / "export"}" institution="uni-a"'
+    node_config = parse_config_args([argv[argv.index("--node-config") + 1]])
+    assert node_config == {
+        "data-path": str(tmp_path / "export"),
+        "institution": "uni-a",
+        # DP-SGD is the deployment default, its state kept in the node's home, and the
+        # ledger signed with the enrolled node key.
+        "dp": "required",
+        "privacy-state": str(tmp_path / "home" / "privacy"),
+        "privacy-key": str(tmp_path / "uni-a"),
+    }
     assert "--host 127.0.0.1 --port 9123" in joined
     assert "--insecure" not in argv
+
+
+def test_supernode_carries_the_institutions_own_budget_or_its_explicit_opt_out(
+    tmp_path: Path,
+) -> None:
+    base = NodeOptions(
+        data_dir=tmp_path / "export",
+        superlink="127.0.0.1:9999",
+        root_cert=None,
+        private_key=None,
+        name="uni-a",
+        home=tmp_path / "home",
+        runtime_port=9123,
+        insecure=True,
+    )
+
+    def config(options: NodeOptions) -> dict[str, object]:
+        argv = supernode_argv(options)
+        return parse_config_args([argv[argv.index("--node-config") + 1]])
+
+    own = config(replace(base, dp_epsilon=3.0, dp_delta=1e-6, privacy_state=tmp_path / "p"))
+    assert (own["dp"], own["dp-epsilon"], own["dp-delta"]) == ("required", 3.0, 1e-6)
+    assert own["privacy-state"] == str(tmp_path / "p")
+    assert config(replace(base, no_dp=True))["dp"] == "off"
 
 
 def test_app_definition_is_a_valid_flower_app_naming_the_edufl_apps(tmp_path: Path) -> None:

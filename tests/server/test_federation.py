@@ -157,3 +157,39 @@ def _other_spec(tmp_path: Path) -> Path:
     path = tmp_path / "spec.toml"
     path.write_text(spec.to_toml())
     return path
+
+
+def test_dp_run_resumed_after_a_crash_mid_round_counts_that_round_once_in_every_ledger(
+    exports: list[Path], tmp_path: Path
+) -> None:
+    """The nodes trained and spent round 2, then the server died before committing it."""
+    from privacy.ledger import parse_entries
+
+    config = _config(tmp_path / "run", rounds=3, dp_epsilon=8.0)
+    privacy_root = str(tmp_path / "institutions")  # each institution's own disk, kept
+
+    def grid(**kwargs: Any) -> InProcessGrid:
+        in_process = InProcessGrid(exports, **kwargs)
+        for context in in_process.contexts.values():
+            context.node_config["privacy-root"] = privacy_root
+        return in_process
+
+    def dies_after_training_round_2(msg: Message) -> bool:
+        return (
+            msg.metadata.message_type == "evaluate" and msg.content["config"]["server-round"] == 2
+        )
+
+    with pytest.raises(RuntimeError, match="SuperLink crashed"):
+        run_federation(grid(crash_at=dies_after_training_round_2), config)
+    resumed = grid()
+    run_federation(resumed, config.model_copy(update={"resume": True}))
+
+    assert {m.content["config"]["server-round"] for m in resumed.sent} == {2, 3}
+    run_ids = {c.manifest["run_id"] for c in CheckpointStore(config.out_dir).checkpoints()}
+    assert len(run_ids) == 1, "the run keeps its id across the restart"
+    consortium = parse_entries(config.out_dir / "ledger.jsonl")
+    for institution in ("institution_01", "institution_02", "institution_03"):
+        own = parse_entries(tmp_path / "institutions" / institution / "ledger.jsonl")
+        assert [e.round for e in own] == [1, 2, 3]
+        assert [e.round for e in consortium if e.institution == institution] == [1, 2, 3]
+    assert {e.run_id for e in consortium} == run_ids

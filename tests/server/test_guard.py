@@ -175,3 +175,36 @@ def test_guard_works_in_front_of_a_robust_strategy(flower_task: None) -> None:
 def test_guard_refuses_to_aggregate_before_a_round_was_configured() -> None:
     with pytest.raises(RuntimeError, match="configure_train"):
         GuardedStrategy(FedAvg()).aggregate_train(1, _good_replies())
+
+
+def test_update_replayed_from_an_earlier_round_is_rejected_and_named(flower_task: None) -> None:
+    strategy = _guarded()
+    strategy.aggregate_train(1, _good_replies())
+    assert not strategy.rejections
+
+    # Round 2: node 2 sends its round-1 update again; the others train afresh.
+    strategy.configure_train(
+        2, ArrayRecord({k: Array(v) for k, v in GLOBAL.items()}), _cfg(), _NoGrid()
+    )
+    replies = [
+        reply(1, _update(11), num_examples=10, institution="uni_1"),
+        reply(2, _update(2), num_examples=20, institution="uni_2"),  # the round-1 bytes
+        reply(3, _update(13), num_examples=30, institution="uni_3"),
+    ]
+    strategy.aggregate_train(2, replies)
+    assert [(r.node_id, r.institution) for r in strategy.rejections] == [(2, "uni_2")]
+    assert "replayed update" in strategy.rejections[0].reason
+    assert "round 1" in strategy.rejections[0].reason
+
+
+def test_one_update_sent_by_two_nodes_in_a_round_is_kept_once(flower_task: None) -> None:
+    strategy = _guarded()
+    copied = _update(1)
+    replies = [
+        reply(1, copied, num_examples=10, institution="uni_1"),
+        reply(2, {k: v.copy() for k, v in copied.items()}, num_examples=10, institution="uni_2"),
+        reply(3, _update(3), num_examples=10, institution="uni_3"),
+    ]
+    strategy.aggregate_train(1, replies)
+    assert [r.node_id for r in strategy.rejections] == [2]
+    assert "node 1" in strategy.rejections[0].reason
