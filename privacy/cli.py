@@ -91,7 +91,9 @@ def budget(
 @user_errors
 def attack(
     model_dir: Path = typer.Argument(
-        ..., help="A trained model folder (model.pt + model.json), e.g. `edufl train --out`."
+        ...,
+        help="A trained model folder (model.pt + model.json, e.g. `edufl train --out`) or a "
+        "federated run folder (its last global model, e.g. `edufl simulate run --out`).",
     ),
     data: list[Path] = typer.Option(
         ..., "--data", help="The export folder(s) the model was trained on; repeat."
@@ -110,30 +112,40 @@ def attack(
     """Membership inference: can the model tell its training students from held-out ones?
 
     Reports attack AUC, advantage and a 95 % lower bound on epsilon next to the claimed
-    epsilon. Exit 1 if the lower bound exceeds the claim (the claim is refuted).
+    epsilon. Exit 1 if the lower bound exceeds the claim (the claim is refuted). For a
+    federated run folder the members are every institution's train split and the claim is the
+    largest epsilon in the run's ledger.jsonl; give each institution's export with --data.
 
-    Example:
+    Examples:
 
       edufl audit attack runs/central --data demo/consortium/institution_01 --seed 0
+
+      edufl audit attack runs/demo/federated --data runs/demo/consortium/institution_01 \
+        --data runs/demo/consortium/institution_02
     """
-    if not (model_dir / CARD_FILE).is_file():
-        hint = (
-            "a federated run folder: export its global model to a model folder first"
-            if (model_dir / "checkpoints").is_dir()
-            else "no model.json here"
-        )
-        raise DataContractError(f"{model_dir}: not a trained model folder ({hint})")
     feature_spec = load_spec(spec)
-    cohort = CohortArrays.concatenate([load_cohort(d, feature_spec) for d in data])
-    result = attack_trained_model(
-        model_dir,
-        cohort,
-        feature_spec,
-        split=split,
-        seed=seed,
-        delta=delta,
-        claimed_epsilon=claimed_epsilon,
-    )
+    if (model_dir / "checkpoints").is_dir() and not (model_dir / CARD_FILE).is_file():
+        from client.membership_audit import attack_federated_run
+
+        result = attack_federated_run(
+            model_dir, data, feature_spec, claimed_epsilon=claimed_epsilon, delta=delta
+        )
+    elif (model_dir / CARD_FILE).is_file():
+        cohort = CohortArrays.concatenate([load_cohort(d, feature_spec) for d in data])
+        result = attack_trained_model(
+            model_dir,
+            cohort,
+            feature_spec,
+            split=split,
+            seed=seed,
+            delta=delta,
+            claimed_epsilon=claimed_epsilon,
+        )
+    else:
+        raise DataContractError(
+            f"{model_dir}: neither a trained model folder (model.json) nor a federated run "
+            "folder (checkpoints/)"
+        )
     if as_json:
         typer.echo(json.dumps(asdict(result) | {"advantage_bound": result.advantage_bound}))
     else:
