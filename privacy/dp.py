@@ -18,11 +18,13 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from cryptography.hazmat.primitives.asymmetric import ec
 from opacus import PrivacyEngine
 from opacus.optimizers import DPOptimizer
@@ -69,7 +71,8 @@ class DPSession:
         self._max_physical = max_physical_batch_size
         with warnings.catch_warnings():
             # secure_mode needs torchcsprng (not installable here): noise comes from torch's
-            # PRNG, seeded per round. Said once in the docs, not on every round.
+            # PRNG, seeded from os.urandom every round (`unpredictable_generator`). Said once in
+            # the docs, not on every round.
             warnings.filterwarnings("ignore", "Secure RNG turned off", UserWarning)
             self._engine = PrivacyEngine(accountant=budget.accountant)
         self._engine.accountant.history = list(state.history)
@@ -192,7 +195,11 @@ class DPSession:
                 noise_multiplier=self.noise_multiplier,
                 max_grad_norm=self.budget.max_grad_norm,
                 poisson_sampling=True,
+                noise_generator=(rng := unpredictable_generator()),
             )
+        # Who is sampled must be as unpredictable as the noise: amplification by subsampling
+        # assumes no one can tell whether a student was in a batch.
+        private_loader.batch_sampler.generator = rng  # type: ignore[union-attr]
         rate = 1.0 / len(private_loader)
         if not math.isclose(rate, plan.sample_rate, rel_tol=1e-9):
             raise PrivacyConfigError(
@@ -320,3 +327,16 @@ class DPSession:
                 "epsilon_budget": float(self.budget.epsilon),
             }
         )
+
+
+def unpredictable_generator() -> torch.Generator:
+    """A generator for DP noise and Poisson sampling, seeded from the OS's entropy pool.
+
+    The federation's seed (which the server knows and sends) fixes splits, shuffling and
+    initial weights; it must not fix the noise or the sampling, or whoever knows the seed could
+    regenerate the noise and subtract it. Opacus' ``secure_mode`` would draw both from a CSPRNG
+    but needs torchcsprng, which is not installable here; a 64-bit seed from ``os.urandom``
+    every round keeps them unknowable to the server, at the price of DP rounds not being
+    bit-for-bit reproducible.
+    """
+    return torch.Generator().manual_seed(int.from_bytes(os.urandom(8), "little") >> 1)

@@ -151,3 +151,18 @@ def test_server_ledger_fills_a_gap_from_the_earlier_entries_a_reply_carries(
     server = ConsortiumLedger(tmp_path / "consortium.jsonl")
     assert server.receive_text(str(record[REPLY_KEY]), earlier=str(record[EARLIER_KEY]))
     assert [(e.seq, e.round) for e in server.entries()] == [(0, 1), (1, 2)]
+
+
+def test_dp_noise_is_not_fixed_by_the_federation_seed_the_server_knows(
+    export_copy: Path, tmp_path: Path
+) -> None:
+    """Same export, same seed, same round: a server that knows the seed still cannot redraw
+    the noise (or the Poisson sample) and subtract it from an update."""
+    config = _config(rounds=3, dp_epsilon=8.0)
+    weights = _global_weights(config)
+    updates = []
+    for twin in ("a", "b"):
+        node = _node(export_copy, tmp_path / twin)
+        reply = app(_message(MessageType.TRAIN, config, weights, **{"run-id": twin}), node)
+        updates.append({k: v.numpy() for k, v in reply.content["arrays"].items()})
+    assert any(not np.array_equal(updates[0][k], updates[1][k]) for k in updates[0])
