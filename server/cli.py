@@ -109,6 +109,34 @@ def enrol(
 
 @app.command()
 @user_errors
+def revoke(
+    name: str = typer.Argument(..., help="The institution's name, as enrolled."),
+    state: Path = STATE_OPTION,
+) -> None:
+    """Remove an institution from the consortium: its node key is refused from now on.
+
+    The institution leaves STATE/institutions.toml and its key is recorded as revoked (it
+    cannot be enrolled again; the institution would need a new key pair). A SuperLink running
+    from STATE unregisters its node at once; otherwise the next `edufl server start` does.
+    Its ledger entries stay in the runs' ledgers: what it spent remains auditable.
+
+    Example:
+
+    \b
+      edufl server revoke uni-c --state consortium/state
+    """
+    layout = deploy.ServerLayout(state)
+    registry, at_once = deploy.revoke_institution(layout, name)
+    node_id = registry.revoked[name].node_id
+    when = "unregistered from the running SuperLink" if at_once else "refused from the next start"
+    node = f"node {node_id}" if node_id else "its node"
+    typer.echo(
+        f"revoked {name}: key recorded as revoked in {state / 'institutions.toml'}; {node} {when}"
+    )
+
+
+@app.command()
+@user_errors
 def start(
     keys: Path = typer.Option(KEYS_DIR, "--keys", help="Folder from `edufl server keys init`."),
     state: Path = STATE_OPTION,

@@ -288,5 +288,42 @@ def wait_for_run(
 
 
 def load_and_register(layout: ServerLayout) -> Registry:
-    """Register the state folder's enrolled institutions with its running SuperLink."""
-    return register_institutions(layout, load_registry(layout.state_dir))
+    """Register the state folder's enrolled institutions with its running SuperLink.
+
+    Nodes the SuperLink's database still lets in but the registry no longer holds (revoked
+    while the server was down) are unregistered first.
+    """
+    registry = register_institutions(layout, load_registry(layout.state_dir))
+    drop_unenrolled_nodes(layout, registry)
+    return registry
+
+
+def drop_unenrolled_nodes(layout: ServerLayout, registry: Registry) -> list[str]:
+    """Unregister every node the SuperLink lets in whose key is not enrolled; their ids."""
+    if any(e.node_id is None for e in registry.institutions.values()):
+        # An enrolled key whose node id is unknown could be among the SuperLink's: keep all.
+        logger.warning("some enrolled institutions have no node id yet; not pruning nodes")
+        return []
+    control = layout.control()
+    enrolled = registry.node_ids()
+    dropped = [n for n in control.active_node_ids() if n not in enrolled]
+    for node_id in dropped:
+        control.unregister_node(node_id)
+        logger.warning("unregistered node %s: its key is no longer enrolled", node_id)
+    return dropped
+
+
+def revoke_institution(layout: ServerLayout, name: str) -> tuple[Registry, bool]:
+    """Remove ``name`` from the registry and revoke its key; True if a running SuperLink
+    unregistered its node at once (else that happens at the next `edufl server start`)."""
+    registry = load_registry(layout.state_dir)
+    revoked = registry.without(name)
+    save_registry(layout.state_dir, revoked)
+    running = running_server(layout)
+    if running is None or not running.get("tls"):
+        return revoked, False
+    node_id = revoked.revoked[name].node_id
+    if node_id is not None:
+        layout.control().unregister_node(node_id)
+    drop_unenrolled_nodes(layout, revoked)
+    return revoked, True

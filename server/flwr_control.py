@@ -64,6 +64,22 @@ class FlowerControl:
             return None
         raise DeploymentError(f"the SuperLink refused to register {name}: {_last_line(message)}")
 
+    def unregister_node(self, node_id: str) -> None:
+        """Remove a node from the SuperLink: its key is refused from then on."""
+        reply = self._json("supernode", "unregister", node_id, CONNECTION)
+        if not reply.get("success"):
+            raise DeploymentError(
+                f"the SuperLink refused to unregister node {node_id}: {_error(reply)}"
+            )
+
+    def active_node_ids(self) -> list[str]:
+        """Ids of the nodes the SuperLink lets in (registered, online or offline)."""
+        reply = self._json("supernode", "list", CONNECTION)
+        if not reply.get("success"):
+            raise DeploymentError(f"cannot list the SuperLink's nodes: {_error(reply)}")
+        nodes = reply.get("nodes") or []
+        return [str(n["node-id"]) for n in nodes if str(n.get("status")) != "unregistered"]
+
     def start_run(self, app_dir: Path) -> str:
         """Submit the Flower app in ``app_dir`` as a new run; returns the run id."""
         reply = self._json("run", str(app_dir), CONNECTION)

@@ -39,16 +39,34 @@ class Institution(BaseModel):
     node_id: Annotated[str | None, Field(pattern=r"^\d+$")] = None
 
 
+class Revocation(BaseModel):
+    """A key the consortium revoked: never let in again, whoever enrols it."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    public_key: str
+    revoked_at: dt.datetime
+    node_id: Annotated[str | None, Field(pattern=r"^\d+$")] = None
+
+
 class Registry(BaseModel):
-    """Every enrolled institution, by name."""
+    """Every enrolled institution, by name, and every revoked key."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     institutions: dict[str, Institution] = Field(default_factory=dict)
+    revoked: dict[str, Revocation] = Field(default_factory=dict)  # by institution name
 
     def with_institution(self, name: str, public_key: str, *, replace: bool = False) -> Registry:
         """A copy with ``name`` enrolled; refuses a taken name (unless ``replace``) or key."""
         check_name(name)
+        for other, revocation in self.revoked.items():
+            if revocation.public_key == public_key:
+                raise EnrolmentError(
+                    f"this public key was revoked ({other}, "
+                    f"{revocation.revoked_at:%Y-%m-%d %H:%M} UTC); the institution must make a "
+                    "new key pair (`edufl client keys init --force`) and send its .pub"
+                )
         for other, entry in self.institutions.items():
             if entry.public_key == public_key and other != name:
                 raise EnrolmentError(f"this public key is already enrolled as {other!r}")
@@ -62,6 +80,30 @@ class Registry(BaseModel):
             return self
         entry = Institution(public_key=public_key, enrolled_at=dt.datetime.now(dt.UTC))
         return self.model_copy(update={"institutions": {**self.institutions, name: entry}})
+
+    def without(self, name: str) -> Registry:
+        """A copy with ``name`` removed and its key revoked.
+
+        Raises:
+            EnrolmentError: ``name`` is not enrolled (the message lists who is).
+        """
+        entry = self.institutions.get(name)
+        if entry is None:
+            enrolled = ", ".join(sorted(self.institutions)) or "none"
+            raise EnrolmentError(f"{name!r} is not enrolled (enrolled: {enrolled})")
+        revocation = Revocation(
+            public_key=entry.public_key,
+            revoked_at=dt.datetime.now(dt.UTC),
+            node_id=entry.node_id,
+        )
+        rest = {k: v for k, v in self.institutions.items() if k != name}
+        return self.model_copy(
+            update={"institutions": rest, "revoked": {**self.revoked, name: revocation}}
+        )
+
+    def node_ids(self) -> set[str]:
+        """The SuperLink node ids of the enrolled institutions (those registered so far)."""
+        return {e.node_id for e in self.institutions.values() if e.node_id is not None}
 
     def with_node_id(self, name: str, node_id: str) -> Registry:
         """A copy recording the node id the SuperLink gave ``name``."""

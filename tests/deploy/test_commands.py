@@ -178,6 +178,33 @@ def test_enrol_records_the_key_and_refuses_a_taken_name_or_key(tmp_path: Path) -
     assert list(load_registry(state).institutions) == ["uni-a"]
 
 
+def test_revoke_removes_the_institution_and_its_key_can_never_be_enrolled_again(
+    tmp_path: Path,
+) -> None:
+    state = tmp_path / "state"
+    a = init_institution_keys(tmp_path, "uni-a")
+    b = init_institution_keys(tmp_path, "uni-b")
+    for keys, name in ((a, "uni-a"), (b, "uni-b")):
+        assert _invoke("server", "enrol", str(keys.public_key), "--name", name,
+                       "--state", str(state))[0] == 0  # fmt: skip
+
+    code, out = _invoke("server", "revoke", "uni-a", "--state", str(state))
+    assert code == 0, out
+    assert "revoked uni-a" in out and "refused from the next start" in out
+    registry = load_registry(state)
+    assert list(registry.institutions) == ["uni-b"]
+    assert a.public_key.read_text().startswith(registry.revoked["uni-a"].public_key)
+
+    # Neither under its old name nor under another: it needs a new key pair.
+    for name in ("uni-a", "uni-z"):
+        code, out = _invoke(
+            "server", "enrol", str(a.public_key), "--name", name, "--state", str(state)
+        )
+        assert code == 2 and "was revoked" in out and "new key pair" in out
+    code, out = _invoke("server", "revoke", "uni-q", "--state", str(state))
+    assert code == 2 and "'uni-q' is not enrolled (enrolled: uni-b)" in out
+
+
 def test_enrolling_the_same_key_twice_changes_nothing() -> None:
     line = "ecdsa-sha2-nistp384 AAAA"
     once = Registry().with_institution("uni-a", line)
