@@ -1,0 +1,235 @@
+"""Fault injection on a real deployment: TLS SuperLink, authenticated SuperNodes, DP-SGD on.
+
+Each test starts real `edufl server start` / `edufl client start` processes on loopback (see
+tests/deploy/harness.py) and breaks something on purpose: a node that sends garbage, a node that
+dies and comes back with its key, a node whose budget is spent, the server killed mid-round.
+The faults of a misbehaving node come from tests/deploy/faults/sitecustomize.py, put on that
+node's PYTHONPATH only; everything else is the code an institution runs.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+from flwr.app import Context, MessageType, RecordDict
+
+import client.app
+from server.checkpoints import CheckpointStore
+from server.config import FederationConfig
+from server.federation import global_model
+from shared_models.contract import default_spec
+from shared_models.weights import named_weights
+from tests.client.test_app import _message
+from tests.deploy.harness import (
+    Deployment,
+    consortium,
+    crash,
+    edufl,
+    finished_rounds,
+    institutions,
+    ledger_entries,
+    ledger_rounds,
+    metrics,
+    needs_timeout,
+    output,
+    start_server,
+    wait_for,
+)
+
+pytestmark = [pytest.mark.slow, needs_timeout]
+
+FAULTS = Path(__file__).parent / "faults"
+
+
+def _faulty(fault: str, state: Path) -> dict[str, str]:
+    return {"PYTHONPATH": str(FAULTS), "EDUFL_FAULT": fault, "EDUFL_FAULT_STATE": str(state)}
+
+
+def _verify(dep: Deployment, ledger: Path) -> None:
+    report = edufl("audit", "verify", str(ledger), "--keys", str(dep.state / "institutions.toml"))
+    assert "=> INTACT" in report, report
+
+
+def test_garbage_updates_are_rejected_named_and_kept_out_of_the_global_model(
+    deployment: Deployment,
+) -> None:
+    dep = deployment
+    honest = {"uni-a": "institution_01", "uni-b": "institution_02"}
+    faults = {"bad-nan": "nan", "bad-shape": "shape", "bad-scale": "scale", "bad-replay": "replay"}
+    exports = {name: f"institution_0{i}" for i, name in enumerate(faults, start=3)}
+    data = consortium(dep, honest | exports)
+    out = dep.root / "run"
+    server = start_server(dep, out, rounds=2, min_nodes=6)
+    for name, export in honest.items():
+        dep.node(name, data / export, dep.root / name)
+    for name, fault in faults.items():
+        env = _faulty(fault, dep.root / f"{name}.npz")
+        dep.node(name, data / exports[name], dep.root / name, env=env)
+
+    first, second = finished_rounds(server, out, rounds=2)
+
+    def rejected(record: dict[str, object]) -> dict[str, str]:
+        entries = record["rejected"]
+        assert isinstance(entries, list)
+        return {str(r["institution"]): str(r["reason"]) for r in entries}
+
+    round_1, round_2 = rejected(first), rejected(second)
+    assert set(round_1) == {"bad-nan", "bad-shape", "bad-scale"}  # the replayer was honest once
+    assert set(round_2) == set(faults)
+    assert "non-finite" in round_2["bad-nan"]
+    assert "wrong shape" in round_2["bad-shape"]
+    assert "update norm" in round_2["bad-scale"]
+    assert "replayed update" in round_2["bad-replay"] and "round 1" in round_2["bad-replay"]
+    assert "rejected the update of node" in output(server)
+
+    # The global model moved like an average of honest LSTM updates, not like the attacks.
+    store = CheckpointStore(out)
+    config = FederationConfig()
+    models = []
+    for checkpoint in store.checkpoints():
+        model = global_model(config, default_spec())
+        store.load(checkpoint, model)
+        models.append(named_weights(model))
+    assert all(np.isfinite(v).all() for weights in models for v in weights.values())
+    moved = math.sqrt(sum(float(np.sum((models[1][k] - models[0][k]) ** 2)) for k in models[0]))
+    assert 0 < moved < 10.0
+    _verify(dep, out / "ledger.jsonl")
+
+
+def _spend_whole_budget(export: Path, name: str, state: Path, key: Path, rounds: int) -> None:
+    """Train ``rounds`` DP rounds in-process under ``state``: a run this node took part in before.
+
+    Same export, batch size, epochs, rounds and budget as the deployed run, so that run finds
+    this institution's budget already spent.
+    """
+    config = FederationConfig(rounds=rounds, local_epochs=1, dp_epsilon=8.0)
+    weights = named_weights(global_model(config, default_spec()))
+    context = Context(
+        run_id=1,
+        node_id=1,
+        node_config={
+            "data-path": str(export),
+            "institution": name,
+            "privacy-state": str(state),
+            "privacy-key": str(key),
+            "dp": "required",
+        },
+        state=RecordDict(),
+        run_config={},
+    )
+    for server_round in range(1, rounds + 1):
+        extra = {"server-round": server_round, "run-id": "an-earlier-run"}
+        reply = client.app.app(_message(MessageType.TRAIN, config, weights, **extra), context)
+        assert not reply.has_error()
+
+
+def test_node_back_with_its_key_keeps_its_budget_and_a_spent_node_declines_while_the_run_goes_on(
+    deployment: Deployment,
+) -> None:
+    dep = deployment
+    nodes = {"uni-a": "institution_01", "uni-b": "institution_02", "uni-c": "institution_03"}
+    data = consortium(dep, nodes)
+    spent = dep.home("uni-c") / "privacy"
+    _spend_whole_budget(data / nodes["uni-c"], "uni-c", spent, dep.root / "uni-c" / "uni-c", 3)
+    out = dep.root / "run"
+    server = start_server(dep, out, rounds=3, min_nodes=2)
+    a = dep.node("uni-a", data / nodes["uni-a"], dep.root / "uni-a")
+    dep.node("uni-b", data / nodes["uni-b"], dep.root / "uni-b")
+    dep.node("uni-c", data / nodes["uni-c"], dep.root / "uni-c")
+
+    wait_for("round 1", lambda: len(metrics(out)) >= 1, 180, [server, a])
+    crash(a)  # uni-a's machine goes down ...
+    before = ledger_entries(dep.home("uni-a") / "privacy" / "ledger.jsonl")
+    dep.node("uni-a", data / nodes["uni-a"], dep.root / "uni-a")  # ... and comes back
+
+    records = finished_rounds(server, out, rounds=3)
+    after = ledger_entries(dep.home("uni-a") / "privacy" / "ledger.jsonl")
+    assert after[: len(before)] == before, "the restarted node kept its chain"
+    assert len(after) > len(before) and after[-1]["round"] == 3
+    assert [e["seq"] for e in after] == list(range(len(after)))
+    epsilons = [float(e["epsilon_after"]) for e in after]  # type: ignore[arg-type]
+    assert epsilons == sorted(epsilons) and epsilons[-1] <= 8.0
+    assert epsilons[len(before)] > epsilons[len(before) - 1], "it kept counting, not restarted"
+
+    # uni-c had spent its budget: it declines every round with the reason; the others go on.
+    for record in records:
+        failures = record["failures"]
+        assert isinstance(failures, list)
+        assert any("takes no further DP rounds" in str(f["error"]) for f in failures)
+    assert "uni-c" not in {e["institution"] for e in ledger_entries(out / "ledger.jsonl")}
+    assert ledger_rounds(out / "ledger.jsonl", "uni-b") == [1, 2, 3]
+    _verify(dep, out / "ledger.jsonl")
+
+
+def test_server_killed_mid_round_resumes_from_its_checkpoint_and_counts_no_round_twice(
+    deployment: Deployment,
+) -> None:
+    dep = deployment
+    nodes = {"uni-a": "institution_01", "uni-b": "institution_02"}
+    data = consortium(dep, nodes)
+    out = dep.root / "run"
+    server = start_server(dep, out, rounds=3, min_nodes=2, evaluate=True)
+    a = dep.node("uni-a", data / nodes["uni-a"], dep.root / "uni-a")
+    # uni-b evaluates slowly: round 2 is trained and spent, but not yet committed, for 15 s.
+    env = _faulty("slow-evaluate", dep.root / "unused.npz")
+    b = dep.node("uni-b", data / nodes["uni-b"], dep.root / "uni-b", env=env)
+
+    def round_2_trained_not_committed() -> bool:
+        trained = all(
+            2 in ledger_rounds(dep.home(name) / "privacy" / "ledger.jsonl") for name in nodes
+        )
+        return trained and [r["round"] for r in metrics(out)] == [1]
+
+    wait_for("round 2 in flight", round_2_trained_not_committed, 240, [server, a, b])
+    crash(server)  # the SuperLink and the ServerApp die with it
+    assert [c.round for c in CheckpointStore(out).checkpoints()] == [1]
+
+    restarted = start_server(dep, out, rounds=3, min_nodes=2, evaluate=True, name="server-2",
+                             extra=("--resume",))  # fmt: skip
+    records = finished_rounds(restarted, out, rounds=3)
+    assert "stopped 1 run(s) an earlier server left unfinished" in output(restarted)
+
+    # Round 2 ran again from the same checkpoint: each node re-sent what it had released,
+    # so neither its own ledger nor the consortium's counts round 2 twice.
+    for name in nodes:
+        assert ledger_rounds(dep.home(name) / "privacy" / "ledger.jsonl") == [1, 2, 3]
+        assert ledger_rounds(out / "ledger.jsonl", name) == [1, 2, 3]
+        assert "already trained and released" in output(a if name == "uni-a" else b)
+    run_ids = {c.manifest["run_id"] for c in CheckpointStore(out).checkpoints()}
+    assert len(run_ids) == 1
+    assert {e["run_id"] for e in ledger_entries(out / "ledger.jsonl")} == run_ids
+    assert [r["round"] for r in records] == [1, 2, 3]
+    _verify(dep, out / "ledger.jsonl")
+
+
+def test_revoked_institution_is_refused_at_once_or_at_the_next_start(
+    deployment: Deployment,
+) -> None:
+    dep = deployment
+    nodes = {"uni-a": "institution_01", "uni-b": "institution_02", "uni-c": "institution_03"}
+    data = consortium(dep, nodes)
+    out = dep.root / "run"
+    server = start_server(dep, out, rounds=2, min_nodes=2)
+    a = dep.node("uni-a", data / nodes["uni-a"], dep.root / "uni-a")
+    b = dep.node("uni-b", data / nodes["uni-b"], dep.root / "uni-b")
+    c = dep.node("uni-c", data / nodes["uni-c"], dep.root / "uni-c")
+    wait_for("round 1", lambda: len(metrics(out)) >= 1, 180, [server, a, b, c])
+
+    # Revoked while the server runs: the SuperLink unregisters its node at once.
+    reply = edufl("server", "revoke", "uni-c", "--state", str(dep.state))
+    assert "unregistered from the running SuperLink" in reply
+    first, second = finished_rounds(server, out, rounds=2)
+    assert "uni-c" in institutions(first)
+    assert institutions(second) == {"uni-a", "uni-b"}
+
+    # Revoked while the server is down: the next start unregisters the node before any run.
+    reply = edufl("server", "revoke", "uni-b", "--state", str(dep.state))
+    assert "refused from the next start" in reply
+    again = start_server(dep, dep.root / "run-2", rounds=1, min_nodes=1, name="server-2")
+    (only,) = finished_rounds(again, dep.root / "run-2", rounds=1)
+    assert institutions(only) == {"uni-a"}
+    assert "enrolled institutions: uni-a" in output(again)
+    assert "its key is no longer enrolled" in output(again)
