@@ -51,8 +51,10 @@ DP_MODE_REQUIRED = "required"
 DP_MODE_OFF = "off"
 DP_EPSILON = "dp-epsilon"
 DP_DELTA = "dp-delta"
-#: An institution that requires DP but set no epsilon of its own, under a server without DP.
+#: The budget of an institution that requires DP but set none of its own; a server's proposal
+#: can lower it, never raise it.
 DEFAULT_DP_EPSILON = 8.0
+DEFAULT_DP_DELTA = 1e-5
 
 app = ClientApp()
 
@@ -203,7 +205,8 @@ def privacy_budget(context: Context, settings: RoundSettings) -> Any:
     """The ``privacy.PrivacyBudget`` this round trains under, or None to train without DP.
 
     The institution's node config wins over the server's proposal: a node that requires DP
-    trains with DP-SGD even when the server asks for none, under its own epsilon/delta when set.
+    trains with DP-SGD even when the server asks for none, under its own epsilon/delta when set
+    (else 8 and 1e-5); a server proposing a smaller epsilon or delta gets it, a larger one not.
 
     Raises:
         PrivacyConfigError: the node config's DP keys are not valid.
@@ -219,15 +222,19 @@ def privacy_budget(context: Context, settings: RoundSettings) -> Any:
     own_epsilon = _node_float(context, DP_EPSILON)
     own_delta = _node_float(context, DP_DELTA)
     if mode == DP_MODE_REQUIRED:
-        epsilon = own_epsilon or settings.dp_epsilon or DEFAULT_DP_EPSILON
+        # The server may ask for more privacy than the institution's budget, never less.
+        cap = own_epsilon or DEFAULT_DP_EPSILON
+        epsilon = min(cap, settings.dp_epsilon or cap)
+        delta = own_delta or min(settings.dp_delta, DEFAULT_DP_DELTA)
     elif settings.dp_epsilon > 0:
         epsilon = own_epsilon or settings.dp_epsilon
+        delta = own_delta or settings.dp_delta
     else:
         return None
     try:
         return PrivacyBudget(
             epsilon=epsilon,
-            delta=own_delta or settings.dp_delta,
+            delta=delta,
             max_grad_norm=settings.dp_max_grad_norm,
             accountant=settings.dp_accountant,
         )

@@ -187,9 +187,15 @@ def follow(child: Child, poll: float = 0.5) -> int:
                 break
             time.sleep(poll)
     if flower_code == EXIT_CONNECTION_REFUSED and not activated:
-        raise DeploymentError(
+        raise NodeRefused(
             f"the SuperLink refused {child.name} (Flower exit code {flower_code}); check that "
             "the consortium operator enrolled this institution's .pub key "
             "(`edufl server enrol`), that --superlink is right and the server runs"
         )
     return code
+
+
+class NodeRefused(DeploymentError):
+    """The SuperLink would not activate the node: its key is not enrolled (or was revoked), or
+    a previous session of the same key is still marked online (a node that crashed, until the
+    SuperLink misses its heartbeats: at most 2 x 30 s in Flower 1.41)."""

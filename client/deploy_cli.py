@@ -2,14 +2,26 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import typer
 
-from client.deploy import NodeOptions, check_credentials, check_export, follow, start_supernode
+from client.deploy import (
+    NodeOptions,
+    NodeRefused,
+    check_credentials,
+    check_export,
+    follow,
+    start_supernode,
+)
 from privacy.keys import check_name, init_institution_keys
 from shared_models import processes
 from shared_models.cli_support import new_app, user_errors
+
+#: Pause between activation attempts; Flower 1.41 frees a crashed session's key after missing
+#: two 30-second heartbeats.
+ACTIVATION_RETRY_S = 10.0
 
 keys_app = new_app(
     "The institution's node-authentication key pair.\n\n"
@@ -82,6 +94,13 @@ def start(
         help="Allow training without DP when the server asks for none; each such round is "
         "recorded as non-private in the signed ledger.",
     ),
+    activation_wait: float = typer.Option(
+        90.0,
+        "--activation-wait",
+        min=0,
+        help="Seconds to keep retrying when the SuperLink refuses to activate the node (a "
+        "restart right after a crash); 0 gives up at the first refusal.",
+    ),
     privacy_state: Path | None = typer.Option(
         None,
         "--privacy-state",
@@ -98,7 +117,9 @@ def start(
     records. Every round trains with DP-SGD (Opacus) under this institution's budget, whatever
     the server proposes, unless --no-dp; the accountant's state and the signed ledger live in
     --privacy-state, so a restarted node keeps counting, and a round that would exceed the
-    budget is refused. Runs until Ctrl-C; its log is shown here.
+    budget is refused. A node restarted right after a crash may be refused until the server
+    notices the old session is gone (up to 60 s): it retries for --activation-wait seconds.
+    Runs until Ctrl-C; its log is shown here.
 
     Example:
 
@@ -154,18 +175,31 @@ def start(
         no_dp=no_dp,
         privacy_state=privacy_state,
     )
+    privacy = "WITHOUT DP when the server asks none" if no_dp else "DP-SGD required"
+    deadline = time.monotonic() + activation_wait
     with processes.terminate_on_sigterm():
-        child = start_supernode(options)
-        try:
-            privacy = "WITHOUT DP when the server asks none" if no_dp else "DP-SGD required"
-            typer.echo(
-                f"node {name} started (pid {child.pid}); connecting to {superlink}; {privacy}"
-            )
-            code = follow(child)
-        except KeyboardInterrupt:
-            typer.echo("stopping")
-            code = 0
-        finally:
-            processes.stop(child)
+        while True:
+            child = start_supernode(options)
+            try:
+                typer.echo(
+                    f"node {name} started (pid {child.pid}); connecting to {superlink}; {privacy}"
+                )
+                code = follow(child)
+                break
+            except NodeRefused as refused:
+                if time.monotonic() + ACTIVATION_RETRY_S > deadline:
+                    raise
+                typer.echo(
+                    f"{refused}\n(a crashed earlier session of this key stays marked online "
+                    f"for up to 60 s: retrying in {ACTIVATION_RETRY_S:.0f} s, for up to "
+                    f"{deadline - time.monotonic():.0f} s more)"
+                )
+                time.sleep(ACTIVATION_RETRY_S)
+            except KeyboardInterrupt:
+                typer.echo("stopping")
+                code = 0
+                break
+            finally:
+                processes.stop(child)
     if code:
         raise typer.Exit(1)

@@ -72,6 +72,15 @@ def test_institutions_own_budget_wins_over_the_servers_proposal(
     budget = privacy_budget(own, settings)
     assert (budget.epsilon, budget.delta) == (2.0, 1e-6)
 
+    # Without a budget of its own the node holds 8: a server may ask for less, never more.
+    required = _node(export_copy, tmp_path, dp="required")
+    for proposed, expected in ((20.0, 8.0), (3.0, 3.0)):
+        asked = RoundSettings.from_config(
+            _config(dp_epsilon=proposed, dp_delta=1e-3).train_config("")
+        )
+        budget = privacy_budget(required, asked)
+        assert (budget.epsilon, budget.delta) == (expected, 1e-5)
+
     # Without the key (a simulation) the server's proposal decides, DP or not.
     simulated = _node(export_copy, tmp_path)
     assert privacy_budget(simulated, settings).epsilon == 8.0

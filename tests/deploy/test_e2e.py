@@ -42,7 +42,9 @@ def test_tls_federation_with_node_keys_trains_two_rounds_and_refuses_an_unenroll
     assert "enrolled institutions: uni-a, uni-b" in output(server)
     dep.node("uni-a", data / "institution_01", dep.root / "uni-a")
     dep.node("uni-b", data / "institution_02", dep.root / "uni-b")
-    stranger = dep.node("stranger", data / "institution_01", dep.root / "stranger")
+    stranger = dep.node(
+        "stranger", data / "institution_01", dep.root / "stranger", "--activation-wait", "0"
+    )
 
     # The SuperLink turns the unenrolled key away; the node says what to do about it.
     wait_for("the stranger to exit", lambda: not stranger.alive(), 90, [server])

@@ -209,7 +209,12 @@ def test_revoked_institution_is_refused_at_once_or_at_the_next_start(
     deployment: Deployment,
 ) -> None:
     dep = deployment
-    nodes = {"uni-a": "institution_01", "uni-b": "institution_02", "uni-c": "institution_03"}
+    nodes = {
+        "uni-a": "institution_01",
+        "uni-b": "institution_02",
+        "uni-c": "institution_03",
+        "uni-d": "institution_04",
+    }
     data = consortium(dep, nodes)
     out = dep.root / "run"
     server = start_server(dep, out, rounds=2, min_nodes=2)
@@ -226,10 +231,15 @@ def test_revoked_institution_is_refused_at_once_or_at_the_next_start(
     assert institutions(second) == {"uni-a", "uni-b"}
 
     # Revoked while the server is down: the next start unregisters the node before any run.
+    # (uni-a spent its whole budget in the first run and declines; uni-d joins fresh.)
     reply = edufl("server", "revoke", "uni-b", "--state", str(dep.state))
     assert "refused from the next start" in reply
-    again = start_server(dep, dep.root / "run-2", rounds=1, min_nodes=1, name="server-2")
-    (only,) = finished_rounds(again, dep.root / "run-2", rounds=1)
-    assert institutions(only) == {"uni-a"}
-    assert "enrolled institutions: uni-a" in output(again)
+    again = start_server(dep, dep.root / "run-2", rounds=1, min_nodes=2, name="server-2")
+    assert "enrolled institutions: uni-a, uni-d" in output(again)
     assert "its key is no longer enrolled" in output(again)
+    dep.node("uni-d", data / nodes["uni-d"], dep.root / "uni-d")
+    (only,) = finished_rounds(again, dep.root / "run-2", rounds=1)
+    assert institutions(only) == {"uni-d"}
+    failures = only["failures"]
+    assert isinstance(failures, list)
+    assert any("takes no further DP rounds" in str(f["error"]) for f in failures)
