@@ -135,7 +135,8 @@ def test_node_back_with_its_key_keeps_its_budget_and_a_spent_node_declines_while
     spent = dep.home("uni-c") / "privacy"
     _spend_whole_budget(data / nodes["uni-c"], "uni-c", spent, dep.root / "uni-c" / "uni-c", 3)
     out = dep.root / "run"
-    server = start_server(dep, out, rounds=3, min_nodes=2)
+    # Every round waits for three nodes: the one after uni-a's crash waits for it to come back.
+    server = start_server(dep, out, rounds=3, min_nodes=3)
     a = dep.node("uni-a", data / nodes["uni-a"], dep.root / "uni-a")
     dep.node("uni-b", data / nodes["uni-b"], dep.root / "uni-b")
     dep.node("uni-c", data / nodes["uni-c"], dep.root / "uni-c")
