@@ -49,6 +49,7 @@ def busy_port() -> Iterator[int]:
         ["server", "keys"],
         ["server", "keys", "init"],
         ["server", "enrol"],
+        ["server", "revoke"],
         ["server", "start"],
         ["client", "keys"],
         ["client", "keys", "init"],
