@@ -8,10 +8,12 @@ row and column of every bad value; nothing here interprets numbers yet.
 from __future__ import annotations
 
 import csv
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from client.mapping import TABLES, ColumnMapping
@@ -50,7 +52,7 @@ class RawTable:
 
 def locate_table(data_dir: Path, table: str, mapping: ColumnMapping) -> Path | None:
     """The file holding ``table``, or None when absent; refuses an ambiguous pair."""
-    named = getattr(mapping.files, table)
+    named: str | None = getattr(mapping.files, table)
     if named is not None:
         path = data_dir / named
         if not path.is_file():
@@ -109,9 +111,15 @@ def _read_csv(path: Path) -> pd.DataFrame:
     except csv.Error:
         delimiter = ","
     try:
-        frame = pd.read_csv(
+        # The header is read as a row: with header=0, pandas silently turns the leading columns
+        # into the index when the first data row has more cells than the header (shifting every
+        # value one column), and renames a repeated column "x.1"; both must be reported instead.
+        # With header=None a row longer than the header is a ParserError naming its line.
+        cells = pd.read_csv(
             path,
             sep=delimiter,
+            header=None,
+            index_col=False,
             dtype=str,
             keep_default_na=False,
             encoding="utf-8-sig",
@@ -119,24 +127,58 @@ def _read_csv(path: Path) -> pd.DataFrame:
         )
     except pd.errors.ParserError as exc:
         raise DataContractError(f"{path}: malformed CSV ({_short(exc)}); check quoting") from None
-    except (UnicodeDecodeError, ValueError) as exc:
+    except (UnicodeDecodeError, ValueError, OverflowError, MemoryError) as exc:
         raise DataContractError(f"{path}: cannot parse CSV ({_short(exc)})") from None
+    if cells.empty:
+        raise DataContractError(f"{path}: the file is empty; expected a header row")
+    # An empty header cell (a trailing comma, a blank spreadsheet column) is named as pandas
+    # would name it, so it is reported as an extra column rather than as a repeated one.
+    header = [
+        str(c) if not pd.isna(c) and str(c).strip() else f"Unnamed: {i}"
+        for i, c in enumerate(cells.iloc[0])
+    ]
+    frame = cells.iloc[1:].reset_index(drop=True)
+    frame.columns = header
     return frame.fillna("")
 
 
 def _read_parquet(path: Path) -> pd.DataFrame:
     try:
-        frame = pq.read_table(path).to_pandas()
+        table = pq.ParquetFile(path).read()
     except Exception as exc:  # pyarrow raises many types for a corrupt file
         raise DataContractError(f"{path}: not a readable Parquet file ({_short(exc)})") from None
-    out = pd.DataFrame(index=range(len(frame)))
-    for col in frame.columns:
-        values = frame[col]
-        out[str(col)] = [("" if pd.isna(v) else _to_text(v)) for v in values]
+    names = [str(n) for n in table.column_names]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise DataContractError(f"{path}: column(s) {dupes} appear more than once")
+    out = pd.DataFrame(index=range(table.num_rows))
+    for name, column in zip(names, table.columns, strict=True):
+        kind = column.type
+        if pa.types.is_nested(kind):
+            raise DataContractError(
+                f"{path}: column '{name}' holds nested values ({kind}); export one plain "
+                "number or text per cell"
+            )
+        try:
+            values = column.to_pylist()
+        except (pa.ArrowException, ValueError, OverflowError) as exc:
+            raise DataContractError(
+                f"{path}: column '{name}' cannot be read ({_short(exc)})"
+            ) from None
+        out[name] = [_to_text(v, path, name) for v in values]
     return out
 
 
-def _to_text(value: object) -> str:
+def _to_text(value: object, path: Path, column: str) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return ""
+    if isinstance(value, bytes):
+        try:
+            return value.decode("utf-8")
+        except UnicodeDecodeError:
+            raise DataContractError(
+                f"{path}: column '{column}' holds binary data, not UTF-8 text"
+            ) from None
     if isinstance(value, float) and value.is_integer():
         return str(int(value)) if abs(value) < 1e15 else repr(value)
     return str(value)

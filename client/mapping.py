@@ -28,13 +28,14 @@ from typing import Annotated
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from shared_models.errors import DataContractError
+from shared_models.user_files import describe_read_error, load_toml
 
 TABLES = ("students", "activity", "outcomes")
 MAPPING_FILE = "mapping.toml"
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class TableFiles(_Strict):
@@ -66,11 +67,13 @@ class ColumnMapping(_Strict):
 def load_mapping(path: Path) -> ColumnMapping:
     """Read and validate a mapping file, with errors that name the file and the key."""
     try:
-        raw = tomllib.loads(path.read_text("utf-8"))
+        raw = load_toml(path)
     except FileNotFoundError:
         raise DataContractError(f"{path}: mapping file not found") from None
     except (OSError, UnicodeDecodeError) as exc:
-        raise DataContractError(f"{path}: cannot read mapping file ({exc})") from None
+        raise DataContractError(
+            f"{path}: cannot read mapping file ({describe_read_error(exc)})"
+        ) from None
     except tomllib.TOMLDecodeError as exc:
         raise DataContractError(f"{path}: not valid TOML ({exc}); fix the syntax") from None
     try:

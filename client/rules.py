@@ -23,6 +23,7 @@ from __future__ import annotations
 import difflib
 import math
 import operator
+import re
 import string
 import tomllib
 from collections.abc import Callable
@@ -46,6 +47,7 @@ from client.indicators import IndicatorInfo, vocabulary
 from client.scoring import TIERS
 from shared_models.contract import FeatureSpec, default_spec
 from shared_models.errors import EduflError
+from shared_models.user_files import describe_read_error, loads_toml, read_text
 
 DEFAULT_ROLES: tuple[str, ...] = ("advisor", "tutor", "wellbeing", "instructor")
 OPERATORS: dict[str, Callable[[Any, Any], Any]] = {
@@ -58,6 +60,8 @@ OPERATORS: dict[str, Callable[[Any, Any], Any]] = {
 }
 
 _SLUG = Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9_-]*$", max_length=64)]
+#: Longest text one formatted indicator may produce in a message.
+_MAX_FORMATTED = 40
 
 
 class RuleFileError(EduflError, ValueError):
@@ -95,7 +99,7 @@ class Rule(_Strict):
     recommend: str = Field(min_length=1, max_length=200)  # the action, in a few words
     priority: Annotated[int, Field(ge=1, le=9)]  # 1 is the most urgent
     owner: _SLUG  # one of the file's roles
-    message: str = ""  # may name indicators: "{attendance_last4:.0%}"
+    message: str = Field("", max_length=1000)  # may name indicators: "{attendance_last4:.0%}"
 
     @field_validator("message")
     @classmethod
@@ -157,18 +161,31 @@ def _check_condition(cond: Condition, vocab: dict[str, IndicatorInfo]) -> list[s
 
 def _check_message(message: str, vocab: dict[str, IndicatorInfo]) -> list[str]:
     try:
-        fields = [(f, spec) for _, f, spec, _ in string.Formatter().parse(message) if f is not None]
+        fields = [
+            (f, spec, conversion)
+            for _, f, spec, conversion in string.Formatter().parse(message)
+            if f is not None
+        ]
     except ValueError as exc:
         return [f"{exc}; write literal braces as {{{{ and }}}}"]
     problems = []
-    for name, spec in fields:
+    for name, spec, conversion in fields:
         if name not in vocab:
             problems.append(_unknown_indicator(name, vocab))
             continue
+        if conversion is not None:  # "!z" only fails when the message is formatted
+            problems.append(f"conversion !{conversion} for {name} is not supported; use :.1f")
+            continue
+        if re.search(r"\d{3,}", spec or ""):  # format(0.5, "9999999999") would need 10 GB
+            problems.append(f"format {spec!r} for {name}: width or precision above 99")
+            continue
         try:
-            format(0.5, spec or "")
+            shown = format(0.5, spec or "")
         except ValueError:
             problems.append(f"bad format {spec!r} for {name}; use e.g. :.0% or :.1f")
+            continue
+        if len(shown) > _MAX_FORMATTED:  # ":.99999999f" would write 100 MB per student
+            problems.append(f"format {spec!r} for {name} writes {len(shown)} characters")
     return problems
 
 
@@ -185,7 +202,7 @@ def parse_rules(text: str, spec: FeatureSpec | None = None, source: str = "<rule
         RuleFileError: bad TOML, or one line per problem naming the rule.
     """
     try:
-        raw = tomllib.loads(text)
+        raw = loads_toml(text)
     except tomllib.TOMLDecodeError as exc:
         raise RuleFileError(f"{source}: not valid TOML ({exc}); fix the syntax") from None
     context = {"vocabulary": vocabulary(spec or default_spec())}
@@ -202,17 +219,17 @@ def load_rules(path: Path | str | None = None, spec: FeatureSpec | None = None) 
         return parse_rules(text, spec, "default rules")
     p = Path(path)
     try:
-        text = p.read_text("utf-8")
+        text = read_text(p)
     except FileNotFoundError:
         raise RuleFileError(f"{p}: rule file not found") from None
     except (OSError, UnicodeDecodeError) as exc:
-        raise RuleFileError(f"{p}: cannot read rule file ({exc})") from None
+        raise RuleFileError(f"{p}: cannot read rule file ({describe_read_error(exc)})") from None
     return parse_rules(text, spec, str(p))
 
 
 def _describe(exc: ValidationError, raw: dict[str, Any], source: str) -> str:
     lines = [f"{source}: the rule file is invalid"]
-    rules = raw.get("rule") if isinstance(raw.get("rule"), list) else []
+    rules: list[Any] = raw["rule"] if isinstance(raw.get("rule"), list) else []
     errors = exc.errors()
     for err in errors:
         loc = list(err["loc"])

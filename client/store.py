@@ -9,6 +9,7 @@ misread.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sqlite3
 from collections.abc import Iterator, Sequence
@@ -135,13 +136,25 @@ class Store:
                 f"{self.path}: no store here; score students first (`edufl client score`) "
                 "or pass the store's --db"
             )
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StoreError(f"{self.path}: cannot create the store's folder ({exc})") from None
         try:
             self._db = sqlite3.connect(self.path)
+        except sqlite3.Error as exc:
+            raise StoreError(
+                f"{self.path}: cannot open the store ({exc}); use another --db"
+            ) from None
+        try:
             self._db.execute("PRAGMA foreign_keys = ON")
-            self._migrate()
-        except sqlite3.DatabaseError as exc:
+            self._migrate(create)
+        except sqlite3.Error as exc:
+            self._db.close()
             raise StoreError(f"{self.path}: not an edufl store ({exc}); use another --db") from None
+        except BaseException:
+            self._db.close()
+            raise
 
     def __enter__(self) -> Store:
         return self
@@ -152,7 +165,7 @@ class Store:
     def close(self) -> None:
         self._db.close()
 
-    def _migrate(self) -> None:
+    def _migrate(self, create: bool) -> None:
         version = self._db.execute("PRAGMA user_version").fetchone()[0]
         if version > SCHEMA_VERSION:
             raise StoreError(
@@ -160,6 +173,19 @@ class Store:
                 f"{SCHEMA_VERSION}); upgrade edufl"
             )
         if version == 0:
+            tables = self._db.execute(
+                "SELECT count(*) FROM sqlite_master WHERE type = 'table'"
+            ).fetchone()[0]
+            if tables:  # another program's database: never add tables to it
+                raise StoreError(
+                    f"{self.path}: an SQLite database, but not an edufl store (it holds "
+                    f"{tables} other table(s)); pass a new file or an existing store as --db"
+                )
+            if not create:  # an empty file: nothing was ever scored into it
+                raise StoreError(
+                    f"{self.path}: an empty file, not an edufl store; score students first "
+                    "(`edufl client score`) or pass the store's --db"
+                )
             with self._db:  # executescript commits first; the explicit BEGIN keeps it atomic
                 self._db.executescript(
                     f"BEGIN; {_SCHEMA} PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;"
@@ -179,7 +205,7 @@ class Store:
             raise ValueError("scores, reasons and recommendations must have one entry per student")
         ids = [str(s) for s in scores.student_ids]
         terms = [str(t) for t in scores.terms]
-        with self._db:
+        with self._errors(), self._db:
             cursor = self._db.execute(
                 "INSERT INTO runs (created_at, data_dir, model_dir, model_name, observed_weeks,"
                 " threshold_moderate, threshold_high, rules, n_scored, n_unscored)"
@@ -228,7 +254,8 @@ class Store:
 
     def runs(self) -> list[dict[str, Any]]:
         """Every scoring run, newest first."""
-        return list(self._rows("SELECT * FROM runs ORDER BY run_id DESC"))
+        with self._errors():
+            return list(self._rows("SELECT * FROM runs ORDER BY run_id DESC"))
 
     def record_action(
         self, student_id: str, action: str, note: str = "", term: str | None = None
@@ -247,7 +274,7 @@ class Store:
                 + (f" in term {term!r}" if term else "")
                 + "; copy the ID from the report or `edufl client actions list`"
             )
-        with self._db:
+        with self._errors(), self._db:
             cursor = self._db.execute(
                 "INSERT INTO actions (student_id, term, run_id, action, note, recorded_at)"
                 " VALUES (?, ?, ?, ?, ?, ?)",
@@ -273,7 +300,9 @@ class Store:
             args.append(str(action_id))
         if where:
             sql += " WHERE " + " AND ".join(where)
-        return [ActionRecord(**row) for row in self._rows(sql + " ORDER BY a.action_id", args)]
+        with self._errors():
+            rows = list(self._rows(sql + " ORDER BY a.action_id", args))
+        return [ActionRecord(**row) for row in rows]
 
     def latest_actions(self) -> dict[str, ActionRecord]:
         """The most recent action per student ID (for the report's table)."""
@@ -285,8 +314,23 @@ class Store:
         if term is not None:
             sql += " AND term = ?"
             args.append(term)
-        rows = list(self._rows(sql + " ORDER BY run_id DESC LIMIT 1", args))
+        with self._errors():
+            rows = list(self._rows(sql + " ORDER BY run_id DESC LIMIT 1", args))
         return rows[0] if rows else None
+
+    @contextlib.contextmanager
+    def _errors(self) -> Iterator[None]:
+        """A damaged or foreign database file as a `StoreError` naming it (the transaction of
+        a write is rolled back by ``with self._db`` first, so nothing is half-written)."""
+        try:
+            yield
+        except sqlite3.IntegrityError:
+            raise  # a constraint broken by edufl's own rows: a bug, not the user's file
+        except (sqlite3.Error, UnicodeDecodeError) as exc:  # a damaged TEXT cell: not UTF-8
+            raise StoreError(
+                f"{self.path}: the store is damaged or not an edufl store ({exc}); restore it "
+                "from a backup or pass another --db"
+            ) from None
 
     def _rows(self, sql: str, args: Sequence[str] = ()) -> Iterator[dict[str, Any]]:
         cursor = self._db.execute(sql, args)

@@ -192,6 +192,12 @@ class _Checker:
         outcomes: pd.DataFrame | None,
         raw: dict[str, RawTable],
     ) -> None:
+        if students.empty:
+            self.report.error(
+                raw["students"].path.name,
+                "no student rows (only a header, or every row lacks its keys); "
+                "export at least one student",
+            )
         known = pd.MultiIndex.from_frame(students[[STUDENT_ID, TERM]])
         others = [("activity", activity)] + (
             [("outcomes", outcomes)] if outcomes is not None else []
@@ -262,7 +268,7 @@ class _Checker:
         out = pd.DataFrame(index=table.frame.index)
         for key in (STUDENT_ID, TERM):
             values = table.frame[key].astype(str).str.strip()
-            missing = values.map(is_missing).to_numpy()
+            missing = _missing(values).to_numpy()
             for row in np.flatnonzero(missing)[:50]:
                 self.report.error(
                     table.where(int(row), key), f"{key} is empty; every row needs one"
@@ -281,7 +287,7 @@ class _Checker:
         required: bool = False,
     ) -> pd.Series:
         text = table.frame[column].astype(str).str.strip()
-        missing = text.map(is_missing)
+        missing = _missing(text)
         values = pd.to_numeric(text.where(~missing), errors="coerce").astype("float64")
         factor = self.mapping.scale.get(column)
         if factor is not None:
@@ -311,7 +317,7 @@ class _Checker:
 
     def _categorical(self, table: RawTable, column: str, categories: tuple[str, ...]) -> pd.Series:
         text = table.frame[column].astype(str).str.strip()
-        missing = text.map(is_missing)
+        missing = _missing(text)
         codes = self.mapping.values.get(column, {})
         mapped = text.map(lambda v: codes.get(v, v))
         lookup = {c.lower(): c for c in categories}
@@ -333,7 +339,7 @@ class _Checker:
         """Report repeated keys (keeping the first) and drop rows without keys."""
         keys = list(KEYS[table.name])
         has_keys = (out[STUDENT_ID] != "") & (out[TERM] != "")
-        has_keys &= ~out[STUDENT_ID].map(is_missing) & ~out[TERM].map(is_missing)
+        has_keys &= ~_missing(out[STUDENT_ID]) & ~_missing(out[TERM])
         dup = out.duplicated(subset=keys, keep="first") & has_keys
         first_seen = (
             out.index.to_series().groupby([out[k] for k in keys], sort=False).transform("min")
@@ -398,6 +404,11 @@ def _summarise(
                 f"{int(missing_outcome.sum())} student(s) have no outcome row; they can be "
                 "scored but are not used for training",
             )
+
+
+def _missing(text: pd.Series) -> pd.Series:
+    """Boolean mask of missing cells; bool even for an empty column (pandas keeps str there)."""
+    return text.map(is_missing).astype(bool)
 
 
 def _fmt(v: float | None, unbounded: str = "inf") -> str:

@@ -18,13 +18,14 @@ import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from opacus.accountants import IAccountant, PRVAccountant, RDPAccountant
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from privacy.budget import PRV_EPS_ERROR, DPPlan, Mechanism, PrivacyBudget, calibrate_noise
 from shared_models.errors import EduflError
+from shared_models.user_files import describe_read_error, loads_json, read_text
 
 logger = logging.getLogger(__name__)
 
@@ -40,21 +41,31 @@ class AccountantStateError(EduflError, ValueError):
     """The accountant state file is unreadable or belongs to another institution or budget."""
 
 
+#: A stored segment, with the ranges Opacus' accountants accept (the file is not trusted).
+_StoredSegment = tuple[
+    Annotated[float, Field(ge=0)],  # noise multiplier
+    Annotated[float, Field(gt=0, le=1)],  # sample rate
+    Annotated[int, Field(ge=0)],  # steps
+]
+
+
 class AccountantState(BaseModel):
     """Everything an institution's node must remember between rounds and restarts."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # No NaN or infinity anywhere: a damaged file must not read back as "nothing spent".
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     format: Literal[1] = STATE_FORMAT
-    institution: str
+    institution: Annotated[str, Field(min_length=1, max_length=64)]
     accountant: Mechanism
-    delta: float
-    epsilon_budget: float
-    noise_multiplier: float  # calibrated for the plan below (or what remained of it)
+    delta: Annotated[float, Field(gt=0, lt=1)]
+    epsilon_budget: Annotated[float, Field(gt=0)]
+    # calibrated for the plan below (or what remained of it)
+    noise_multiplier: Annotated[float, Field(ge=0)]
     plan: DPPlan
-    history: list[Segment] = Field(default_factory=list)
-    rounds_done: int = 0
-    epsilon_spent: float = 0.0
+    history: list[_StoredSegment] = Field(default_factory=list)
+    rounds_done: Annotated[int, Field(ge=0)] = 0
+    epsilon_spent: Annotated[float, Field(ge=0)] = 0.0
     last_entry: dict[str, Any] | None = None  # the last signed ledger entry (ledger repair)
 
     @property
@@ -114,17 +125,21 @@ class AccountantStore:
     def load(self) -> AccountantState | None:
         """The stored state, or None before the first round."""
         try:
-            raw = self.path.read_text("utf-8")
+            raw = read_text(self.path)
         except FileNotFoundError:
             return None
-        try:
-            return AccountantState.model_validate(json.loads(raw))
-        except (json.JSONDecodeError, ValidationError) as exc:
-            # Never start again from zero over a damaged file: that would forget spent budget.
-            raise AccountantStateError(
-                f"{self.path}: damaged accountant state ({str(exc).splitlines()[0]}); restore it "
-                "from a backup; deleting it would forget the privacy budget already spent"
-            ) from None
+        except (OSError, UnicodeDecodeError) as exc:
+            reason: object = describe_read_error(exc)
+        else:
+            try:
+                return AccountantState.model_validate(loads_json(raw))
+            except (ValueError, ValidationError) as exc:
+                reason = _first_problem(exc)
+        # Never start again from zero over a damaged file: that would forget spent budget.
+        raise AccountantStateError(
+            f"{self.path}: damaged accountant state ({reason}); restore it from a backup; "
+            "deleting it would forget the privacy budget already spent"
+        )
 
     def save(self, state: AccountantState) -> None:
         """Write ``state`` atomically (temporary file, fsync, rename, fsync of the folder)."""
@@ -154,6 +169,14 @@ class AccountantStore:
                 yield
             finally:
                 fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+
+
+def _first_problem(exc: Exception) -> str:
+    if isinstance(exc, ValidationError):
+        err = exc.errors()[0]
+        where = ".".join(str(p) for p in err["loc"]) or "(state)"
+        return f"{where}: {err['msg']}"
+    return str(exc).splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
 
 
 def _fsync_dir(path: Path) -> None:

@@ -7,6 +7,7 @@ epsilons hold up is `privacy.audit_budget`'s question.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import tomllib
@@ -27,6 +28,7 @@ from privacy.ledger import (
     parse_public_key,
     read_lines,
 )
+from shared_models.user_files import describe_read_error, load_toml, loads_json, read_text
 
 logger = logging.getLogger(__name__)
 
@@ -67,15 +69,29 @@ def load_keys(path: Path) -> dict[str, ec.EllipticCurvePublicKey]:
         pubs = sorted(path.glob("*.pub"))
         if not pubs:
             raise LedgerError(f"{path}: no NAME.pub files in this folder")
-        return {p.stem: _key(p.read_text("utf-8"), p) for p in pubs}
+        return {p.stem: _key(_read_key_file(p), p) for p in pubs}
     try:
-        raw = tomllib.loads(path.read_text("utf-8"))
-    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raw = load_toml(path)
+    except FileNotFoundError:
+        raise LedgerError(f"{path}: no such key registry") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = describe_read_error(exc)
+        raise LedgerError(f"{path}: cannot read key registry ({reason})") from None
+    except tomllib.TOMLDecodeError as exc:
         raise LedgerError(f"{path}: not a key registry ({exc})") from None
     institutions = raw.get("institutions")
-    if not isinstance(institutions, dict):
+    if not isinstance(institutions, dict) or not all(
+        isinstance(e, dict) and isinstance(e.get("public_key"), str) for e in institutions.values()
+    ):
         raise LedgerError(f"{path}: expected [institutions.NAME] tables with a public_key")
-    return {name: _key(str(e.get("public_key", "")), path) for name, e in institutions.items()}
+    return {name: _key(entry["public_key"], path, name) for name, entry in institutions.items()}
+
+
+def _read_key_file(path: Path) -> str:
+    try:
+        return read_text(path)
+    except (OSError, UnicodeDecodeError) as exc:
+        raise LedgerError(f"{path}: cannot read public key ({describe_read_error(exc)})") from None
 
 
 def load_heads(paths: Sequence[Path]) -> dict[str, dict[str, Any]]:
@@ -86,11 +102,27 @@ def load_heads(paths: Sequence[Path]) -> dict[str, dict[str, Any]]:
             out |= heads(parse_entries(path))
             continue
         try:
-            data = json.loads(path.read_text("utf-8"))
-            out |= {str(k): {"seq": int(v["seq"]), "hash": str(v["hash"])} for k, v in data.items()}
+            data = loads_json(read_text(path))
+            out |= {str(k): _head(v) for k, v in data.items()}
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
-            raise LedgerError(f"{path}: not a heads file ({exc})") from None
+            reason = describe_read_error(exc) if isinstance(exc, OSError) else exc
+            raise LedgerError(
+                f"{path}: not a heads file ({reason}); expected "
+                '{"INSTITUTION": {"seq": N, "hash": "..."}} or an institution\'s ledger.jsonl'
+            ) from None
     return out
+
+
+def _head(value: Any) -> dict[str, Any]:
+    """One published chain end; refuses what `int()` would silently round or could not take."""
+    seq, digest = value["seq"], value["hash"]
+    if isinstance(seq, str) and seq.isascii() and seq.isdigit() and len(seq) < 19:
+        seq = int(seq)
+    if isinstance(seq, bool) or not isinstance(seq, int) or seq < 0:
+        raise ValueError(f"seq must be a whole number >= 0, not {seq!r}")
+    if not isinstance(digest, str):
+        raise ValueError(f"hash must be a text, not {digest!r}")
+    return {"seq": seq, "hash": digest}
 
 
 def verify_ledger(
@@ -124,7 +156,9 @@ def verify_ledger(
         prev = last.get(name) if name is not None else None
         key = keys[name] if keys is not None and name is not None else None
         if key is None and prev is not None:
-            key = parse_public_key(prev.public_key)  # without a registry, pin the chain's key
+            # Without a registry, pin the chain's key; a bad one was reported with its entry.
+            with contextlib.suppress(LedgerError):
+                key = parse_public_key(prev.public_key)
         entry, problem = check_entry(
             raw, prev, key, check_prev_hash=name is None or not bad_last.get(name, False)
         )
@@ -160,15 +194,16 @@ def _head_problem(
 
 def _institution_of(raw: bytes) -> str | None:
     try:
-        obj = json.loads(raw.decode("utf-8"))
+        obj = loads_json(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError):
         return None
     name = obj.get("institution") if isinstance(obj, dict) else None
     return name if isinstance(name, str) else None
 
 
-def _key(line: str, where: Path) -> ec.EllipticCurvePublicKey:
+def _key(line: str, where: Path, name: str | None = None) -> ec.EllipticCurvePublicKey:
     try:
         return parse_public_key(line)
     except LedgerError as exc:
-        raise LedgerError(f"{where}: {exc}") from None
+        who = f" [institutions.{name}]" if name is not None else ""
+        raise LedgerError(f"{where}{who}: {exc}") from None

@@ -46,7 +46,10 @@ class BudgetRow:
     claimed: float | None  # None: DP was off (unbounded)
     recomputed: float  # math.inf once DP was off
     budget: float | None
-    status: str  # ok | overstated (conservative) | UNDERSTATED | OVER BUDGET | NOT PRIVATE
+    # ok | overstated (conservative) | UNDERSTATED | OVER BUDGET | NOT PRIVATE, or, for an
+    # entry without its DP parameters or with ones no accountant can evaluate (and every later
+    # entry of its chain): INCOMPLETE | UNVERIFIABLE
+    status: str
 
     @property
     def failed(self) -> bool:
@@ -106,12 +109,20 @@ def _recompute_chain(chain: Sequence[LedgerEntry]) -> Iterator[BudgetRow]:
     accountant: Any = None
     mechanism = None
     voided = False
+    unverifiable = False  # once one round cannot be recomputed, no later total can be
     for entry in chain:
         voided = voided or not entry.private
         if voided:
             yield _row(entry, math.inf, "NOT PRIVATE")
             continue
-        assert entry.delta is not None
+        if entry.delta is None or entry.epsilon_after is None or entry.epsilon_budget is None:
+            # `edufl audit verify` names such an entry; the claim cannot be checked.
+            unverifiable = True
+            yield _row(entry, math.inf, "INCOMPLETE")
+            continue
+        if unverifiable:
+            yield _row(entry, math.inf, "UNVERIFIABLE")
+            continue
         event = dp_accounting.SelfComposedDpEvent(
             dp_accounting.PoissonSampledDpEvent(
                 entry.sample_rate, dp_accounting.GaussianDpEvent(entry.noise_multiplier)
@@ -124,10 +135,21 @@ def _recompute_chain(chain: Sequence[LedgerEntry]) -> Iterator[BudgetRow]:
             to_compose = events
         else:
             to_compose = [event]
-        with _quiet_absl():
-            for e in to_compose:
-                accountant.compose(e)
-            recomputed = float(accountant.get_epsilon(entry.delta))
+        try:
+            with _quiet_absl():
+                for e in to_compose:
+                    accountant.compose(e)
+                recomputed = float(accountant.get_epsilon(entry.delta))
+        except (ValueError, ArithmeticError, MemoryError) as exc:
+            # Parameters no accountant can evaluate (noise 1e300, a rate of 1e-320, ...).
+            logger.warning(
+                "%s seq %d: cannot recompute epsilon (%s)", entry.institution, entry.seq, exc
+            )
+            recomputed = math.nan
+        if math.isnan(recomputed):
+            unverifiable = True
+            yield _row(entry, math.inf, "UNVERIFIABLE")
+            continue
         yield _row(entry, recomputed, _status(entry, recomputed))
 
 

@@ -14,6 +14,7 @@ import matplotlib.pyplot as plt
 from matplotlib.ticker import MaxNLocator
 
 from privacy.audit_budget import TOLERANCE, BudgetReport
+from shared_models.atomic import write_atomic, write_atomic_many
 
 REPORT_MD = "budget.md"
 REPORT_JSON = "budget.json"
@@ -67,48 +68,67 @@ def budget_markdown(report: BudgetReport) -> str:
 
 def plot_epsilon(report: BudgetReport, path: Path) -> Path:
     """Claimed (line) and recomputed (crosses) epsilon per institution, budgets dashed."""
-    fig, ax = plt.subplots(figsize=(7, 4.2))
-    for k, summary in enumerate(report.summaries):
-        rows = [
-            r for r in report.rows if r.institution == summary.institution and r.claimed is not None
-        ]
-        if not rows:
-            continue
-        color = f"C{k % 10}"
-        x = [r.seq + 1 for r in rows]
-        claimed = [r.claimed for r in rows if r.claimed is not None]
-        ax.plot(x, claimed, "o-", color=color, label=summary.institution)
-        ax.plot(x, [r.recomputed for r in rows], "x", color=color, markersize=9)
-        if summary.budget is not None:
-            ax.axhline(summary.budget, color=color, linestyle="--", linewidth=0.8)
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_xlabel("rounds trained by the institution")
-    ax.set_ylabel("cumulative epsilon")
-    ax.set_title("Privacy spent: claimed (o-) vs recomputed (x); budgets dashed")
-    ax.set_ylim(bottom=0)
-    if report.summaries:
-        ax.legend(fontsize="small")
-    fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    write_atomic(path, lambda tmp: _draw_epsilon(report, tmp))
     return path
 
 
+def _draw_epsilon(report: BudgetReport, path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    try:
+        for k, summary in enumerate(report.summaries):
+            rows = [
+                r
+                for r in report.rows
+                if r.institution == summary.institution and r.claimed is not None
+            ]
+            if not rows:
+                continue
+            color = f"C{k % 10}"
+            x = [r.seq + 1 for r in rows]
+            claimed = [r.claimed for r in rows if r.claimed is not None]
+            ax.plot(x, claimed, "o-", color=color, label=summary.institution)
+            ax.plot(x, [r.recomputed for r in rows], "x", color=color, markersize=9)
+            if summary.budget is not None:
+                ax.axhline(summary.budget, color=color, linestyle="--", linewidth=0.8)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_xlabel("rounds trained by the institution")
+        ax.set_ylabel("cumulative epsilon")
+        ax.set_title("Privacy spent: claimed (o-) vs recomputed (x); budgets dashed")
+        ax.set_ylim(bottom=0)
+        if report.summaries:
+            ax.legend(fontsize="small")
+        fig.tight_layout()
+        fig.savefig(path, dpi=120)
+    finally:
+        plt.close(fig)
+
+
 def write_budget_report(report: BudgetReport, out_dir: Path) -> dict[str, Path]:
-    """Write ``budget.md``, ``budget.json`` and ``epsilon.png`` into ``out_dir``."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    md = out_dir / REPORT_MD
-    md.write_text(budget_markdown(report), "utf-8")
+    """Write ``budget.md``, ``budget.json`` and ``epsilon.png`` into ``out_dir``.
+
+    The three are written to temporary names and renamed into place only when all are
+    complete, so a failure (a plot that cannot be drawn, a full disk) leaves the previous
+    report whole.
+    """
+    markdown = budget_markdown(report)
     data = {
         "ok": report.ok,
         "tolerance": TOLERANCE,
         "institutions": [_finite(asdict(s)) for s in report.summaries],
         "rounds": [_finite(asdict(r)) for r in report.rows],
     }
-    js = out_dir / REPORT_JSON
-    js.write_text(json.dumps(data, indent=2, allow_nan=False), "utf-8")
-    return {"markdown": md, "json": js, "plot": plot_epsilon(report, out_dir / PLOT)}
+    text = json.dumps(data, indent=2, allow_nan=False)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    md, js, plot = out_dir / REPORT_MD, out_dir / REPORT_JSON, out_dir / PLOT
+    write_atomic_many(
+        {
+            plot: lambda tmp: _draw_epsilon(report, tmp),
+            js: lambda tmp: tmp.write_text(text, "utf-8"),
+            md: lambda tmp: tmp.write_text(markdown, "utf-8"),
+        }
+    )
+    return {"markdown": md, "json": js, "plot": plot}
 
 
 def _finite(row: dict[str, object]) -> dict[str, object]:

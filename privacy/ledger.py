@@ -31,6 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from privacy.keys import public_key_line
 from shared_models.errors import EduflError
+from shared_models.user_files import loads_json
 
 logger = logging.getLogger(__name__)
 
@@ -47,7 +48,8 @@ class LedgerError(EduflError, ValueError):
 class LedgerEntry(BaseModel):
     """The schema of one ledger line; `check_entry` adds signature and chain checks."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+    # No NaN or infinity: canonical JSON cannot hold them, so no signed entry does either.
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
 
     v: Literal[1]
     institution: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")]
@@ -72,10 +74,19 @@ class LedgerEntry(BaseModel):
 
 
 def canonical_json(obj: Any) -> bytes:
-    """The one byte form of ``obj`` that hashes and signatures are computed over."""
-    return json.dumps(
-        obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False
-    ).encode("ascii")
+    """The one byte form of ``obj`` that hashes and signatures are computed over.
+
+    Raises:
+        LedgerError: ``obj`` holds NaN or an infinity (JSON has neither), e.g. an entry a
+            node sent as ``{"epsilon_after": NaN}``. A ``ValueError``, as before.
+    """
+    try:
+        text = json.dumps(
+            obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False
+        )
+    except ValueError as exc:
+        raise LedgerError(f"not representable as a ledger line ({exc})") from None
+    return text.encode("ascii")
 
 
 def entry_hash(entry: dict[str, Any]) -> str:
@@ -97,8 +108,9 @@ def parse_public_key(line: str) -> ec.EllipticCurvePublicKey:
     """An OpenSSH EC public key line (``ecdsa-sha2-nistp384 AAAA... [comment]``)."""
     try:
         key = serialization.load_ssh_public_key(line.strip().encode("ascii"))
-    except (ValueError, UnicodeError, UnsupportedAlgorithm) as exc:
-        raise LedgerError(f"not an OpenSSH public key ({exc})") from None
+    except (ValueError, UnicodeError, UnsupportedAlgorithm, NotImplementedError) as exc:
+        # cryptography raises NotImplementedError for a compressed EC point
+        raise LedgerError(f"not an OpenSSH public key ({exc or type(exc).__name__})") from None
     if not isinstance(key, ec.EllipticCurvePublicKey):
         raise LedgerError("ledger keys must be EC keys (the institution's node key)")
     return key
@@ -124,9 +136,9 @@ def check_entry(
         check_prev_hash: False when ``prev`` is itself bad, so its true hash is unknown.
     """
     try:
-        obj = json.loads(raw.decode("utf-8"))
+        obj = loads_json(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        return None, f"not valid JSON ({exc})"
+        return None, f"not valid JSON ({str(exc)[:200]})"
     try:
         entry = LedgerEntry.model_validate(obj)
     except ValidationError as exc:
@@ -242,7 +254,7 @@ def parse_entries(path: Path) -> list[LedgerEntry]:
     entries = []
     for number, raw in enumerate(lines, start=1):
         try:
-            entries.append(LedgerEntry.model_validate(json.loads(raw.decode("utf-8"))))
+            entries.append(LedgerEntry.model_validate(loads_json(raw.decode("utf-8"))))
         except (UnicodeDecodeError, json.JSONDecodeError, ValidationError):
             raise LedgerError(
                 f"{path} line {number}: not a ledger entry; run `edufl audit verify {path}`"

@@ -32,7 +32,8 @@ from torch import nn
 
 from shared_models.atomic import write_atomic
 from shared_models.errors import EduflError
-from shared_models.weights import load_weights, save_weights
+from shared_models.user_files import describe_read_error, loads_json, read_text
+from shared_models.weights import load_tensors, load_weights, save_weights
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +54,7 @@ class Checkpoint:
     manifest: dict[str, Any]
     weights_path: Path
     state_path: Path | None
+    manifest_path: Path | None = None  # for messages: the file that named the others
 
 
 def _sha256(path: Path) -> str:
@@ -107,29 +109,30 @@ class CheckpointStore:
             "weights": weights_path.name,
             "weights_sha256": _sha256(weights_path),
             "state": state_path.name if state_path else None,
+            "state_sha256": _sha256(state_path) if state_path else None,
         }
         text = json.dumps(_finite(full), indent=2, sort_keys=True, default=_json_default)
         write_atomic(stem.with_suffix(".json"), lambda tmp: tmp.write_text(text + "\n", "utf-8"))
         logger.info("checkpoint of round %d written to %s", server_round, weights_path)
-        return Checkpoint(server_round, full, weights_path, state_path)
+        return Checkpoint(server_round, full, weights_path, state_path, stem.with_suffix(".json"))
 
     def checkpoints(self) -> list[Checkpoint]:
-        """Committed checkpoints, oldest first."""
+        """Committed checkpoints, oldest first.
+
+        Raises:
+            CheckpointError: a manifest is unreadable or malformed; the message names it.
+        """
         found = []
         for path in sorted(self.checkpoint_dir.glob("round-*.json")):
             try:
-                manifest = json.loads(path.read_text("utf-8"))
-            except (OSError, json.JSONDecodeError) as exc:
-                raise CheckpointError(f"{path}: unreadable manifest ({exc})") from None
-            state = manifest.get("state")
-            found.append(
-                Checkpoint(
-                    int(manifest["round"]),
-                    manifest,
-                    path.with_name(manifest["weights"]),
-                    path.with_name(state) if state else None,
-                )
-            )
+                manifest = loads_json(read_text(path))
+            except (OSError, ValueError) as exc:
+                reason = describe_read_error(exc) if isinstance(exc, OSError) else exc
+                raise CheckpointError(
+                    f"{path}: unreadable manifest ({reason}); restore it from a backup or "
+                    "move the round's files out of the run folder"
+                ) from None
+            found.append(_checkpoint(path, manifest))
         return sorted(found, key=lambda c: c.round)
 
     def latest(self) -> Checkpoint | None:
@@ -143,27 +146,58 @@ class CheckpointStore:
         Raises:
             CheckpointError: a file is missing or its hash differs from the manifest's.
         """
-        if not checkpoint.weights_path.is_file():
-            raise CheckpointError(f"{checkpoint.weights_path}: checkpoint weights are missing")
-        if _sha256(checkpoint.weights_path) != checkpoint.manifest.get("weights_sha256"):
-            raise CheckpointError(f"{checkpoint.weights_path}: weights do not match the manifest")
+        named_in = checkpoint.manifest_path
+        _check_file(
+            checkpoint.weights_path, checkpoint.manifest.get("weights_sha256"), "weights", named_in
+        )
         try:
             load_weights(model, checkpoint.weights_path)
-        except ValueError as exc:
-            raise CheckpointError(f"{checkpoint.weights_path}: {exc}") from None
+        except ValueError as exc:  # WeightsError names the file
+            raise CheckpointError(str(exc)) from None
         if checkpoint.state_path is None:
             return {}
-        tensors = torch.load(checkpoint.state_path, map_location="cpu", weights_only=True)
+        # Manifests written before state_sha256 existed carry no hash for the state.
+        if "state_sha256" in checkpoint.manifest:
+            expected = checkpoint.manifest["state_sha256"]
+            _check_file(checkpoint.state_path, expected, "state tensors", named_in)
+        try:
+            tensors = load_tensors(checkpoint.state_path)
+        except ValueError as exc:
+            raise CheckpointError(str(exc)) from None
         return {k: v.numpy() for k, v in tensors.items()}
 
     # --- metrics log --------------------------------------------------------------------------
 
     def read_metrics(self) -> list[dict[str, Any]]:
-        """Every line of ``metrics.jsonl`` (empty when there is none)."""
+        """Every line of ``metrics.jsonl`` (empty when there is none).
+
+        Raises:
+            CheckpointError: the log is unreadable or a line is not a round's JSON object.
+        """
         if not self.metrics_path.is_file():
             return []
-        lines = self.metrics_path.read_text("utf-8").splitlines()
-        return [json.loads(line) for line in lines if line.strip()]
+        try:
+            lines = read_text(self.metrics_path).splitlines()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise CheckpointError(
+                f"{self.metrics_path}: unreadable metrics log ({describe_read_error(exc)})"
+            ) from None
+        records = []
+        for number, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = loads_json(line)
+            except ValueError as exc:
+                record = exc
+            round_ = record.get("round", 0) if isinstance(record, dict) else None
+            if not isinstance(round_, int) or isinstance(round_, bool):
+                raise CheckpointError(
+                    f"{self.metrics_path} line {number}: not a round's metrics record; the "
+                    "checkpoints hold the run: delete this line (or the log) to go on"
+                )
+            records.append(record)
+        return records
 
     def append_metrics(self, record: Mapping[str, Any]) -> None:
         """Add one line to the log (the whole file is rewritten and renamed into place)."""
@@ -188,6 +222,58 @@ class CheckpointStore:
             json.dumps(_finite(r), sort_keys=True, default=_json_default) + "\n" for r in records
         )
         write_atomic(self.metrics_path, lambda tmp: tmp.write_text(text, "utf-8"))
+
+
+def _checkpoint(path: Path, manifest: Any) -> Checkpoint:
+    """The checkpoint a manifest describes; its files must be plain names next to it."""
+    problem = None
+    if not isinstance(manifest, dict):
+        problem = "not a JSON object"
+    else:
+        round_, weights, state = (manifest.get(k) for k in ("round", "weights", "state"))
+        if isinstance(round_, bool) or not isinstance(round_, int) or round_ < 0:
+            problem = f"round must be a whole number >= 0, not {round_!r}"[:200]
+        elif not _plain_name(weights):
+            problem = f"weights must name a file next to the manifest, not {weights!r}"[:200]
+        elif state is not None and not _plain_name(state):
+            problem = f"state must name a file next to the manifest, not {state!r}"[:200]
+    if problem is not None:
+        raise CheckpointError(f"{path}: malformed manifest ({problem})")
+    return Checkpoint(
+        manifest["round"],
+        manifest,
+        path.with_name(manifest["weights"]),
+        path.with_name(manifest["state"]) if manifest.get("state") else None,
+        path,
+    )
+
+
+def _plain_name(name: Any) -> bool:
+    """A file name without any folder part (a manifest must not point outside its folder)."""
+    return (
+        isinstance(name, str)
+        and 0 < len(name.encode("utf-8", "surrogatepass")) <= 255  # NAME_MAX
+        and name not in ("", ".", "..")
+        and "\x00" not in name
+        and Path(name).name == name
+        and "\\" not in name
+    )
+
+
+def _check_file(path: Path, expected: Any, what: str, manifest: Path | None) -> None:
+    named = f" (named in {manifest.name})" if manifest is not None else ""
+    try:
+        if not path.is_file():
+            raise CheckpointError(f"{path}: checkpoint {what} are missing{named}")
+        digest = _sha256(path)
+    except OSError as exc:
+        raise CheckpointError(
+            f"{path}: cannot read checkpoint {what}{named} ({exc.strerror})"
+        ) from None
+    if digest != expected:
+        raise CheckpointError(
+            f"{path}: {what} do not match the manifest{named} (damaged or replaced)"
+        )
 
 
 def _finite(value: Any) -> Any:

@@ -11,13 +11,14 @@ import datetime as dt
 import logging
 import tomllib
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import tomli_w
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from privacy.keys import check_name, write_public
 from shared_models.errors import EduflError
+from shared_models.user_files import describe_read_error, load_toml
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +57,13 @@ class Registry(BaseModel):
 
     institutions: dict[str, Institution] = Field(default_factory=dict)
     revoked: dict[str, Revocation] = Field(default_factory=dict)  # by institution name
+
+    @field_validator("institutions", "revoked")
+    @classmethod
+    def _names(cls, entries: dict[str, Any]) -> dict[str, Any]:
+        for name in entries:
+            check_name(name)  # names become file names; a KeyMaterialError is a ValueError
+        return entries
 
     def with_institution(self, name: str, public_key: str, *, replace: bool = False) -> Registry:
         """A copy with ``name`` enrolled; refuses a taken name (unless ``replace``) or key."""
@@ -117,9 +125,21 @@ def load_registry(state_dir: Path) -> Registry:
     if not path.exists():
         return Registry()
     try:
-        return Registry.model_validate(tomllib.loads(path.read_text("utf-8")))
-    except (tomllib.TOMLDecodeError, ValidationError) as exc:
-        raise EnrolmentError(f"{path}: not a valid institution registry ({exc})") from None
+        raw = load_toml(path)
+    except (OSError, UnicodeDecodeError) as exc:
+        raise EnrolmentError(
+            f"{path}: cannot read the institution registry ({describe_read_error(exc)})"
+        ) from None
+    except tomllib.TOMLDecodeError as exc:
+        raise EnrolmentError(f"{path}: not valid TOML ({exc}); fix the syntax") from None
+    try:
+        return Registry.model_validate(raw)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc']) or '(registry)'}: {e['msg']}"
+            for e in exc.errors()[:5]
+        )
+        raise EnrolmentError(f"{path}: not a valid institution registry ({problems})") from None
 
 
 def save_registry(state_dir: Path, registry: Registry) -> Path:

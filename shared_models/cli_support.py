@@ -20,7 +20,12 @@ USER_ERROR = 2
 
 
 def user_errors(fn: Callable[P, R]) -> Callable[P, R]:
-    """Turn an `EduflError` into one clear line on stderr and exit code 2, no traceback."""
+    """Turn an `EduflError` into one clear line on stderr and exit code 2, no traceback.
+
+    So is an `OSError` (a full disk, a folder given where a file is expected, no permission):
+    the user fixes it, and the line names the path. Outputs are written to a temporary name
+    and renamed into place, so such a failure leaves the previous output as it was.
+    """
 
     @functools.wraps(fn)
     def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
@@ -29,8 +34,17 @@ def user_errors(fn: Callable[P, R]) -> Callable[P, R]:
         except EduflError as exc:
             typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
             raise typer.Exit(USER_ERROR) from None
+        except OSError as exc:
+            typer.secho(f"error: {_describe_os_error(exc)}", fg=typer.colors.RED, err=True)
+            raise typer.Exit(USER_ERROR) from None
 
     return wrapper
+
+
+def _describe_os_error(exc: OSError) -> str:
+    reason = exc.strerror or str(exc) or type(exc).__name__
+    paths = [str(p) for p in (exc.filename, exc.filename2) if p is not None]
+    return f"{' -> '.join(paths)}: {reason}" if paths else reason
 
 
 def configure_logging(verbose: int) -> None:

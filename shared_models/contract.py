@@ -18,6 +18,7 @@ import tomli_w
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from shared_models.errors import DataContractError
+from shared_models.user_files import describe_read_error, loads_toml, read_text
 
 _NAME = Annotated[str, Field(pattern=r"^[a-z][a-z0-9_]*$", max_length=64)]
 
@@ -28,7 +29,8 @@ WEEK = "week"
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)  # a typo in a TOML key fails loudly
+    # extra="forbid": a typo in a TOML key fails loudly; no NaN or infinite bounds or grades
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class DynamicFeature(_Strict):
@@ -170,7 +172,7 @@ class FeatureSpec(_Strict):
 def parse_spec(text: str, source: str = "<spec>") -> FeatureSpec:
     """Validate a spec from TOML text; ``source`` names the file in error messages."""
     try:
-        raw = tomllib.loads(text)
+        raw = loads_toml(text)
     except tomllib.TOMLDecodeError as exc:
         raise DataContractError(f"{source}: not valid TOML ({exc}); fix the syntax") from None
     try:
@@ -186,11 +188,11 @@ def load_spec(path: Path | str | None = None) -> FeatureSpec:
         return parse_spec(text, "default spec")
     p = Path(path)
     try:
-        text = p.read_text("utf-8")
+        text = read_text(p)
     except FileNotFoundError:
         raise DataContractError(f"{p}: spec file not found") from None
     except (OSError, UnicodeDecodeError) as exc:
-        raise DataContractError(f"{p}: cannot read spec ({exc})") from None
+        raise DataContractError(f"{p}: cannot read spec ({describe_read_error(exc)})") from None
     return parse_spec(text, str(p))
 
 
