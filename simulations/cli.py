@@ -9,6 +9,7 @@ from privacy.cli import app as audit_app
 from server.cli import app as server_app
 from shared_models.cli_support import configure_logging, new_app
 from simulations.demo import demo
+from simulations.reproduce_cli import reproduce
 from simulations.simulate_cli import app as simulate_app
 from simulations.train_cli import train
 
@@ -16,7 +17,8 @@ app = new_app(
     "edufl: federated, differentially private student-success models for university consortia.\n\n"
     "Examples:\n\n"
     "  edufl simulate synth demo/consortium          # the embedded synthetic consortium\n\n"
-    "  edufl client validate demo/consortium/institution_01"
+    "  edufl client validate demo/consortium/institution_01\n\n"
+    "  edufl reproduce --list                         # the seed papers' experiments"
 )
 app.add_typer(client_app, name="client")
 app.add_typer(simulate_app, name="simulate")
@@ -24,6 +26,7 @@ app.add_typer(server_app, name="server")
 app.add_typer(audit_app, name="audit")
 app.command()(train)
 app.command()(demo)
+app.command()(reproduce)
 
 
 @app.callback()

@@ -74,3 +74,61 @@ def training_curves(
     ax.set(xlabel="epoch", ylabel="loss", title="Training curves")
     ax.legend()
     return _save(fig, path)
+
+
+def grouped_points(
+    values: Mapping[str, Mapping[str, tuple[float, float | None]]],
+    path: Path,
+    ylabel: str,
+    title: str,
+) -> Path:
+    """``values[group][series] = (mean, sd)`` as points with sd error bars, side by side per group.
+
+    Points rather than bars: the metrics of a comparison differ by a few hundredths, which bars
+    drawn from zero hide; the y axis is fitted to the values.
+    """
+    groups = list(values)
+    series = list(dict.fromkeys(s for g in groups for s in values[g]))
+    step = 0.6 / max(len(series), 1)
+    fig, ax = plt.subplots(figsize=(max(5.5, 1.3 * len(groups) + 2), 4))
+    x = np.arange(len(groups))
+    for i, name in enumerate(series):
+        cells = [values[g].get(name, (np.nan, None)) for g in groups]
+        ax.errorbar(
+            x + (i - (len(series) - 1) / 2) * step,
+            [c[0] for c in cells],
+            yerr=[c[1] or 0.0 for c in cells],
+            fmt="o",
+            capsize=3,
+            label=name,
+        )
+    ax.set_xticks(x, groups, rotation=20, ha="right", fontsize=8)
+    ax.grid(axis="y", alpha=0.3)
+    ax.set(ylabel=ylabel, title=title)
+    ax.legend(fontsize=8, loc="best")
+    return _save(fig, path)
+
+
+def sweep_lines(
+    x: Sequence[float],
+    series: Mapping[str, tuple[Sequence[float], Sequence[float]]],
+    path: Path,
+    xlabel: str,
+    ylabel: str,
+    title: str,
+    *,
+    log_x: bool = False,
+    levels: Mapping[str, float] | None = None,
+) -> Path:
+    """One line per series of ``(means, sds)`` over ``x``; ``levels`` as dashed reference lines."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, (means, sds) in series.items():
+        ax.errorbar(x, means, yerr=sds, marker="o", capsize=3, label=name)
+    for i, (name, level) in enumerate((levels or {}).items()):
+        ax.axhline(level, ls="--", lw=1, c=f"C{len(series) + i}", label=name)
+    if log_x:
+        ax.set_xscale("log")
+        ax.set_xticks(list(x), [f"{v:g}" for v in x])
+    ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
+    ax.legend(fontsize=8)
+    return _save(fig, path)
