@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import re
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,6 +64,9 @@ class NodeOptions:
     no_dp: bool = False
     #: Accountant state and the institution's ledger; default HOME/privacy.
     privacy_state: Path | None = None
+    #: Fork each message's ClientApp from a process that imported it once (`client.warm_exec`)
+    #: instead of Flower's default, a fresh `flwr-clientapp` importing torch for every message.
+    warm_clientapp: bool = True
 
 
 def check_export(data_dir: Path, spec: Path | None) -> ValidationReport:
@@ -130,6 +134,8 @@ def supernode_argv(options: NodeOptions) -> list[str]:
         "127.0.0.1",
         "--port",
         str(options.runtime_port),
+        # Warm: the SuperNode starts no SuperExec; client.warm_exec takes its place.
+        *(["--isolation", "process"] if options.warm_clientapp else []),
     ]
 
 
@@ -147,14 +153,28 @@ def _privacy_config(options: NodeOptions) -> str:
     return config
 
 
+def node_argv(options: NodeOptions) -> list[str]:
+    """The node's command: the SuperNode, under `client.warm_exec` when ``warm_clientapp``."""
+    if not options.warm_clientapp:
+        return supernode_argv(options)
+    runtime = f"127.0.0.1:{options.runtime_port}"
+    warm = [sys.executable, "-m", "client.warm_exec", "--runtime-api-address", runtime]
+    return [*warm, "--", *supernode_argv(options)]
+
+
 def start_supernode(options: NodeOptions, *, ready_timeout: float = 60.0) -> Child:
-    """Start the SuperNode and wait until its local Runtime API is up."""
+    """Start the SuperNode and wait until its local Runtime API is up.
+
+    The returned child leads the node's process group (with ``warm_clientapp``, the
+    `client.warm_exec` process, the SuperNode its child): `processes.stop` stops them all, and
+    one log holds the SuperNode's and the ClientApps' output.
+    """
     processes.split_address(options.superlink)
     if '"' in str(options.data_dir.resolve()) or '"' in str(options.spec or ""):
         raise DataContractError('paths given to a node must not contain a double quote (")')
     child = processes.start(
         f"SuperNode {options.name}",
-        supernode_argv(options),
+        node_argv(options),
         log_path=options.home / "logs" / "supernode.log",
         env=processes.flower_env(options.home),
         cwd=options.home,
