@@ -8,7 +8,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test test-slow lint clean
+.PHONY: demo test test-slow lint clean bench
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +25,10 @@ test: $(STAMP)
 # The slow tests: real SuperLink/SuperNode processes, Ray simulations, the whole demo.
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -m slow
+
+# The benchmarks of docs/benchmarks.md (not tests): one table, JSON under runs/bench/.
+bench: $(STAMP)
+	$(BIN)/python -m bench
 
 lint: $(STAMP)
 	$(BIN)/python -m pip install -q ruff

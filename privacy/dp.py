@@ -12,6 +12,10 @@ restarted node keeps counting. Per round::
 `make_private` refuses (``PrivacyBudgetExceeded``) before any step when one more round would
 exceed the budget, and stops training if a round takes more steps than it was checked for. The
 model trained in a round may leave the node only after `spend_round` returned.
+
+Per-student gradients of the recurrent layers come from `privacy.fused_rnn` by default (the same
+gradients as Opacus' hooks, computed faster: see ``docs/benchmarks.md``); Opacus still clips,
+noises and accounts for every step.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import logging
 import math
 import os
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,6 +47,7 @@ from privacy.accountant_store import (
     reconcile_state,
 )
 from privacy.budget import DPPlan, PrivacyBudget, PrivacyConfigError
+from privacy.fused_rnn import fuse_recurrent_layers
 from privacy.institution_ledger import InstitutionLedger
 from shared_models.errors import PrivacyBudgetExceeded
 
@@ -63,12 +69,16 @@ class DPSession:
         budget: PrivacyBudget,
         ledger: InstitutionLedger,
         max_physical_batch_size: int | None,
+        *,
+        fused_rnn: bool = True,
     ) -> None:
         self._store = store
         self._state = state
         self.budget = budget
         self.ledger = ledger
         self._max_physical = max_physical_batch_size
+        self._fused_rnn = fused_rnn
+        self._unfuse: Callable[[], None] | None = None
         with warnings.catch_warnings():
             # secure_mode needs torchcsprng (not installable here): noise comes from torch's
             # PRNG, seeded from os.urandom every round (`unpredictable_generator`). Said once in
@@ -88,6 +98,7 @@ class DPSession:
         institution: str,
         signing_key: ec.EllipticCurvePrivateKey | Path | None = None,
         max_physical_batch_size: int | None = None,
+        fused_rnn: bool = True,
     ) -> DPSession:
         """Open (or start) the institution's session in ``state_dir``; writes nothing.
 
@@ -101,6 +112,8 @@ class DPSession:
                 uses ``state_dir/keys/INSTITUTION``, created on first use.
             max_physical_batch_size: split Poisson batches into chunks of at most this many
                 students (Opacus' BatchMemoryManager); None keeps whole batches.
+            fused_rnn: per-student gradients of ``DPLSTM``/``DPGRU`` layers from
+                `privacy.fused_rnn` (same values, faster); False leaves them to Opacus' hooks.
 
         Raises:
             PrivacyConfigError: delta is not below 1/n, or the budget cannot be reached.
@@ -113,7 +126,7 @@ class DPSession:
         with store.locked():
             state = reconcile_state(store.load(), budget, plan, institution)
             ledger.repair(state.last_entry)
-        return cls(store, state, budget, ledger, max_physical_batch_size)
+        return cls(store, state, budget, ledger, max_physical_batch_size, fused_rnn=fused_rnn)
 
     # -- what a ClientApp reads ----------------------------------------------------------------
 
@@ -170,6 +183,8 @@ class DPSession:
 
         Poisson sampling at the plan's rate, per-student clipping at ``max_grad_norm``,
         Gaussian noise at the calibrated multiplier. Matches ``client.local.Privatizer``.
+        With ``fused_rnn`` the model's recurrent layers are swapped for `privacy.fused_rnn`
+        twins sharing their parameters until `spend_round` or `abandon_round` puts them back.
 
         Raises:
             PrivacyBudgetExceeded: the round would exceed the budget (nothing was changed), or,
@@ -185,23 +200,30 @@ class DPSession:
         plan = self._state.plan
         # Attach the persisted history: this engine's accountant composes across rounds.
         self._engine.accountant.history = list(self._state.history)
-        with warnings.catch_warnings():
-            # Every round rebuilds its loader over the same students: same logical dataset.
-            warnings.filterwarnings("ignore", "PrivacyEngine detected new dataset", UserWarning)
-            private_model, private_opt, private_loader = self._engine.make_private(
-                module=model,
-                optimizer=optimizer,
-                data_loader=loader,
-                noise_multiplier=self.noise_multiplier,
-                max_grad_norm=self.budget.max_grad_norm,
-                poisson_sampling=True,
-                noise_generator=(rng := unpredictable_generator()),
-            )
-        # Who is sampled must be as unpredictable as the noise: amplification by subsampling
-        # assumes no one can tell whether a student was in a batch.
-        private_loader.batch_sampler.generator = rng  # type: ignore[union-attr]
+        if self._fused_rnn:
+            self._unfuse = fuse_recurrent_layers(model)
+        try:
+            with warnings.catch_warnings():
+                # Every round rebuilds its loader over the same students: same logical dataset.
+                warnings.filterwarnings("ignore", "PrivacyEngine detected new dataset", UserWarning)
+                private_model, private_opt, private_loader = self._engine.make_private(
+                    module=model,
+                    optimizer=optimizer,
+                    data_loader=loader,
+                    noise_multiplier=self.noise_multiplier,
+                    max_grad_norm=self.budget.max_grad_norm,
+                    poisson_sampling=True,
+                    noise_generator=(rng := unpredictable_generator()),
+                )
+            # Who is sampled must be as unpredictable as the noise: amplification by
+            # subsampling assumes no one can tell whether a student was in a batch.
+            private_loader.batch_sampler.generator = rng  # type: ignore[union-attr]
+        except BaseException:
+            self._restore_layers()
+            raise
         rate = 1.0 / len(private_loader)
         if not math.isclose(rate, plan.sample_rate, rel_tol=1e-9):
+            self._restore_layers()
             raise PrivacyConfigError(
                 f"the loader samples students at rate {rate:.6g}, the budget was calibrated for "
                 f"{plan.sample_rate:.6g}; build the plan with DPPlan.for_training(n, batch_size, "
@@ -232,6 +254,7 @@ class DPSession:
         """
         if self._round is None:
             raise RuntimeError("spend_round without make_private: no round was trained")
+        self._restore_layers()
         steps, self._round = self._round.steps, None
         plan = self._state.plan
         segment: Segment = (self.noise_multiplier, plan.sample_rate, steps)
@@ -279,10 +302,17 @@ class DPSession:
         """
         if self._round is not None:
             logger.warning("abandoning a DP round after %d step(s)", self._round.steps)
+        self._restore_layers()
         self._round = None
         self._engine.accountant.history = list(self._state.history)
 
     # -- helpers -------------------------------------------------------------------------------
+
+    def _restore_layers(self) -> None:
+        """Put back the recurrent layers `make_private` swapped (no-op when none were)."""
+        if self._unfuse is not None:
+            self._unfuse, unfuse = None, self._unfuse
+            unfuse()
 
     def _epsilon(self, history: list[Segment]) -> float:
         return compute_epsilon(self.budget.accountant, history, self.budget.delta)

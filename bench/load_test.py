@@ -1,0 +1,299 @@
+"""Load test: 50 SuperNodes on loopback for 10 rounds, TLS and node authentication on.
+
+Not part of the test suite nor of the benchmark total: it takes minutes and most of a small
+machine. It runs a real deployment: `edufl server start` (SuperLink with TLS and node keys,
+then the ServerApp run) and one SuperNode per institution, each with its own enrolled key and
+its own synthetic export, in edufl's default warm-ClientApp mode (`client.warm_exec`), DP-SGD
+on as every node defaults to. It reports:
+
+- rounds completed (of those asked);
+- per round, updates expected (every node: ``fraction_train`` is 1) and received (the nodes
+  with training metrics in the run's ``metrics.jsonl``), failures and updates lost (must be 0);
+- round wall times (median/min/max);
+- peak total memory of every process of the deployment (SuperLink, its SuperExec and
+  ServerApp, the SuperNodes, their executors and ClientApp tasks), as the sum of RSS (counts
+  shared pages once per process) and of PSS (shares them out: what the machine really holds),
+  sampled from ``/proc``.
+
+``--launch exec`` starts each node as `edufl client start` does (``start_supernode``): every
+node's warm executor imports torch and Opacus itself, about 320 MiB of private memory each,
+more than 50 nodes on one small machine can hold. ``--launch fork`` (the default) runs the
+very same node code (``client.warm_exec.main`` on ``node_argv``'s arguments) in processes
+forked from this one after it imported those modules once, so the nodes share those pages (on
+the universities' own machines each node has them to itself). Each node's torch uses
+``--threads-per-node`` threads (1: 50 nodes share 2 cores).
+
+    python -m bench.load_test                       # 50 nodes, 10 rounds
+    python -m bench.load_test --nodes 10 --rounds 3 --launch exec
+    python -m bench.load_test --quick               # 5 nodes, 2 rounds
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import shutil
+import signal
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from bench.bench_deploy import Federation
+from bench.common import Report, Row, Stats, TreeMemory, log, markdown, parser
+
+MIB = 1024**2
+
+
+class ForkedNodes:
+    """Nodes run by `client.warm_exec.main` in processes forked from this (preloaded) one."""
+
+    def __init__(self, hard_limit_s: int, threads: int) -> None:
+        from client import warm_exec
+
+        warm_exec._preload(",".join(warm_exec.PRELOAD))
+        import torch
+
+        torch.set_num_threads(threads)
+        self.hard_limit_s = hard_limit_s
+        self.pids: list[int] = []
+
+    def start(self, options: Any) -> int:
+        from client.deploy import node_argv
+        from client.warm_exec import main as warm_main
+        from shared_models import processes
+
+        argv = node_argv(options)[3:]  # what `python -m client.warm_exec` would be given
+        log_path = options.home / "logs" / "supernode.log"
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        env = processes.flower_env(options.home)
+        pid = os.fork()
+        if pid == 0:  # the node: never returns
+            code = 1
+            try:
+                os.setsid()  # a process group of its own, as `processes.start` gives
+                libc = ctypes.CDLL("libc.so.6", use_errno=True)
+                libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG: die with the load test
+                signal.alarm(self.hard_limit_s)  # and never outlive the hard limit
+                fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+                os.dup2(fd, 1)
+                os.dup2(fd, 2)
+                os.chdir(options.home)
+                os.environ.clear()
+                os.environ.update(env)
+                code = warm_main(argv)
+            finally:
+                os._exit(code)
+        self.pids.append(pid)
+        return pid
+
+    def stop_all(self, timeout: float = 30.0) -> None:
+        for pid in self.pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pid, signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        for pid in self.pids:
+            while time.monotonic() < deadline:
+                with contextlib.suppress(ChildProcessError):
+                    if os.waitpid(pid, os.WNOHANG) == (0, 0):
+                        time.sleep(0.2)
+                        continue
+                break
+        for pid in self.pids:  # whatever is left of each node's group
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(pid, signal.SIGKILL)
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid, 0)
+        self.pids.clear()
+
+
+def load_rows(records: Sequence[dict[str, Any]], expected: int) -> list[dict[str, Any]]:
+    """Per round: wall time, updates expected, received and lost, failures."""
+    rows = []
+    for record in records:
+        received = sum(1 for e in record["institutions"] if "train" in e)
+        rows.append(
+            {
+                "round": record["round"],
+                "wall_s": float(record["seconds"]),
+                "expected": expected,
+                "received": received,
+                "lost": expected - received,
+                "failures": len(record["failures"]),
+            }
+        )
+    return rows
+
+
+def run(args: Any, work: Path) -> dict[str, Any]:
+    """The whole load test; its figures."""
+    from simulations.synthetic import write_consortium
+
+    log(f"writing {args.nodes} synthetic exports ({args.students} students in all)")
+    exports = write_consortium(
+        work / "exports", institutions=args.nodes, students=args.students, seed=0
+    )
+    fed = Federation(work / "federation", hard_limit_s=args.timeout + 300)
+    log("consortium keys, a key pair per institution, enrolment")
+    nodes = fed.enrol(exports)
+    config = (
+        f"local_epochs = {args.local_epochs}\n"
+        f"fraction_evaluate = {1.0 if args.evaluate else 0.0}\n"
+        f"round_timeout = {float(args.round_timeout)}\n"
+        f"model_overrides = {{ hidden_size = {args.hidden_size} }}\n"
+    )
+    memory = TreeMemory()
+    forked = ForkedNodes(fed.hard_limit_s, args.threads_per_node) if args.launch == "fork" else None
+    started = time.monotonic()
+    try:
+        server = fed.start_server(args.rounds, args.nodes, config, args.timeout)
+        log(f"server up; starting {args.nodes} nodes ({args.launch})")
+        for name, export, key in nodes:
+            options = fed.node_options(name, export, key, warm=True)
+            if forked is not None:
+                forked.start(options)
+            else:
+                fed.start_node(name, export, key, warm=True)
+            memory.sample()
+        log("all nodes started; waiting for the run")
+        last_report = 0.0
+        while server.alive() and time.monotonic() - started < args.timeout + 120:
+            memory.sample()
+            if (free := _available_gib()) < args.min_free_gib:  # the machine is shared
+                raise RuntimeError(
+                    f"only {free:.1f} GiB of memory left (--min-free-gib {args.min_free_gib}); "
+                    f"stopped the load test at {_rounds_done(fed.run_dir)} round(s)"
+                )
+            if time.monotonic() - last_report > 30:
+                log(
+                    f"{_rounds_done(fed.run_dir)}/{args.rounds} rounds; peak PSS "
+                    f"{memory.peak_pss / MIB:.0f} MiB, RSS {memory.peak_rss / MIB:.0f} MiB; "
+                    f"load {os.getloadavg()[0]:.1f}"
+                )
+                last_report = time.monotonic()
+            time.sleep(args.sample_every)
+        records = fed.wait_for_run(server, 60)
+    finally:
+        if forked is not None:
+            forked.stop_all()
+        fed.stop_all()
+    rows = load_rows(records, args.nodes)
+    return {
+        "rounds_asked": args.rounds,
+        "rounds_completed": len(rows),
+        "updates_expected": sum(r["expected"] for r in rows),
+        "updates_received": sum(r["received"] for r in rows),
+        "updates_lost": sum(r["lost"] for r in rows),
+        "failures": sum(r["failures"] for r in rows),
+        "round_s": vars(Stats.of([r["wall_s"] for r in rows])) if rows else None,
+        "rounds": rows,
+        "peak_rss_sum_mib": round(memory.peak_rss / MIB),
+        "peak_pss_sum_mib": round(memory.peak_pss / MIB),
+        "peak_processes": memory.peak_processes,
+        "seconds_server_start_to_end": round(time.monotonic() - started, 1),
+    }
+
+
+def _available_gib() -> float:
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) / 1024**2
+    return float("inf")
+
+
+def _rounds_done(run_dir: Path) -> int:
+    try:
+        return len((run_dir / "metrics.jsonl").read_text().splitlines())
+    except FileNotFoundError:
+        return 0
+
+
+def _table(result: dict[str, Any]) -> str:
+    r = result
+    header = ["round", "wall s", "updates expected", "received", "lost", "failures"]
+    rows = [
+        [x["round"], f"{x['wall_s']:.1f}", x["expected"], x["received"], x["lost"], x["failures"]]
+        for x in r["rounds"]
+    ]
+    s = Stats(**r["round_s"]) if r["round_s"] else None
+    lines = [
+        markdown(header, rows),
+        "",
+        f"rounds completed: {r['rounds_completed']}/{r['rounds_asked']}; updates lost: "
+        f"{r['updates_lost']} of {r['updates_expected']}; failed replies: {r['failures']}",
+        f"round wall time s: {'n/a' if s is None else s.cell(1)} (median [min-max])",
+        f"peak memory, all processes (up to {r['peak_processes']}): PSS "
+        f"{r['peak_pss_sum_mib']} MiB, RSS {r['peak_rss_sum_mib']} MiB (sums)",
+        f"server start to run end: {r['seconds_server_start_to_end']} s",
+    ]
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = parser("load_test", __doc__.split("\n\n")[0])
+    p.add_argument("--nodes", type=int, default=50)
+    p.add_argument("--rounds", type=int, default=10)
+    p.add_argument("--students", type=int, default=3000, help="in the whole consortium")
+    p.add_argument("--local-epochs", type=int, default=1)
+    p.add_argument("--hidden-size", type=int, default=16, help="the LSTM's units")
+    p.add_argument("--evaluate", action="store_true", help="also a federated evaluation")
+    p.add_argument("--launch", choices=("fork", "exec"), default="fork")
+    p.add_argument("--threads-per-node", type=int, default=1)
+    p.add_argument("--round-timeout", type=int, default=900)
+    p.add_argument("--timeout", type=int, default=3600, help="seconds for the whole run")
+    p.add_argument("--sample-every", type=float, default=3.0, help="memory sampling, s")
+    p.add_argument("--min-free-gib", type=float, default=2.0, help="stop below this much")
+    p.add_argument("--workdir", type=Path, default=None, help="kept; default a temp dir")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.nodes, args.rounds, args.students = 5, 2, 300
+    if shutil.which("timeout") is None:
+        raise SystemExit("needs coreutils' timeout")
+    if args.launch == "exec":
+        os.environ.setdefault("OMP_NUM_THREADS", str(args.threads_per_node))
+    report = Report("load_test", "issue 9.2: load", vars(args))
+    work = args.workdir or Path(tempfile.mkdtemp(prefix="edufl-load-"))
+    try:
+        result = run(args, work)
+    finally:
+        if args.workdir is None:
+            shutil.rmtree(work, ignore_errors=True)
+    report.details = result
+    ok = result["updates_lost"] == 0 and result["rounds_completed"] == args.rounds
+    _rows(report, args, result, ok)
+    print(_table(result))
+    report.write(args.json)
+    return 0 if ok else 1
+
+
+def _rows(report: Report, args: Any, result: dict[str, Any], ok: bool) -> None:
+    question, n = "9.2 load", args.nodes
+    report.add(
+        Row(
+            question,
+            f"{n} nodes: rounds completed, updates lost",
+            None,
+            "",
+            target=f"{args.rounds}/{args.rounds} rounds, 0 lost",
+            met=ok,
+            note=f"{result['rounds_completed']}/{args.rounds} rounds, {result['updates_lost']} "
+            f"lost of {result['updates_expected']}",
+        )
+    )
+    if result["round_s"]:
+        report.add(Row(question, f"{n} nodes: round wall time", Stats(**result["round_s"]), "s"))
+    report.add(
+        Row(
+            question,
+            f"{n} nodes: peak memory of all processes (PSS sum)",
+            Stats.of([result["peak_pss_sum_mib"]]),
+            "MiB",
+            note=f"RSS sum {result['peak_rss_sum_mib']} MiB",
+        )
+    )
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,282 @@
+"""Per-student gradients of recurrent layers in one pass over time: the DP-SGD fast path.
+
+Opacus' ``DPLSTM``/``DPGRU`` unroll the sequence in Python through two ``RNNLinear`` layers per
+week, and its hooks compute and accumulate a per-student gradient for each of them at every week:
+about 5x the time of a plain LSTM epoch here (``bench/bench_dp.py``). This module swaps each such
+layer, for the duration of a DP round, for a twin that *is* torch's ``nn.LSTM``/``nn.GRU``
+(native kernels forward and backward) holding the very same ``Parameter`` objects, and registers
+an Opacus grad sampler for the twin. From the gradient of the layer's output sequence, which
+Opacus' hooks capture, the sampler redoes backpropagation through time in closed form to get
+every week's gate gradients, then forms each student's weight gradients with one batched matrix
+product over all weeks.
+
+Only how per-student gradients are computed changes: Opacus' ``GradSampleModule`` still scales
+and accumulates them, ``DPOptimizer`` still clips and noises, and the accountant still counts the
+steps. ``tests/privacy/test_fused_rnn.py`` compares them with Opacus' own on the same batch.
+
+Supported: single-layer, unidirectional, ``batch_first`` layers with biases, called without an
+initial state and without packed sequences, whose final ``(h_n, c_n)`` carry no gradient (the
+edufl models read the output sequence). Anything else is left to Opacus' hooks, or raises.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from opacus.grad_sample import register_grad_sampler
+from opacus.layers import DPGRU, DPLSTM
+from torch import Tensor, nn
+from torch.nn.utils.rnn import PackedSequence
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["FusedGRU", "FusedLSTM", "FusedRNNError", "fuse_recurrent_layers"]
+
+_HINT = "open the DPSession with fused_rnn=False to use Opacus' own per-sample gradients"
+
+
+class FusedRNNError(NotImplementedError):
+    """A fused layer used in a way its per-student gradients do not cover."""
+
+
+def _refuse_state_gradient(grad: Tensor | None) -> None:
+    # The native backward calls this with None (or zeros) when the state was not used.
+    if grad is not None and bool(grad.any()):
+        raise FusedRNNError(
+            "a gradient reached the final hidden/cell state of a fused recurrent layer; its "
+            f"per-student gradients only follow the output sequence; {_HINT}"
+        )
+
+
+def _guarded(state: Tensor) -> Tensor:
+    """``state``, raising in backward if a loss depends on it (it would be missed silently)."""
+    if state.requires_grad:
+        state.register_hook(_refuse_state_gradient)
+    return state
+
+
+def _check_call(input: Any, hx: Any) -> None:
+    if hx is not None or isinstance(input, PackedSequence):
+        raise FusedRNNError(
+            f"fused recurrent layers take a padded batch and no initial state; {_HINT}"
+        )
+
+
+class _Recent:
+    """The last few training outputs of a layer, so its grad sampler need not recompute them.
+
+    An entry keeps its input alive, so an input of the same address, shape, strides and version
+    is the same tensor; anything else is recomputed (always correct, only slower).
+    """
+
+    def __init__(self) -> None:
+        self._entries: deque[tuple[Tensor, int, Tensor]] = deque(maxlen=4)
+
+    def keep(self, input: Tensor, output: Tensor) -> None:
+        if torch.is_grad_enabled() and isinstance(input, Tensor):
+            self._entries.append((input, input._version, output.detach()))
+
+    def take(self, x: Tensor) -> Tensor | None:
+        for k, (seen, version, output) in enumerate(self._entries):
+            same = (seen.data_ptr(), seen.shape, seen.stride(), seen.dtype, seen._version) == (
+                x.data_ptr(),
+                x.shape,
+                x.stride(),
+                x.dtype,
+                version,
+            )
+            if same:
+                del self._entries[k]
+                return output
+        return None
+
+
+class FusedLSTM(nn.LSTM):
+    """``nn.LSTM`` whose per-student gradients Opacus computes with `_lstm_grad_sample`."""
+
+    def forward(self, input: Any, hx: Any = None) -> Any:
+        _check_call(input, hx)
+        output, (h_n, c_n) = super().forward(input)
+        if self.training:
+            self.__dict__.setdefault("_recent", _Recent()).keep(input, output)
+        return output, (_guarded(h_n), _guarded(c_n))
+
+
+class FusedGRU(nn.GRU):
+    """``nn.GRU`` whose per-student gradients Opacus computes with `_gru_grad_sample`."""
+
+    def forward(self, input: Any, hx: Any = None) -> Any:
+        _check_call(input, hx)
+        output, h_n = super().forward(input)
+        if self.training:
+            self.__dict__.setdefault("_recent", _Recent()).keep(input, output)
+        return output, _guarded(h_n)
+
+
+def _output(layer: nn.RNNBase, x: Tensor, native: type[nn.RNNBase]) -> Tensor:
+    """The layer's output sequence for ``x``: kept from the forward pass, or recomputed."""
+    recent: _Recent | None = layer.__dict__.get("_recent")
+    kept = recent.take(x) if recent is not None else None
+    if kept is not None:
+        return kept
+    output: Tensor = native.forward(layer, x)[0]  # not layer(x): that re-enters Opacus' hooks
+    return output
+
+
+def _shifted(sequence: Tensor) -> Tensor:
+    """``sequence`` one step later: zeros at step 0, step t-1 at step t (B, T, H)."""
+    return torch.cat([sequence.new_zeros(sequence[:, :1].shape), sequence[:, :-1]], dim=1)
+
+
+def _weight_grads(
+    layer: nn.RNNBase, x: Tensor, h_prev: Tensor, d_ih: Tensor, d_hh: Tensor
+) -> dict[nn.Parameter, Tensor]:
+    """Per-student gradients from the gate gradients of every step (one bmm per weight)."""
+    if d_ih is d_hh:  # LSTM: both projections get the same gate gradients, one bmm serves
+        both = torch.bmm(d_ih.transpose(1, 2), torch.cat([x, h_prev], dim=2))
+        w_ih, w_hh = both.split([x.shape[2], h_prev.shape[2]], dim=2)
+    else:
+        w_ih = torch.bmm(d_ih.transpose(1, 2), x)
+        w_hh = torch.bmm(d_hh.transpose(1, 2), h_prev)
+    return {
+        layer.weight_ih_l0: w_ih,
+        layer.weight_hh_l0: w_hh,
+        layer.bias_ih_l0: d_ih.sum(dim=1),
+        layer.bias_hh_l0: d_hh.sum(dim=1),
+    }
+
+
+@register_grad_sampler(FusedLSTM)
+@torch.no_grad()
+def _lstm_grad_sample(
+    layer: FusedLSTM, activations: list[Tensor], backprops: Tensor
+) -> dict[nn.Parameter, Tensor]:
+    """Per-student gradients of an LSTM from ``backprops`` = dLoss/dOutput, (B, T, H).
+
+    Gates are recomputed from the input and the output sequence the forward pass kept (no
+    recurrence needed), the cell states by one elementwise pass; then BPTT runs backwards with
+    one (B, 4H) x (4H, H) product per step, as the native backward does, keeping every step's
+    gate gradients.
+    """
+    x = activations[0].to(backprops.dtype)
+    out = _output(layer, x, nn.LSTM)
+    batch, steps, hidden = out.shape
+    h_prev = _shifted(out)
+    weights = torch.cat([layer.weight_ih_l0, layer.weight_hh_l0], dim=1)
+    gates = torch.cat([x, h_prev], dim=2) @ weights.t()
+    gates += layer.bias_ih_l0 + layer.bias_hh_l0
+    i, f, g, o = gates.chunk(4, dim=2)
+    i, f, o, g = i.sigmoid(), f.sigmoid(), o.sigmoid(), g.tanh()
+    ig = i * g
+    c = torch.empty_like(ig)
+    state = ig.new_zeros(batch, hidden)
+    for t in range(steps):
+        state = torch.addcmul(ig[:, t], f[:, t], state)
+        c[:, t] = state
+    tanh_c = c.tanh()
+    # dh -> dc through h = o * tanh(c); then each gate's pre-activation gradient is dc (dh for
+    # the output gate) times a factor known from the forward pass.
+    dc_from_dh = o * (1 - tanh_c * tanh_c)
+    factor = torch.cat(
+        [g * i * (1 - i), _shifted(c) * f * (1 - f), i * (1 - g * g), tanh_c * o * (1 - o)], dim=2
+    )
+    d_gates = torch.empty_like(factor)
+    w_hh = layer.weight_hh_l0
+    dh_next = backprops.new_zeros(batch, hidden)
+    dc_next = backprops.new_zeros(batch, hidden)
+    for t in range(steps - 1, -1, -1):
+        dh = backprops[:, t] + dh_next
+        dc = torch.addcmul(dc_next, dh, dc_from_dh[:, t])
+        step = torch.cat([dc, dc, dc, dh], dim=1).mul_(factor[:, t])
+        d_gates[:, t] = step
+        dc_next = dc * f[:, t]
+        dh_next = step @ w_hh
+    return _weight_grads(layer, x, h_prev, d_gates, d_gates)
+
+
+@register_grad_sampler(FusedGRU)
+@torch.no_grad()
+def _gru_grad_sample(
+    layer: FusedGRU, activations: list[Tensor], backprops: Tensor
+) -> dict[nn.Parameter, Tensor]:
+    """Per-student gradients of a GRU from ``backprops`` = dLoss/dOutput, (B, T, H).
+
+    ``n = tanh(W_in x + b_in + r * (W_hn h + b_hn))``: the input and hidden projections get
+    different gradients for the candidate gate (the hidden one is scaled by ``r``).
+    """
+    x = activations[0].to(backprops.dtype)
+    out = _output(layer, x, nn.GRU)
+    h_prev = _shifted(out)
+    gi = x @ layer.weight_ih_l0.t() + layer.bias_ih_l0
+    gh = h_prev @ layer.weight_hh_l0.t() + layer.bias_hh_l0
+    gi_r, gi_z, gi_n = gi.chunk(3, dim=2)
+    gh_r, gh_z, gh_n = gh.chunk(3, dim=2)
+    r, z = (gi_r + gh_r).sigmoid(), (gi_z + gh_z).sigmoid()
+    n = (gi_n + r * gh_n).tanh()
+    # Every gate's pre-activation gradient is dh (the total gradient of h_t) times a factor.
+    d_n = (1 - z) * (1 - n * n)
+    d_r = d_n * gh_n * r * (1 - r)
+    d_z = (h_prev - n) * z * (1 - z)
+    factor_ih = torch.cat([d_r, d_z, d_n], dim=2)
+    factor_hh = torch.cat([d_r, d_z, d_n * r], dim=2)
+    dh_all = torch.empty_like(out)
+    w_hh = layer.weight_hh_l0
+    dh_next = backprops.new_zeros(out.shape[0], out.shape[2])
+    for t in range(out.shape[1] - 1, -1, -1):
+        dh = backprops[:, t] + dh_next
+        dh_all[:, t] = dh
+        step = dh.repeat(1, 3).mul_(factor_hh[:, t])
+        dh_next = torch.addmm(dh * z[:, t], step, w_hh)
+    dh3 = dh_all.repeat(1, 1, 3)
+    return _weight_grads(layer, x, h_prev, dh3 * factor_ih, dh3 * factor_hh)
+
+
+_TWINS: dict[type[nn.Module], type[nn.RNNBase]] = {DPLSTM: FusedLSTM, DPGRU: FusedGRU}
+
+
+def _twin(layer: nn.Module) -> nn.RNNBase | None:
+    """The fused twin of an eligible ``DPLSTM``/``DPGRU``, sharing its parameters; else None."""
+    cls = _TWINS.get(type(layer))
+    if cls is None:
+        return None
+    shape = (layer.num_layers, layer.bidirectional, layer.batch_first, layer.bias)
+    if shape != (1, False, True, True) or getattr(layer, "proj_size", 0):
+        logger.debug("%s %s is not fused (shape %s): Opacus' hooks serve it", cls, layer, shape)
+        return None
+    with torch.device("meta"):  # no storage and no draw from torch's RNG for throwaway weights
+        twin = cls(layer.input_size, layer.hidden_size, batch_first=True)
+    shared = dict(layer.named_parameters())  # DPRNNBase names them like nn.LSTM/nn.GRU
+    for name in twin._flat_weights_names:
+        setattr(twin, name, shared[name])
+    twin._init_flat_weights()  # the native kernels read this list, not the attributes
+    twin.train(layer.training)
+    return twin
+
+
+def fuse_recurrent_layers(model: nn.Module) -> Callable[[], None]:
+    """Swap every eligible ``DPLSTM``/``DPGRU`` in ``model`` for its fused twin, in place.
+
+    Parameters are shared, not copied: an optimizer built on ``model`` keeps updating them, and
+    state-dict names do not change. Call before Opacus wraps the model.
+
+    Returns:
+        A function that puts the original layers back (they hold the trained weights).
+    """
+    found = [
+        (parent, name, child, twin)
+        for parent in model.modules()
+        for name, child in parent.named_children()
+        if (twin := _twin(child)) is not None
+    ]
+    for parent, name, _, twin in found:
+        setattr(parent, name, twin)
+
+    def restore() -> None:
+        for parent, name, child, _ in reversed(found):
+            setattr(parent, name, child)
+
+    return restore
