@@ -16,7 +16,7 @@ from client.local import split_node
 from shared_models.artifact import save_trained
 from shared_models.cohort import Normalizer
 from shared_models.contract import FeatureSpec
-from shared_models.errors import DataContractError
+from shared_models.errors import DataContractError, EduflError
 from shared_models.registry import build_model
 from shared_models.weights import load_weights
 
@@ -49,8 +49,9 @@ def adopt_global_model(
     try:
         manifest: dict[str, Any] = json.loads(manifest_path.read_text("utf-8"))
         weights = manifest_path.parent / manifest["weights"]
-        name, overrides = manifest["model"], manifest.get("model_overrides") or {}
-    except (OSError, ValueError, KeyError) as exc:
+        name, overrides = str(manifest["model"]), manifest.get("model_overrides") or {}
+        split_seed = int(manifest.get("seed", 0)) if seed is None else seed
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
         raise DataContractError(f"{manifest_path}: not a federated checkpoint ({exc})") from None
     if manifest.get("spec_fingerprint") != spec.fingerprint:
         raise DataContractError(
@@ -60,9 +61,11 @@ def adopt_global_model(
     digest = hashlib.sha256(weights.read_bytes()).hexdigest() if weights.is_file() else None
     if digest != manifest.get("weights_sha256"):
         raise DataContractError(f"{weights}: missing or does not match its manifest's checksum")
-    model = build_model(name, spec.weeks, len(spec.dynamic), len(spec.static_names), overrides)
+    try:
+        model = build_model(name, spec.weeks, len(spec.dynamic), len(spec.static_names), overrides)
+    except (EduflError, ValueError, TypeError) as exc:  # unknown model, invalid overrides
+        raise DataContractError(f"{manifest_path}: cannot build its model ({exc})") from None
     load_weights(model, weights)
-    split_seed = int(manifest.get("seed", 0)) if seed is None else seed
     train = split_node(data_dir, spec, seed=split_seed).train
     normalizer = Normalizer(spec.target.grade_min, spec.target.grade_max).fit(train)
     save_trained(

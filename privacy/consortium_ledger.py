@@ -103,8 +103,8 @@ def decode_entries(text: str) -> list[dict[str, Any]]:
         return []
     try:
         obj = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise LedgerError(f"ledger entries are not valid JSON ({exc})") from None
+    except (json.JSONDecodeError, RecursionError) as exc:
+        raise LedgerError(f"ledger entries are not valid JSON ({type(exc).__name__})") from None
     if not isinstance(obj, list) or not all(isinstance(e, dict) for e in obj):
         raise LedgerError("ledger entries must be a JSON list of objects")
     return obj
@@ -114,8 +114,8 @@ def decode_entry(text: str) -> dict[str, Any]:
     """Inverse of `encode_entry` (checks happen in `ConsortiumLedger.receive`)."""
     try:
         obj = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise LedgerError(f"ledger entry is not valid JSON ({exc})") from None
+    except (json.JSONDecodeError, RecursionError) as exc:
+        raise LedgerError(f"ledger entry is not valid JSON ({type(exc).__name__})") from None
     if not isinstance(obj, dict):
         raise LedgerError("ledger entry must be a JSON object")
     return obj

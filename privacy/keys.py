@@ -167,7 +167,8 @@ def load_node_public_key(path: Path) -> ec.EllipticCurvePublicKey:
         key = serialization.load_ssh_public_key(path.read_bytes())
     except FileNotFoundError:
         raise KeyMaterialError(f"{path}: no such public key file") from None
-    except (ValueError, UnsupportedAlgorithm) as exc:
+    except (ValueError, UnsupportedAlgorithm, NotImplementedError) as exc:
+        # cryptography raises NotImplementedError for a compressed EC point.
         raise KeyMaterialError(f"{path}: not an OpenSSH public key ({exc})") from None
     _check_nist(key, path)
     assert isinstance(key, ec.EllipticCurvePublicKey)

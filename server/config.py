@@ -130,6 +130,10 @@ class FederationConfig(BaseModel):
             raw = tomllib.loads(path.read_text("utf-8"))
         except FileNotFoundError:
             raise FederationConfigError(f"{path}: config file not found") from None
+        except UnicodeDecodeError:
+            raise FederationConfigError(f"{path}: not UTF-8 text; save it as UTF-8") from None
+        except RecursionError:
+            raise FederationConfigError(f"{path}: nested too deeply to be a config") from None
         except (OSError, tomllib.TOMLDecodeError) as exc:
             raise FederationConfigError(f"{path}: cannot read config ({exc})") from None
         return cls.validated({**raw, **overrides}, str(path))

@@ -14,6 +14,7 @@ import numpy as np
 from sklearn.model_selection import KFold, StratifiedKFold, train_test_split
 
 from shared_models.cohort import CohortArrays
+from shared_models.errors import DataContractError
 
 SplitMode = Literal["random", "stratified"]
 
@@ -43,7 +44,10 @@ def split_cohort(
         raise ValueError(f"val ({val}) and test ({test}) must be fractions summing below 1")
     labelled = np.flatnonzero(~np.isnan(cohort.at_risk))
     if len(labelled) < 3:
-        raise ValueError(f"need at least 3 labelled records to split, got {len(labelled)}")
+        raise DataContractError(
+            f"need at least 3 records with an outcome to train and test on, got "
+            f"{len(labelled)}; an export without outcomes can be scored, not trained on"
+        )
     labels = cohort.at_risk[labelled]
     stratify = labels if mode == "stratified" and _can_stratify(labels) else None
     rest, test_idx = train_test_split(

@@ -126,16 +126,15 @@ def test_hostile_ledger_entries_from_a_node_are_refused(
         )
 
 
-# --- pinned: each reported bug, an xfail that turns green once it is fixed -------------------
+# --- bugs this suite found in other modules, fixed: each stays as a regression test ---------
 
 
-@pytest.mark.xfail(strict=True, reason="server/config.py from_toml: reported")
 @pytest.mark.parametrize(
     "content",
     [b"a = " + b"[" * 2000 + b"]" * 2000, "rounds = 3\n".encode("utf-16")],
     ids=["nested 2000 deep: RecursionError", "UTF-16: UnicodeDecodeError"],
 )
-def test_known_federation_config_bugs(tmp_path: Path, content: bytes) -> None:
+def test_fixed_federation_config_bugs(tmp_path: Path, content: bytes) -> None:
     from server.config import FederationConfigError
 
     path = tmp_path / "federation.toml"
@@ -153,9 +152,8 @@ ADOPT_BUGS = {
 }
 
 
-@pytest.mark.xfail(strict=True, reason="client/global_model.py adopt_global_model: reported")
 @pytest.mark.parametrize("damage", sorted(ADOPT_BUGS))
-def test_known_checkpoint_adoption_bugs(export_dir: Path, tmp_path: Path, damage: str) -> None:
+def test_fixed_checkpoint_adoption_bugs(export_dir: Path, tmp_path: Path, damage: str) -> None:
     from server.checkpoints import CheckpointStore
     from shared_models.errors import EduflError
     from shared_models.registry import build_model
@@ -169,8 +167,7 @@ def test_known_checkpoint_adoption_bugs(export_dir: Path, tmp_path: Path, damage
         adopt_global_model(tmp_path / "run", export_dir, SPEC, tmp_path / "model")
 
 
-@pytest.mark.xfail(strict=True, reason="privacy/keys.py load_node_public_key: reported")
-def test_known_public_key_bug_compressed_point(keys_dir: Path, tmp_path: Path) -> None:
+def test_fixed_public_key_bug_compressed_point(keys_dir: Path, tmp_path: Path) -> None:
     import base64
 
     from privacy.keys import KeyMaterialError
@@ -184,8 +181,7 @@ def test_known_public_key_bug_compressed_point(keys_dir: Path, tmp_path: Path) -
         load_node_public_key(path)
 
 
-@pytest.mark.xfail(strict=True, reason="shared_models/splits.py split_cohort raises ValueError")
-def test_known_train_bug_an_export_without_outcomes(export_dir: Path, tmp_path: Path) -> None:
+def test_fixed_train_bug_an_export_without_outcomes(export_dir: Path, tmp_path: Path) -> None:
     """A scoring-only export (no outcomes table) is usable, so `edufl train` must say why not."""
     from typer.testing import CliRunner
 
@@ -197,8 +193,7 @@ def test_known_train_bug_an_export_without_outcomes(export_dir: Path, tmp_path: 
     assert result.exit_code == 2 and "Traceback" not in result.output, result.exception
 
 
-@pytest.mark.xfail(strict=True, reason="privacy/consortium_ledger.py decode_entry: RecursionError")
-def test_known_ledger_entry_bug_deep_nesting(tmp_path: Path) -> None:
+def test_fixed_ledger_entry_bug_deep_nesting(tmp_path: Path) -> None:
     from privacy.ledger import LedgerError
 
     with pytest.raises(LedgerError):
