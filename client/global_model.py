@@ -51,6 +51,8 @@ def adopt_global_model(
         weights = manifest_path.parent / manifest["weights"]
         name, overrides = str(manifest["model"]), manifest.get("model_overrides") or {}
         split_seed = int(manifest.get("seed", 0)) if seed is None else seed
+        if not 0 <= split_seed < 2**32:
+            raise ValueError(f"seed {split_seed} is not in [0, 2**32)")
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
         raise DataContractError(f"{manifest_path}: not a federated checkpoint ({exc})") from None
     if manifest.get("spec_fingerprint") != spec.fingerprint:

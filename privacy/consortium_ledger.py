@@ -103,7 +103,7 @@ def decode_entries(text: str) -> list[dict[str, Any]]:
         return []
     try:
         obj = json.loads(text)
-    except (json.JSONDecodeError, RecursionError) as exc:
+    except (ValueError, RecursionError) as exc:  # bad JSON, >4300-digit ints, deep nesting
         raise LedgerError(f"ledger entries are not valid JSON ({type(exc).__name__})") from None
     if not isinstance(obj, list) or not all(isinstance(e, dict) for e in obj):
         raise LedgerError("ledger entries must be a JSON list of objects")
@@ -114,7 +114,7 @@ def decode_entry(text: str) -> dict[str, Any]:
     """Inverse of `encode_entry` (checks happen in `ConsortiumLedger.receive`)."""
     try:
         obj = json.loads(text)
-    except (json.JSONDecodeError, RecursionError) as exc:
+    except (ValueError, RecursionError) as exc:  # bad JSON, >4300-digit ints, deep nesting
         raise LedgerError(f"ledger entry is not valid JSON ({type(exc).__name__})") from None
     if not isinstance(obj, dict):
         raise LedgerError("ledger entry must be a JSON object")

@@ -127,14 +127,14 @@ class FederationConfig(BaseModel):
     def from_toml(cls, path: Path, **overrides: Any) -> FederationConfig:
         """Load a TOML file (snake_case keys, ``[guard]`` table); ``overrides`` win."""
         try:
-            raw = tomllib.loads(path.read_text("utf-8"))
+            raw = tomllib.loads(path.read_text("utf-8-sig"))  # a BOM is fine
         except FileNotFoundError:
             raise FederationConfigError(f"{path}: config file not found") from None
         except UnicodeDecodeError:
             raise FederationConfigError(f"{path}: not UTF-8 text; save it as UTF-8") from None
         except RecursionError:
             raise FederationConfigError(f"{path}: nested too deeply to be a config") from None
-        except (OSError, tomllib.TOMLDecodeError) as exc:
+        except (OSError, ValueError) as exc:  # TOML errors, >4300-digit integers
             raise FederationConfigError(f"{path}: cannot read config ({exc})") from None
         return cls.validated({**raw, **overrides}, str(path))
 

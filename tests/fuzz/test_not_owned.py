@@ -198,3 +198,34 @@ def test_fixed_ledger_entry_bug_deep_nesting(tmp_path: Path) -> None:
 
     with pytest.raises(LedgerError):
         ConsortiumLedger(tmp_path / "ledger.jsonl").receive_text("[" * 100_000)
+
+
+HUGE_INT = "9" * 5000  # beyond Python's 4300-digit limit for int(str): a plain ValueError
+
+
+def test_fixed_federation_config_bug_huge_integer(tmp_path: Path) -> None:
+    from server.config import FederationConfigError
+
+    path = tmp_path / "federation.toml"
+    path.write_text(f"rounds = {HUGE_INT}\n", "utf-8")
+    with pytest.raises(FederationConfigError, match=r"federation\.toml"):
+        FederationConfig.from_toml(path)
+
+
+def test_fixed_ledger_entry_bug_huge_integer(tmp_path: Path) -> None:
+    from privacy.ledger import LedgerError
+
+    with pytest.raises(LedgerError):
+        ConsortiumLedger(tmp_path / "ledger.jsonl").receive_text(f'{{"round": {HUGE_INT}}}')
+
+
+def test_fixed_checkpoint_adoption_bug_huge_seed(export_dir: Path, tmp_path: Path) -> None:
+    from server.checkpoints import CheckpointStore
+    from shared_models.errors import EduflError
+    from shared_models.registry import build_model
+
+    model = build_model("lstm", SPEC.weeks, len(SPEC.dynamic), len(SPEC.static_names), {})
+    manifest = {"model": "lstm", "spec_fingerprint": SPEC.fingerprint, "seed": 2**80}
+    CheckpointStore(tmp_path / "run").save(1, model, manifest)
+    with pytest.raises(EduflError, match="round-0001"):
+        adopt_global_model(tmp_path / "run", export_dir, SPEC, tmp_path / "model")
