@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import json
 import os
 import shutil
 import signal
@@ -174,13 +175,20 @@ def run(args: Any, work: Path) -> dict[str, Any]:
                 )
                 last_report = time.monotonic()
             time.sleep(args.sample_every)
-        records = fed.wait_for_run(server, 60)
+        error = ""
+        try:
+            records = fed.wait_for_run(server, 60)
+        except RuntimeError as exc:  # report what the run did before it failed
+            error = _last_error(server.log_path.read_text(errors="replace")) or str(exc)
+            log(f"the run failed: {error}")
+            records = _records(fed.run_dir)
     finally:
         if forked is not None:
             forked.stop_all()
         fed.stop_all()
     rows = load_rows(records, args.nodes)
     return {
+        "error": error,
         "rounds_asked": args.rounds,
         "rounds_completed": len(rows),
         "updates_expected": sum(r["expected"] for r in rows),
@@ -194,6 +202,22 @@ def run(args: Any, work: Path) -> dict[str, Any]:
         "peak_processes": memory.peak_processes,
         "seconds_server_start_to_end": round(time.monotonic() - started, 1),
     }
+
+
+def _records(run_dir: Path) -> list[dict[str, Any]]:
+    try:
+        lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    except FileNotFoundError:
+        return []
+    return [json.loads(line) for line in lines]
+
+
+def _last_error(output: str) -> str:
+    """The ServerApp's last exception line, or the run's final status line."""
+    lines = [line.strip() for line in output.splitlines()]
+    errors = [line for line in lines if line.startswith("flwr.") and "Error" in line]
+    finished = [line for line in lines if " finished:" in line]
+    return (errors or finished or [""])[-1][:400]
 
 
 def _available_gib() -> float:
@@ -228,6 +252,8 @@ def _table(result: dict[str, Any]) -> str:
         f"{r['peak_pss_sum_mib']} MiB, RSS {r['peak_rss_sum_mib']} MiB (sums)",
         f"server start to run end: {r['seconds_server_start_to_end']} s",
     ]
+    if r["error"]:
+        lines.append(f"the run FAILED: {r['error']}")
     return "\n".join(lines)
 
 
@@ -243,7 +269,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--threads-per-node", type=int, default=1)
     p.add_argument("--round-timeout", type=int, default=900)
     p.add_argument("--timeout", type=int, default=3600, help="seconds for the whole run")
-    p.add_argument("--sample-every", type=float, default=3.0, help="memory sampling, s")
+    p.add_argument("--sample-every", type=float, default=5.0, help="memory sampling, s")
     p.add_argument("--min-free-gib", type=float, default=2.0, help="stop below this much")
     p.add_argument("--workdir", type=Path, default=None, help="kept; default a temp dir")
     args = p.parse_args(argv)
@@ -261,7 +287,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.workdir is None:
             shutil.rmtree(work, ignore_errors=True)
     report.details = result
-    ok = result["updates_lost"] == 0 and result["rounds_completed"] == args.rounds
+    ok = not result["error"] and result["updates_lost"] == 0
+    ok = ok and result["rounds_completed"] == args.rounds
     _rows(report, args, result, ok)
     print(_table(result))
     report.write(args.json)
@@ -279,7 +306,8 @@ def _rows(report: Report, args: Any, result: dict[str, Any], ok: bool) -> None:
             target=f"{args.rounds}/{args.rounds} rounds, 0 lost",
             met=ok,
             note=f"{result['rounds_completed']}/{args.rounds} rounds, {result['updates_lost']} "
-            f"lost of {result['updates_expected']}",
+            f"lost of {result['updates_expected']}"
+            + (f"; the run failed: {result['error']}" if result["error"] else ""),
         )
     )
     if result["round_s"]:

@@ -55,8 +55,9 @@ PRELOAD = (
     "privacy.consortium_ledger",
 )
 #: Seconds between task requests while the SuperNode announces nothing (Flower's SuperExec: 1 s).
-#: Each request costs the node about 5 ms of CPU: 0.1 s would be 5 % of a core per idle node.
-POLL_S = 1.0
+#: A request costs the node about 5 ms of CPU (0.1 s would take 5 % of a core per idle node);
+#: tasks announced in the SuperNode's log (`_HINT`) are asked for at once anyway.
+POLL_S = 2.0
 #: The SuperNode logs this right before it creates a message's task (flwr 1.41); if a release
 #: changes it, tasks are still found, ``POLL_S`` later.
 _HINT = b"Receiving: "
