@@ -122,7 +122,7 @@ class Federation:
         )
         self.children.append(server)
         wait_for("the server to register the keys", lambda: "enrolled institutions:" in
-                 server.log_path.read_text(errors="replace"), 180, [server])  # fmt: skip
+                 server.log_path.read_text(errors="replace"), 600, [server])  # fmt: skip
         return server
 
     def node_options(self, name: str, export: Path, key: Path, warm: bool) -> Any:
