@@ -217,7 +217,7 @@ class DPSession:
                 )
             # Who is sampled must be as unpredictable as the noise: amplification by
             # subsampling assumes no one can tell whether a student was in a batch.
-            private_loader.batch_sampler.generator = rng  # type: ignore[union-attr]
+            private_loader.batch_sampler.generator = rng
         except BaseException:
             self._restore_layers()
             raise
@@ -310,8 +310,8 @@ class DPSession:
 
     def _restore_layers(self) -> None:
         """Put back the recurrent layers `make_private` swapped (no-op when none were)."""
-        if self._unfuse is not None:
-            self._unfuse, unfuse = None, self._unfuse
+        unfuse, self._unfuse = self._unfuse, None
+        if unfuse is not None:
             unfuse()
 
     def _epsilon(self, history: list[Segment]) -> float:

@@ -24,7 +24,7 @@ from __future__ import annotations
 import logging
 from collections import deque
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import torch
 from opacus.grad_sample import register_grad_sampler
@@ -55,7 +55,7 @@ def _refuse_state_gradient(grad: Tensor | None) -> None:
 def _guarded(state: Tensor) -> Tensor:
     """``state``, raising in backward if a loss depends on it (it would be missed silently)."""
     if state.requires_grad:
-        state.register_hook(_refuse_state_gradient)
+        state.register_hook(_refuse_state_gradient)  # type: ignore[no-untyped-call]
     return state
 
 
@@ -132,25 +132,28 @@ def _shifted(sequence: Tensor) -> Tensor:
     return torch.cat([sequence.new_zeros(sequence[:, :1].shape), sequence[:, :-1]], dim=1)
 
 
+def _weights(layer: nn.RNNBase) -> tuple[nn.Parameter, nn.Parameter, nn.Parameter, nn.Parameter]:
+    """``weight_ih``, ``weight_hh``, ``bias_ih``, ``bias_hh`` of a single-layer RNN."""
+    names = ("weight_ih_l0", "weight_hh_l0", "bias_ih_l0", "bias_hh_l0")
+    w_ih, w_hh, b_ih, b_hh = (cast(nn.Parameter, getattr(layer, n)) for n in names)
+    return w_ih, w_hh, b_ih, b_hh
+
+
 def _weight_grads(
     layer: nn.RNNBase, x: Tensor, h_prev: Tensor, d_ih: Tensor, d_hh: Tensor
 ) -> dict[nn.Parameter, Tensor]:
     """Per-student gradients from the gate gradients of every step (one bmm per weight)."""
     if d_ih is d_hh:  # LSTM: both projections get the same gate gradients, one bmm serves
         both = torch.bmm(d_ih.transpose(1, 2), torch.cat([x, h_prev], dim=2))
-        w_ih, w_hh = both.split([x.shape[2], h_prev.shape[2]], dim=2)
+        g_ih, g_hh = both[..., : x.shape[2]], both[..., x.shape[2] :]
     else:
-        w_ih = torch.bmm(d_ih.transpose(1, 2), x)
-        w_hh = torch.bmm(d_hh.transpose(1, 2), h_prev)
-    return {
-        layer.weight_ih_l0: w_ih,
-        layer.weight_hh_l0: w_hh,
-        layer.bias_ih_l0: d_ih.sum(dim=1),
-        layer.bias_hh_l0: d_hh.sum(dim=1),
-    }
+        g_ih = torch.bmm(d_ih.transpose(1, 2), x)
+        g_hh = torch.bmm(d_hh.transpose(1, 2), h_prev)
+    w_ih, w_hh, b_ih, b_hh = _weights(layer)
+    return {w_ih: g_ih, w_hh: g_hh, b_ih: d_ih.sum(dim=1), b_hh: d_hh.sum(dim=1)}
 
 
-@register_grad_sampler(FusedLSTM)
+@register_grad_sampler(FusedLSTM)  # type: ignore[untyped-decorator]
 @torch.no_grad()
 def _lstm_grad_sample(
     layer: FusedLSTM, activations: list[Tensor], backprops: Tensor
@@ -166,9 +169,9 @@ def _lstm_grad_sample(
     out = _output(layer, x, nn.LSTM)
     batch, steps, hidden = out.shape
     h_prev = _shifted(out)
-    weights = torch.cat([layer.weight_ih_l0, layer.weight_hh_l0], dim=1)
-    gates = torch.cat([x, h_prev], dim=2) @ weights.t()
-    gates += layer.bias_ih_l0 + layer.bias_hh_l0
+    w_ih, w_hh, b_ih, b_hh = _weights(layer)
+    gates = torch.cat([x, h_prev], dim=2) @ torch.cat([w_ih, w_hh], dim=1).t()
+    gates += b_ih + b_hh
     i, f, g, o = gates.chunk(4, dim=2)
     i, f, o, g = i.sigmoid(), f.sigmoid(), o.sigmoid(), g.tanh()
     ig = i * g
@@ -185,7 +188,6 @@ def _lstm_grad_sample(
         [g * i * (1 - i), _shifted(c) * f * (1 - f), i * (1 - g * g), tanh_c * o * (1 - o)], dim=2
     )
     d_gates = torch.empty_like(factor)
-    w_hh = layer.weight_hh_l0
     dh_next = backprops.new_zeros(batch, hidden)
     dc_next = backprops.new_zeros(batch, hidden)
     for t in range(steps - 1, -1, -1):
@@ -198,7 +200,7 @@ def _lstm_grad_sample(
     return _weight_grads(layer, x, h_prev, d_gates, d_gates)
 
 
-@register_grad_sampler(FusedGRU)
+@register_grad_sampler(FusedGRU)  # type: ignore[untyped-decorator]
 @torch.no_grad()
 def _gru_grad_sample(
     layer: FusedGRU, activations: list[Tensor], backprops: Tensor
@@ -211,8 +213,9 @@ def _gru_grad_sample(
     x = activations[0].to(backprops.dtype)
     out = _output(layer, x, nn.GRU)
     h_prev = _shifted(out)
-    gi = x @ layer.weight_ih_l0.t() + layer.bias_ih_l0
-    gh = h_prev @ layer.weight_hh_l0.t() + layer.bias_hh_l0
+    w_ih, w_hh, b_ih, b_hh = _weights(layer)
+    gi = x @ w_ih.t() + b_ih
+    gh = h_prev @ w_hh.t() + b_hh
     gi_r, gi_z, gi_n = gi.chunk(3, dim=2)
     gh_r, gh_z, gh_n = gh.chunk(3, dim=2)
     r, z = (gi_r + gh_r).sigmoid(), (gi_z + gh_z).sigmoid()
@@ -224,7 +227,6 @@ def _gru_grad_sample(
     factor_ih = torch.cat([d_r, d_z, d_n], dim=2)
     factor_hh = torch.cat([d_r, d_z, d_n * r], dim=2)
     dh_all = torch.empty_like(out)
-    w_hh = layer.weight_hh_l0
     dh_next = backprops.new_zeros(out.shape[0], out.shape[2])
     for t in range(out.shape[1] - 1, -1, -1):
         dh = backprops[:, t] + dh_next
@@ -235,17 +237,21 @@ def _gru_grad_sample(
     return _weight_grads(layer, x, h_prev, dh3 * factor_ih, dh3 * factor_hh)
 
 
-_TWINS: dict[type[nn.Module], type[nn.RNNBase]] = {DPLSTM: FusedLSTM, DPGRU: FusedGRU}
+_TWINS: dict[type[nn.Module], type[FusedLSTM] | type[FusedGRU]] = {
+    DPLSTM: FusedLSTM,
+    DPGRU: FusedGRU,
+}
 
 
-def _twin(layer: nn.Module) -> nn.RNNBase | None:
+def _twin(module: nn.Module) -> nn.RNNBase | None:
     """The fused twin of an eligible ``DPLSTM``/``DPGRU``, sharing its parameters; else None."""
-    cls = _TWINS.get(type(layer))
+    cls = _TWINS.get(type(module))
     if cls is None:
         return None
-    shape = (layer.num_layers, layer.bidirectional, layer.batch_first, layer.bias)
-    if shape != (1, False, True, True) or getattr(layer, "proj_size", 0):
-        logger.debug("%s %s is not fused (shape %s): Opacus' hooks serve it", cls, layer, shape)
+    layer = cast(Any, module)  # DPRNNBase: nn.RNNBase's attributes without its type
+    shape = (layer.num_layers, layer.bidirectional, layer.batch_first, layer.bias, layer.proj_size)
+    if shape != (1, False, True, True, 0):
+        logger.debug("%s is not fused (shape %s): Opacus' hooks serve it", layer, shape)
         return None
     with torch.device("meta"):  # no storage and no draw from torch's RNG for throwaway weights
         twin = cls(layer.input_size, layer.hidden_size, batch_first=True)
