@@ -248,7 +248,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--oulad", type=Path, default=SAMPLE, help="the OULAD sample folder")
     p.add_argument("--vle-factors", default="1,4,16,30", help="studentVle.csv repeated")
     p.add_argument("--student-factor", type=int, default=4, help="students replicated this often")
-    p.add_argument("--runs", type=int, default=3, help="reads of each OULAD variant")
+    p.add_argument("--runs", type=int, default=2, help="reads of each OULAD variant")
     p.add_argument("--score-students", type=int, default=3000)
     p.add_argument("--score-week", type=int, default=6)
     p.add_argument("--score-reps", type=int, default=3)

@@ -273,7 +273,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--students", type=int, default=1024)
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--reps", type=int, default=4, help="timed epochs per variant")
+    p.add_argument("--reps", type=int, default=3, help="timed epochs per variant")
     p.add_argument("--extra-threads", default="2", help="LSTM also at these thread counts")
     p.add_argument("--extra-batches", default="32,128", help="LSTM also at these batch sizes")
     args = p.parse_args(argv)
@@ -311,7 +311,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             for batch in [int(b) for b in args.extra_batches.split(",") if b]:
                 run(f"lstm, batch {batch}", "lstm", batch, CORE)
             for threads in [int(t) for t in args.extra_threads.split(",") if t]:
-                few = students(max(args.students // 4, 2 * args.batch))
+                few = students(max(args.students // 8, 2 * args.batch))
                 variants = ["plain", f"plain@{threads}", "dp-fused", f"dp-fused@{threads}"]
                 run(f"lstm, {len(few.at_risk)} students, @{threads} threads", "lstm", args.batch,
                     variants, few)  # fmt: skip
