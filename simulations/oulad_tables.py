@@ -75,6 +75,13 @@ def read_registrations(
         "module_presentation_length",
         files.where("courses.csv"),
     )
+    repeated = courses.duplicated(["code_module", "code_presentation"])
+    if repeated.any():
+        row = int(np.flatnonzero(repeated)[0])
+        raise DataContractError(
+            f"{files.where('courses.csv')} line {row + 2}: {courses['code_module'].iat[row]} "
+            f"{courses['code_presentation'].iat[row]} repeated; keep one row per presentation"
+        )
     courses["length"] = length.astype(int)
     courses["weeks"] = np.minimum(weeks, courses["length"] // 7 + 1)
 

@@ -98,27 +98,43 @@ class DatasetFiles:
         The fast path lets pandas parse integers; only when that fails is the file scanned
         again as text to say which line and column hold the bad value.
         """
-        with self.open(name) as fh:
-            header = pd.read_csv(fh, nrows=0).columns
+        try:
+            with self.open(name) as fh:
+                header = pd.read_csv(fh, nrows=0).columns
+        except _UNREADABLE as exc:
+            raise self._malformed(name, exc) from None
         self._check_columns(name, [str(c).strip() for c in header], columns)
         try:
             with self.open(name) as fh:
                 reader = pd.read_csv(fh, usecols=list(columns), dtype="int64", chunksize=chunksize)
                 for chunk in reader:
                     yield chunk[list(columns)]
-        except (ValueError, OverflowError, pd.errors.ParserError):
+        except (*_UNREADABLE, OverflowError) as exc:
             self._raise_first_bad_integer(name, columns, chunksize)
-            raise  # the text scan found nothing: not a cell problem, show pandas' own message
+            # the text scan found no bad cell: not a cell problem, show pandas' own message
+            raise self._malformed(name, exc) from None
 
     def _raise_first_bad_integer(self, name: str, columns: tuple[str, ...], chunksize: int) -> None:
         offset = 0
-        with self.open(name) as fh:
-            for chunk in pd.read_csv(
-                fh, usecols=list(columns), dtype=str, keep_default_na=False, chunksize=chunksize
-            ):
-                for col in columns:
-                    integers(chunk[col], col, self.where(name), first_line=offset + 2)
-                offset += len(chunk)
+        try:
+            with self.open(name) as fh:
+                for chunk in pd.read_csv(
+                    fh, usecols=list(columns), dtype=str, keep_default_na=False, chunksize=chunksize
+                ):
+                    for col in columns:
+                        values = integers(chunk[col], col, self.where(name), first_line=offset + 2)
+                        _within_int64(values, chunk[col], col, self.where(name), offset + 2)
+                    offset += len(chunk)
+        except DataContractError:
+            raise
+        except _UNREADABLE as exc:
+            raise self._malformed(name, exc) from None
+
+    def _malformed(self, name: str, exc: BaseException) -> DataContractError:
+        return DataContractError(
+            f"{self.where(name)}: malformed CSV ({type(exc).__name__}: {exc}); expected the "
+            f"original {self.dataset} file (UTF-8, comma-separated, with its header)"
+        )
 
     def _check_columns(self, name: str, present: list[str], required: tuple[str, ...]) -> None:
         missing = [c for c in required if c not in present]
@@ -127,6 +143,26 @@ class DatasetFiles:
                 f"{self.where(name)}: column(s) {missing} missing; found {present}. "
                 f"Is this the original {self.dataset} file?"
             )
+
+
+#: What pandas raises on a file that is not a readable CSV at all (empty, wrong encoding,
+#: unbalanced quotes, a binary file).
+_UNREADABLE = (pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError, ValueError)
+
+_INT64_LIMIT = float(2**63 - 1024)  # the largest float64 below 2**63
+
+
+def _within_int64(
+    values: np.ndarray, cells: pd.Series, column: str, where: str, first_line: int
+) -> None:
+    """Refuse whole numbers too large for the int64 columns the streamed tables use."""
+    huge = np.abs(values) > _INT64_LIMIT
+    if huge.any():
+        row = int(np.flatnonzero(huge)[0])
+        raise DataContractError(
+            f"{where} line {first_line + row}, column '{column}': "
+            f"'{str(cells.iloc[row]).strip()}' is too large for a count or an identifier"
+        )
 
 
 def integers(
