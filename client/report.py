@@ -21,7 +21,7 @@ from client import report_plots as plots
 from client.early_warning import EarlyWarning
 from client.scoring import TIERS
 from client.store import ActionRecord
-from shared_models.atomic import write_text_atomic
+from shared_models.atomic import write_atomic_many
 
 logger = logging.getLogger(__name__)
 
@@ -74,10 +74,15 @@ def write_report(
     actions = actions or {}
     order = np.argsort(-warning.scores.probability, kind="stable")
     frame = students_frame(warning, actions).iloc[order]
-    csv_path = out_dir / CSV_NAME
-    write_text_atomic(csv_path, frame.to_csv(index=False, lineterminator="\n"))
-    html_path = out_dir / HTML_NAME
-    write_text_atomic(html_path, render_html(warning, order[:max_rows], actions))
+    csv_path, html_path = out_dir / CSV_NAME, out_dir / HTML_NAME
+    csv_text = frame.to_csv(index=False, lineterminator="\n")
+    html_text = render_html(warning, order[:max_rows], actions)
+    write_atomic_many(  # both or neither: a report never lists other students than its table
+        {
+            csv_path: lambda tmp: tmp.write_text(csv_text, "utf-8"),
+            html_path: lambda tmp: tmp.write_text(html_text, "utf-8"),
+        }
+    )
     return html_path, csv_path
 
 

@@ -16,7 +16,7 @@ import ipaddress
 import logging
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +26,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from shared_models.atomic import write_atomic_many
 from shared_models.errors import EduflError
 
 logger = logging.getLogger(__name__)
@@ -207,6 +208,27 @@ def write_private(path: Path, data: bytes) -> None:
 def write_public(path: Path, data: bytes) -> None:
     """Write non-secret bytes (certificates, public keys) atomically with mode 0644."""
     _write_atomic(path, data, 0o644)
+
+
+def write_files_atomic(files: Mapping[Path, tuple[bytes, int]]) -> None:
+    """Write files that belong together, each ``path: (bytes, mode)``, all or none.
+
+    Every file is complete under its temporary name, created with its mode, before any is
+    renamed into place (``shared_models.atomic.write_atomic_many``).
+    """
+
+    def writer(data: bytes, mode: int) -> Callable[[Path], None]:
+        def write(tmp: Path) -> None:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.chmod(tmp, mode)
+
+        return write
+
+    write_atomic_many({path: writer(data, mode) for path, (data, mode) in files.items()})
 
 
 def _write_atomic(path: Path, data: bytes, mode: int) -> None:

@@ -25,7 +25,7 @@ import tomli_w
 from client.export import read_export
 from client.identifiers import identifier_kind_by_name, identifier_kind_by_values
 from client.mapping import TABLES, find_mapping
-from privacy.keys import write_private, write_public
+from privacy.keys import write_files_atomic, write_private
 from shared_models.contract import STUDENT_ID, TERM, WEEK, FeatureSpec
 from shared_models.errors import EduflError
 
@@ -141,6 +141,9 @@ def pseudonymize_export(
             cache[value] = pseudonym(secret, value)
         return cache[value]
 
+    # Pseudonymous records are still personal data: owner-only, like the secret. Nothing is
+    # written until every table is done, and then all of them at once (no half-written export).
+    outputs: dict[Path, tuple[bytes, int]] = {}
     for name, table in tables.items():
         frame = table.frame
         for col in frame.columns:
@@ -154,17 +157,17 @@ def pseudonymize_export(
         frame = frame[[c for c in keep[name] if c in frame.columns]].copy()
         if STUDENT_ID in frame.columns:
             frame[STUDENT_ID] = [pseudonym_of(v) for v in frame[STUDENT_ID]]
-        # Pseudonymous records are still personal data: owner-only, like the secret.
-        write_private(out_dir / f"{name}.csv", frame.to_csv(index=False).encode("utf-8"))
+        outputs[out_dir / f"{name}.csv"] = (frame.to_csv(index=False).encode("utf-8"), 0o600)
         report.rows[name] = len(frame)
     if len(set(cache.values())) != len({v.strip() for v in cache}):
         raise PseudonymizeError("two student numbers got the same pseudonym; use a new secret")
     report.students = len({v.strip() for v in cache})
     extra = mapping.model_dump(include={"values", "scale"}, exclude_defaults=True)
     if extra:
-        write_public(out_dir / "mapping.toml", tomli_w.dumps(extra).encode("utf-8"))
+        outputs[out_dir / "mapping.toml"] = (tomli_w.dumps(extra).encode("utf-8"), 0o644)
     if "students" in tables:
         _k_anonymity(report, tables["students"].frame, spec, quasi_identifiers)
+    write_files_atomic(outputs)
     return report
 
 

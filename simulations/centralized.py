@@ -131,7 +131,7 @@ def train_on_split(
         extra={"target": target, "trained_on": sorted(set(cohort.institution.tolist()))},
     )
     _write_json(out_dir / "metrics.json", metrics)
-    (out_dir / "results.md").write_text(results_table([metrics], target), "utf-8")
+    write_text_atomic(out_dir / "results.md", results_table([metrics], target))
     return metrics
 
 
@@ -168,7 +168,7 @@ def run_centralized(
                     on_epoch=on_epoch,
                 )
             )
-        (out_dir / "results.md").write_text(results_table(runs, target), "utf-8")
+        write_text_atomic(out_dir / "results.md", results_table(runs, target))
         _write_json(out_dir / "metrics.json", {"folds": runs})
         return runs
     part = split_cohort(cohort, mode=split, seed=cfg.seed)

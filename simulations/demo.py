@@ -16,6 +16,7 @@ import typer
 from client.early_warning import score_and_report
 from client.global_model import adopt_global_model
 from client.validate import validate_export
+from shared_models.atomic import write_text_atomic
 from shared_models.cli_support import user_errors
 from shared_models.contract import default_spec
 from shared_models.errors import DataContractError, EduflError
@@ -130,7 +131,7 @@ def _audit(ledger: Path, run_dir: Path) -> None:
     verified = verify_ledger(ledger)
     typer.echo(f"      chain and signatures: {'intact' if not verified.problems else 'BROKEN'}")
     report = recompute_budget(parse_entries(ledger))
-    (run_dir / "privacy_audit.md").write_text(budget_markdown(report), "utf-8")
+    write_text_atomic(run_dir / "privacy_audit.md", budget_markdown(report))
     plot_epsilon(report, run_dir / "privacy_epsilon.png")
     for s in report.summaries:
         typer.echo(

@@ -28,6 +28,7 @@ from client.loader import load_cohort
 from privacy.budget import DPPlan, PrivacyBudget
 from privacy.dp import DPSession
 from shared_models.artifact import save_trained
+from shared_models.atomic import write_text_atomic
 from shared_models.cohort import CohortArrays, ModelInputs, Normalizer
 from shared_models.contract import FeatureSpec, default_spec
 from shared_models.evaluation import evaluate
@@ -106,7 +107,7 @@ def run(args: argparse.Namespace) -> str:
                 notes[row] = f"noise multiplier {sigma:.3f}, epsilon spent {spent:.3f}"
                 _save(args.out / f"model_dp_eps{epsilon:g}", model, spec, norm, seed, entry)
     table = _table(aucs, notes, len(train), len(test), args, time.perf_counter() - started)
-    (args.out / RESULT_FILE).write_text(table, "utf-8")
+    write_text_atomic(args.out / RESULT_FILE, table)
     return table
 
 

@@ -9,6 +9,7 @@ from typing import Any
 
 import typer
 
+from shared_models.atomic import write_text_atomic
 from shared_models.cli_support import new_app, user_errors
 from shared_models.contract import load_spec
 from shared_models.errors import DataContractError
@@ -184,7 +185,7 @@ def run(
         from simulations.reference import centralized_reference
 
         ref = centralized_reference(federation, data)
-        (out / "centralized.json").write_text(json.dumps(vars(ref), indent=2, default=str))
+        write_text_atomic(out / "centralized.json", json.dumps(vars(ref), indent=2, default=str))
         typer.echo(
             f"centralized on the same splits: ROC-AUC {ref.weighted_roc_auc:.4f} (weighted over "
             f"institutions), {ref.pooled_roc_auc:.4f} (pooled test set)"

@@ -245,14 +245,7 @@ def test_audit_budget_on_a_full_disk_keeps_the_previous_report(
     "fail_at",
     [
         1,  # students.csv
-        pytest.param(
-            2,  # report.html, after students.csv was renamed into place
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="client/report.py write_report renames students.csv before report.html "
-                "is written: a new CSV beside the old page (reported)",
-            ),
-        ),
+        2,  # report.html (both are renamed only once both are complete)
     ],
 )
 def test_the_advisor_report_on_a_full_disk_keeps_the_previous_report(

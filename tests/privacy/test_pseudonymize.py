@@ -139,3 +139,32 @@ def test_output_over_the_input_or_an_existing_export_is_refused(
     pseudonymize_export(raw_export, tmp_path / "out", secret, default_spec())
     with pytest.raises(PseudonymizeError, match="already holds"):
         pseudonymize_export(raw_export, tmp_path / "out", secret, default_spec())
+
+
+@pytest.mark.parametrize("fail_at", [1, 2, 3])
+def test_a_full_disk_leaves_no_table_of_the_pseudonymized_export(
+    raw_export: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fail_at: int
+) -> None:
+    """The tables are written all together: a failure at any of them leaves none behind."""
+    import errno
+
+    import privacy.keys
+
+    secret = load_or_create_secret(tmp_path / "secret")
+    calls = []
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        calls.append(fd)
+        if len(calls) == fail_at:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_fsync(fd)
+
+    monkeypatch.setattr(privacy.keys.os, "fsync", fsync)
+    out = tmp_path / "out"
+    with pytest.raises(OSError, match="No space left"):
+        pseudonymize_export(raw_export, out, secret, default_spec())
+    assert not out.exists() or not list(out.iterdir()), "a table was left from the failed run"
+    monkeypatch.setattr(privacy.keys.os, "fsync", real_fsync)
+    pseudonymize_export(raw_export, out, secret, default_spec())  # nothing half-written blocks it
+    assert {"students.csv", "activity.csv", "outcomes.csv"} <= {p.name for p in out.iterdir()}
