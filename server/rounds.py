@@ -109,8 +109,35 @@ def run_rounds(
     return arrays
 
 
+#: Seconds between asks for replies in a deployment. Flower 1.41's ``HttpGrid`` (the
+#: ServerApp's connection to a SuperLink) asks every 3 s in ``send_and_receive``, which alone
+#: added 1.5 s to every round on average (docs/benchmarks.md, question 4); an ask is one small
+#: call to the SuperLink on the same machine. Simulation's ``InMemoryGrid`` asks every 0.1 s.
+REPLY_POLL_S = 0.1
+
+try:
+    from flwr.superlink.grid.http_grid import HttpGrid as _SlowPollingGrid
+except ImportError:  # pragma: no cover - another Flower layout: its own polling then
+    _SlowPollingGrid = None  # type: ignore[assignment,misc]
+
+
 def _exchange(grid: Grid, messages: list[Message], timeout: float) -> list[Message]:
-    return list(grid.send_and_receive(messages, timeout=timeout)) if messages else []
+    """``grid.send_and_receive``; on a SuperLink, asking every ``REPLY_POLL_S`` seconds."""
+    if not messages:
+        return []
+    if _SlowPollingGrid is None or not isinstance(grid, _SlowPollingGrid):
+        return list(grid.send_and_receive(messages, timeout=timeout))
+    waiting = set(grid.push_messages(messages))
+    deadline = time.monotonic() + timeout
+    replies: list[Message] = []
+    while waiting:
+        got = list(grid.pull_messages(list(waiting)))
+        replies += got
+        waiting -= {msg.metadata.reply_to_message_id for msg in got}
+        if not waiting or time.monotonic() >= deadline:
+            break
+        time.sleep(REPLY_POLL_S)
+    return replies
 
 
 def _node_results(
