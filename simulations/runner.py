@@ -144,6 +144,9 @@ def _quiet_engine() -> Iterator[None]:
     flwr_logger.setLevel(logging.ERROR)
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    # Ray runs its workers 15 below the driver's priority; on a shared server that let other
+    # users' nice-10 jobs starve a simulation's training (docs/benchmarks.md, question 3).
+    os.environ.setdefault("RAY_worker_niceness", "0")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)  # Ray's accelerator notice
