@@ -121,23 +121,86 @@ except ImportError:  # pragma: no cover - another Flower layout: its own polling
     _SlowPollingGrid = None  # type: ignore[assignment,misc]
 
 
+#: A node whose reply has not come this long after the round's median reply (times
+#: ``RESEND_FACTOR``, at least ``RESEND_MIN_S`` after it was sent) is asked again.
+RESEND_FACTOR = 2.0
+RESEND_MIN_S = 30.0
+
+
 def _exchange(grid: Grid, messages: list[Message], timeout: float) -> list[Message]:
-    """``grid.send_and_receive``; on a SuperLink, asking every ``REPLY_POLL_S`` seconds."""
+    """``grid.send_and_receive``; on a SuperLink, asking often and asking lost nodes again.
+
+    On a SuperLink the replies are asked for every ``REPLY_POLL_S`` seconds, and a node whose
+    reply is late (see ``RESEND_FACTOR``) gets the same message again. Flower 1.41's SuperNode
+    drops a reply whose push the SuperLink refused (its SQLite store answered "database is
+    locked" with 50 nodes pushing at once on a loaded machine: bench/load_test.py), and the
+    SuperLink never hands the message out twice, so the update would wait for the round
+    timeout and be lost. The node answers the second message from its release cache (same
+    run, round and global weights: the update already released, no second privacy spend;
+    `client.release_cache`); a node that was only slow answers twice and the first is kept.
+    """
     if not messages:
         return []
     if _SlowPollingGrid is None or not isinstance(grid, _SlowPollingGrid):
         return list(grid.send_and_receive(messages, timeout=timeout))
-    waiting = set(grid.push_messages(messages))
-    deadline = time.monotonic() + timeout
-    replies: list[Message] = []
-    while waiting:
-        got = list(grid.pull_messages(list(waiting)))
-        replies += got
-        waiting -= {msg.metadata.reply_to_message_id for msg in got}
-        if not waiting or time.monotonic() >= deadline:
-            break
-        time.sleep(REPLY_POLL_S)
-    return replies
+    started = time.monotonic()
+    deadline = started + timeout
+    by_node = {int(m.metadata.dst_node_id): m for m in messages}
+    node_of: dict[str, int] = {}
+    sent_at: dict[int, float] = {}
+
+    def push(batch: list[Message]) -> None:
+        now = time.monotonic()
+        for msg_id, msg in zip(grid.push_messages(batch), batch, strict=True):
+            node_of[msg_id] = int(msg.metadata.dst_node_id)
+            sent_at[node_of[msg_id]] = now
+
+    push(messages)
+    replies: dict[int, Message] = {}
+    latencies: list[float] = []
+    while len(replies) < len(by_node) and time.monotonic() < deadline:
+        waiting = [i for i, node in node_of.items() if node not in replies]
+        for msg in grid.pull_messages(waiting):
+            node = node_of.get(msg.metadata.reply_to_message_id)
+            if node is not None and node not in replies:
+                replies[node] = msg
+                latencies.append(time.monotonic() - started)
+        late = _late_nodes(by_node, replies, sent_at, latencies, time.monotonic())
+        if late:
+            logger.warning(
+                "no reply yet from node(s) %s: asking again (a lost reply is re-sent from the "
+                "node's release cache, not retrained)",
+                ", ".join(str(n) for n in late),
+            )
+            push([_again(by_node[n]) for n in late])
+        if len(replies) < len(by_node):
+            time.sleep(REPLY_POLL_S)
+    return list(replies.values())
+
+
+def _late_nodes(
+    by_node: Mapping[int, Message],
+    replies: Mapping[int, Message],
+    sent_at: Mapping[int, float],
+    latencies: list[float],
+    now: float,
+) -> list[int]:
+    """Nodes to ask again: at least half have replied, and these are far behind them."""
+    if not latencies or 2 * len(replies) < len(by_node):
+        return []
+    typical = sorted(latencies)[len(latencies) // 2]
+    patience = max(RESEND_MIN_S, RESEND_FACTOR * typical)
+    return [n for n in by_node if n not in replies and now - sent_at[n] >= patience]
+
+
+def _again(msg: Message) -> Message:
+    """A new message with ``msg``'s content for the same node (a SuperLink takes an id once)."""
+    return Message(
+        content=msg.content,
+        dst_node_id=msg.metadata.dst_node_id,
+        message_type=msg.metadata.message_type,
+        group_id=msg.metadata.group_id,
+    )
 
 
 def _node_results(

@@ -1,11 +1,11 @@
-"""The round's exchange with a SuperLink: replies are asked for often, not every 3 s."""
+"""The round's exchange with a SuperLink: replies asked for often, lost replies asked again."""
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 
 import pytest
-from flwr.app import Message
+from flwr.app import Message, Metadata, RecordDict
 from flwr.superlink.grid.http_grid import HttpGrid
 
 import server.rounds
@@ -13,34 +13,75 @@ from tests.server.conftest import reply
 
 
 class _SuperLink(HttpGrid):
-    """An ``HttpGrid`` whose SuperLink answers node ``n`` after ``n`` asks (no network)."""
+    """An ``HttpGrid`` (no network) whose nodes answer after ``delay`` seconds of a fake clock.
 
-    def __init__(self) -> None:  # no connection: only push/pull are used
+    ``lose`` names nodes whose first reply is dropped, as Flower's SuperNode drops a reply
+    whose push the SuperLink refused.
+    """
+
+    def __init__(self, clock: _Clock, delay: dict[int, float], lose: set[int] = frozenset()):
+        self.clock, self.delay, self.lose = clock, delay, set(lose)
+        self.pushed: dict[str, tuple[int, float]] = {}  # message id -> (node, sent at)
         self.asks = 0
-        self.pushed: list[str] = []
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-        self.pushed = [f"msg-{m.metadata.dst_node_id}" for m in messages]
-        return list(self.pushed)
+        ids = []
+        for msg in messages:
+            msg_id = f"msg-{len(self.pushed)}"
+            self.pushed[msg_id] = (int(msg.metadata.dst_node_id), self.clock.now)
+            ids.append(msg_id)
+        return ids
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
         self.asks += 1
-        wanted = set(message_ids)
-        return [
-            reply(int(mid.split("-")[1]), None)
-            for mid in self.pushed
-            if mid in wanted and int(mid.split("-")[1]) <= self.asks
-        ]
+        out = []
+        for msg_id in message_ids:
+            node, sent = self.pushed[msg_id]
+            if self.clock.now - sent < self.delay[node]:
+                continue
+            if node in self.lose:  # this reply never reaches the SuperLink
+                self.lose.discard(node)
+                self.pushed[msg_id] = (node, float("inf"))
+                continue
+            out.append(_answer(node, msg_id))
+        return out
 
     def send_and_receive(self, *args: object, **kwargs: object) -> Iterable[Message]:
         raise AssertionError("Flower's send_and_receive polls every 3 s; not used on a SuperLink")
 
 
+def _answer(node: int, msg_id: str) -> Message:
+    """``node``'s reply to message ``msg_id``, with the metadata a SuperLink gives it."""
+    metadata = Metadata(
+        run_id=1,
+        message_id=f"reply-{msg_id}",
+        src_node_id=node,
+        dst_node_id=0,
+        reply_to_message_id=msg_id,
+        group_id="1",
+        created_at=0.0,
+        ttl=3600,
+        message_type="train",
+    )
+    return Message(content=RecordDict(), metadata=metadata)
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+        self.naps: list[float] = []
+
+    def sleep(self, seconds: float) -> None:
+        self.naps.append(seconds)
+        self.now += seconds
+
+
 @pytest.fixture
-def naps(monkeypatch: pytest.MonkeyPatch) -> list[float]:
-    slept: list[float] = []
-    monkeypatch.setattr(server.rounds.time, "sleep", slept.append)
-    return slept
+def clock(monkeypatch: pytest.MonkeyPatch) -> _Clock:
+    fake = _Clock()
+    monkeypatch.setattr(server.rounds.time, "sleep", fake.sleep)
+    monkeypatch.setattr(server.rounds.time, "monotonic", lambda: fake.now)
+    return fake
 
 
 def _to(nodes: list[int]) -> list[Message]:
@@ -51,22 +92,43 @@ def _to(nodes: list[int]) -> list[Message]:
     return messages
 
 
-def test_every_reply_is_collected_asking_every_tenth_of_a_second(naps: list[float]) -> None:
-    grid = _SuperLink()
+def _nodes(replies: list[Message]) -> list[int]:
+    return sorted(int(m.metadata.src_node_id) for m in replies)
+
+
+def test_every_reply_is_collected_asking_every_tenth_of_a_second(clock: _Clock) -> None:
+    grid = _SuperLink(clock, {1: 0.0, 2: 0.15, 3: 0.25})
     replies = server.rounds._exchange(grid, _to([1, 2, 3]), timeout=60)
-    assert sorted(m.metadata.src_node_id for m in replies) == [1, 2, 3]
-    assert grid.asks == 3
-    assert naps == [server.rounds.REPLY_POLL_S] * 2
+    assert _nodes(replies) == [1, 2, 3]
+    assert grid.asks == 4  # at 0, 0.1, 0.2, 0.3 s
+    assert set(clock.naps) == {server.rounds.REPLY_POLL_S}
+    assert len(grid.pushed) == 3  # nobody asked twice
 
 
-def test_the_round_timeout_returns_the_replies_in_so_far(
-    naps: list[float], monkeypatch: pytest.MonkeyPatch
-) -> None:
-    clock = iter([0.0, 0.0, 5.0, 11.0])  # start, after ask 1, after ask 2, after ask 3
-    monkeypatch.setattr(server.rounds.time, "monotonic", lambda: next(clock))
-    replies = server.rounds._exchange(_SuperLink(), _to([1, 2, 9]), timeout=10)
-    assert sorted(m.metadata.src_node_id for m in replies) == [1, 2]
+@pytest.mark.usefixtures("flower_task")
+def test_a_lost_reply_is_asked_for_again_and_arrives_once(clock: _Clock) -> None:
+    grid = _SuperLink(clock, {1: 5.0, 2: 5.0, 3: 5.0, 4: 5.0}, lose={3})
+    replies = server.rounds._exchange(grid, _to([1, 2, 3, 4]), timeout=900)
+    assert _nodes(replies) == [1, 2, 3, 4]
+    resent = [node for node, _ in list(grid.pushed.values())[4:]]
+    assert resent == [3]
+    # asked again once the others' median reply (5 s) was far behind: 30 s, not the timeout
+    assert 30 <= clock.now < 40
 
 
-def test_no_message_no_ask() -> None:
-    assert server.rounds._exchange(_SuperLink(), [], timeout=10) == []
+@pytest.mark.usefixtures("flower_task")
+def test_a_slow_node_answering_twice_counts_once(clock: _Clock) -> None:
+    grid = _SuperLink(clock, {1: 1.0, 2: 1.0, 3: 31.0})
+    replies = server.rounds._exchange(grid, _to([1, 2, 3]), timeout=900)
+    assert _nodes(replies) == [1, 2, 3]
+
+
+def test_the_round_timeout_returns_the_replies_in_so_far(clock: _Clock) -> None:
+    grid = _SuperLink(clock, {1: 1.0, 2: 1.0, 9: 1e9})
+    replies = server.rounds._exchange(grid, _to([1, 2, 9]), timeout=10)
+    assert _nodes(replies) == [1, 2]
+    assert 10 <= clock.now < 10.5
+
+
+def test_no_message_no_ask(clock: _Clock) -> None:
+    assert server.rounds._exchange(_SuperLink(clock, {}), [], timeout=10) == []
