@@ -22,7 +22,8 @@ durations the executor logs: in the task (loading the export, DP set-up and acco
 validation) and transport (the rest: polling by the SuperNode and the ServerApp, TLS transfers,
 aggregation). Federations of the two modes alternate, ``--reps`` times each.
 
-    python -m bench.bench_deploy                    # 3 nodes, 2 x 5 rounds per mode
+    python -m bench.bench_deploy                    # 3 nodes, 1 x 6 rounds per mode
+    python -m bench.bench_deploy --reps 2 --rounds 5  # as for the first figures (2 x 5 rounds)
     python -m bench.bench_deploy --quick            # 1 x 3 rounds per mode
 """
 
@@ -261,8 +262,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = parser("bench_deploy", __doc__.split("\n\n")[0])
     p.add_argument("--modes", default=",".join(MODES), help="comma-separated: flower,warm")
     p.add_argument("--nodes", type=int, default=3)
-    p.add_argument("--rounds", type=int, default=5, help="per federation; round 1 not counted")
-    p.add_argument("--reps", type=int, default=2, help="federations per mode, alternating")
+    p.add_argument("--rounds", type=int, default=6, help="per federation; round 1 not counted")
+    p.add_argument("--reps", type=int, default=1, help="federations per mode, alternating")
     p.add_argument("--students", type=int, default=900, help="in the whole consortium")
     p.add_argument("--local-epochs", type=int, default=1)
     p.add_argument("--timeout", type=int, default=900, help="seconds per federation")

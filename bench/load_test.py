@@ -23,15 +23,15 @@ forked from this one after it imported those modules once, so the nodes share th
 the universities' own machines each node has them to itself). Each node's torch uses
 ``--threads-per-node`` threads (1: 50 nodes share 2 cores).
 
-The nodes run at ``--node-nice`` (10 by default) below the consortium's processes: on the
+The nodes run at ``--node-nice`` (19 by default) below the consortium's processes: on the
 universities' machines a node's training never competes with the SuperLink for a CPU, here 50
-trainers share 2 cores with it. Even so, in the first 50-node runs (load average up to 46)
-the SuperLink's SQLite store timed out on its locks ("database is locked" after Flower's 5 s
-busy timeout) and answered 4-5 of the 50 pushed replies of round 1 with HTTP 500; Flower
-1.41's SuperNode drops a reply whose push failed, and the round waited for its timeout. The
-server now asks a node whose reply is far behind the others' again, and the node re-sends the
-update it released from its release cache (`server.rounds._exchange`): the figure to watch
-is "updates lost", and the server log names every node asked twice.
+trainers share 2 cores with it. In the first 50-node runs (nodes at nice 0, then 10; load
+average up to 46) the SuperLink's SQLite store timed out on its locks ("database is locked"
+after Flower's 5 s busy timeout) and refused 4-7 of the 50 replies of round 1 (HTTP 500):
+Flower 1.41's SuperNode drops a reply whose push was refused, and a reply whose objects were
+not all uploaded comes back as an error. The server now asks such a node again
+(`server.rounds._exchange`) and the node re-sends the update it released from its release
+cache; the figures to watch are "updates lost" and "replies asked for again".
 
     python -m bench.load_test                       # 50 nodes, 10 rounds
     python -m bench.load_test --nodes 10 --rounds 3 --launch exec
@@ -302,7 +302,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--launch", choices=("fork", "exec"), default="fork")
     p.add_argument("--threads-per-node", type=int, default=1)
     p.add_argument(
-        "--node-nice", type=int, default=10, help="niceness of forked nodes (0: as the server)"
+        "--node-nice", type=int, default=19, help="niceness of forked nodes (0: as the server)"
     )
     p.add_argument("--round-timeout", type=int, default=900)
     p.add_argument("--timeout", type=int, default=3600, help="seconds for the whole run")

@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
 from flwr.app import ArrayRecord, ConfigRecord, Message
+from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 
 from privacy.consortium_ledger import EARLIER_KEY, REPLY_KEY
@@ -123,19 +125,26 @@ except ImportError:  # pragma: no cover - another Flower layout: its own polling
 
 #: A node whose reply has not come this long after the round's median reply (times
 #: ``RESEND_FACTOR``, at least ``RESEND_MIN_S`` after it was sent) is asked again.
-RESEND_FACTOR = 2.0
+RESEND_FACTOR = 1.5
 RESEND_MIN_S = 30.0
+#: Messages a node gets per round at most (the first and the asks again).
+MAX_ASKS = 4
+#: Error replies that mean the node's reply was lost on the way (Flower's grid makes one when
+#: a reply's objects cannot be pulled), not that the node failed: the node is asked again.
+_IN_TRANSIT = (ErrorCode.MESSAGE_UNAVAILABLE, ErrorCode.REPLY_MESSAGE_UNAVAILABLE)
 
 
 def _exchange(grid: Grid, messages: list[Message], timeout: float) -> list[Message]:
     """``grid.send_and_receive``; on a SuperLink, asking often and asking lost nodes again.
 
     On a SuperLink the replies are asked for every ``REPLY_POLL_S`` seconds, and a node whose
-    reply is late (see ``RESEND_FACTOR``) gets the same message again. Flower 1.41's SuperNode
-    drops a reply whose push the SuperLink refused (its SQLite store answered "database is
-    locked" with 50 nodes pushing at once on a loaded machine: bench/load_test.py), and the
-    SuperLink never hands the message out twice, so the update would wait for the round
-    timeout and be lost. The node answers the second message from its release cache (same
+    reply was lost gets the same message again: at once when the grid says the reply's upload
+    did not complete (``_IN_TRANSIT``), and when its reply is far behind the others' (see
+    ``RESEND_FACTOR``). With 50 nodes pushing at once on a loaded machine, the SuperLink's
+    SQLite store answered "database is locked" to some pushes (bench/load_test.py): Flower
+    1.41's SuperNode drops a reply whose push was refused, and the SuperLink never hands a
+    message out twice, so without this the update would wait for the round timeout and be
+    lost. The node answers the second message from its release cache (same
     run, round and global weights: the update already released, no second privacy spend;
     `client.release_cache`); a node that was only slow answers twice and the first is kept.
     """
@@ -148,24 +157,36 @@ def _exchange(grid: Grid, messages: list[Message], timeout: float) -> list[Messa
     by_node = {int(m.metadata.dst_node_id): m for m in messages}
     node_of: dict[str, int] = {}
     sent_at: dict[int, float] = {}
+    asks: Counter[int] = Counter()
 
     def push(batch: list[Message]) -> None:
         now = time.monotonic()
         for msg_id, msg in zip(grid.push_messages(batch), batch, strict=True):
             node_of[msg_id] = int(msg.metadata.dst_node_id)
             sent_at[node_of[msg_id]] = now
+            asks[node_of[msg_id]] += 1
 
     push(messages)
     replies: dict[int, Message] = {}
     latencies: list[float] = []
     while len(replies) < len(by_node) and time.monotonic() < deadline:
         waiting = [i for i, node in node_of.items() if node not in replies]
+        lost: set[int] = set()
         for msg in grid.pull_messages(waiting):
-            node = node_of.get(msg.metadata.reply_to_message_id)
-            if node is not None and node not in replies:
-                replies[node] = msg
-                latencies.append(time.monotonic() - started)
-        late = _late_nodes(by_node, replies, sent_at, latencies, time.monotonic())
+            msg_id = msg.metadata.reply_to_message_id
+            node = node_of.get(msg_id)
+            if node is None or node in replies:
+                continue
+            if msg.has_error() and msg.error.code in _IN_TRANSIT:
+                # the node replied but its upload did not complete: that message is spent
+                logger.info("node %s's reply was lost in transit (%s)", node, msg.error.reason)
+                del node_of[msg_id]
+                lost.add(node)
+                continue
+            replies[node] = msg
+            latencies.append(time.monotonic() - started)
+        late = lost | set(_late_nodes(by_node, replies, sent_at, latencies, time.monotonic()))
+        late = sorted(n for n in late - replies.keys() if asks[n] < MAX_ASKS)
         if late:
             logger.warning(
                 "no reply yet from node(s) %s: asking again (a lost reply is re-sent from the "

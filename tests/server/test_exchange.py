@@ -5,7 +5,8 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import pytest
-from flwr.app import Message, Metadata, RecordDict
+from flwr.app import Error, Message, Metadata, RecordDict
+from flwr.common.constant import ErrorCode
 from flwr.superlink.grid.http_grid import HttpGrid
 
 import server.rounds
@@ -19,8 +20,14 @@ class _SuperLink(HttpGrid):
     whose push the SuperLink refused.
     """
 
-    def __init__(self, clock: _Clock, delay: dict[int, float], lose: set[int] = frozenset()):
-        self.clock, self.delay, self.lose = clock, delay, set(lose)
+    def __init__(
+        self,
+        clock: _Clock,
+        delay: dict[int, float],
+        lose: Iterable[int] = (),
+        garble: Iterable[int] = (),
+    ) -> None:
+        self.clock, self.delay, self.lose, self.garble = clock, delay, set(lose), set(garble)
         self.pushed: dict[str, tuple[int, float]] = {}  # message id -> (node, sent at)
         self.asks = 0
 
@@ -43,6 +50,10 @@ class _SuperLink(HttpGrid):
                 self.lose.discard(node)
                 self.pushed[msg_id] = (node, float("inf"))
                 continue
+            if node in self.garble:  # the upload broke off: the grid reports it as an error
+                self.garble.discard(node)
+                out.append(_answer(node, msg_id, error=True))
+                continue
             out.append(_answer(node, msg_id))
         return out
 
@@ -50,12 +61,16 @@ class _SuperLink(HttpGrid):
         raise AssertionError("Flower's send_and_receive polls every 3 s; not used on a SuperLink")
 
 
-def _answer(node: int, msg_id: str) -> Message:
-    """``node``'s reply to message ``msg_id``, with the metadata a SuperLink gives it."""
+def _answer(node: int, msg_id: str, error: bool = False) -> Message:
+    """``node``'s reply to message ``msg_id``, with the metadata a SuperLink gives it.
+
+    ``error``: the reply Flower's grid makes itself when the reply's objects cannot be pulled
+    (from the server's own node id, code MESSAGE_UNAVAILABLE).
+    """
     metadata = Metadata(
         run_id=1,
         message_id=f"reply-{msg_id}",
-        src_node_id=node,
+        src_node_id=1 if error else node,
         dst_node_id=0,
         reply_to_message_id=msg_id,
         group_id="1",
@@ -63,6 +78,9 @@ def _answer(node: int, msg_id: str) -> Message:
         ttl=3600,
         message_type="train",
     )
+    if error:
+        unavailable = Error(code=ErrorCode.MESSAGE_UNAVAILABLE, reason="objects unavailable")
+        return Message(error=unavailable, metadata=metadata)
     return Message(content=RecordDict(), metadata=metadata)
 
 
@@ -114,6 +132,24 @@ def test_a_lost_reply_is_asked_for_again_and_arrives_once(clock: _Clock) -> None
     assert resent == [3]
     # asked again once the others' median reply (5 s) was far behind: 30 s, not the timeout
     assert 30 <= clock.now < 40
+
+
+@pytest.mark.usefixtures("flower_task")
+def test_a_reply_lost_in_transit_is_asked_for_again_at_once(clock: _Clock) -> None:
+    grid = _SuperLink(clock, {1: 5.0, 2: 5.0, 3: 5.0}, garble={3})
+    replies = server.rounds._exchange(grid, _to([1, 2, 3]), timeout=900)
+    assert _nodes(replies) == [1, 2, 3]
+    assert not any(m.has_error() for m in replies)
+    assert [node for node, _ in list(grid.pushed.values())[3:]] == [3]
+    assert clock.now < 11  # not the 30 s patience: the grid said the reply was lost
+
+
+@pytest.mark.usefixtures("flower_task")
+def test_a_node_always_lost_is_asked_a_few_times_then_left_to_the_timeout(clock: _Clock) -> None:
+    grid = _SuperLink(clock, {1: 1.0, 2: 1.0, 3: 1e9})
+    replies = server.rounds._exchange(grid, _to([1, 2, 3]), timeout=900)
+    assert _nodes(replies) == [1, 2]
+    assert [node for node, _ in grid.pushed.values()].count(3) == server.rounds.MAX_ASKS
 
 
 @pytest.mark.usefixtures("flower_task")
