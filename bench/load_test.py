@@ -23,13 +23,14 @@ forked from this one after it imported those modules once, so the nodes share th
 the universities' own machines each node has them to itself). Each node's torch uses
 ``--threads-per-node`` threads (1: 50 nodes share 2 cores).
 
-The nodes run at ``--node-nice`` (19 by default) below the consortium's processes: on the
+The nodes run at ``--node-nice`` (10 by default) below the consortium's processes: on the
 universities' machines a node's training never competes with the SuperLink for a CPU, here 50
 trainers share 2 cores with it. In the first 50-node runs (nodes at nice 0, then 10; load
 average up to 46) the SuperLink's SQLite store timed out on its locks ("database is locked"
 after Flower's 5 s busy timeout) and refused 4-7 of the 50 replies of round 1 (HTTP 500):
 Flower 1.41's SuperNode drops a reply whose push was refused, and a reply whose objects were
-not all uploaded comes back as an error. The server now asks such a node again
+not all uploaded comes back as an error. At nice 19 a starved SuperNode also missed its
+heartbeats and the SuperLink declared it unavailable. The server now asks such a node again
 (`server.rounds._exchange`) and the node re-sends the update it released from its release
 cache; the figures to watch are "updates lost" and "replies asked for again".
 
@@ -302,7 +303,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--launch", choices=("fork", "exec"), default="fork")
     p.add_argument("--threads-per-node", type=int, default=1)
     p.add_argument(
-        "--node-nice", type=int, default=19, help="niceness of forked nodes (0: as the server)"
+        "--node-nice", type=int, default=10, help="niceness of forked nodes (0: as the server)"
     )
     p.add_argument("--round-timeout", type=int, default=900)
     p.add_argument("--timeout", type=int, default=3600, help="seconds for the whole run")

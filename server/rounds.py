@@ -15,7 +15,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
-from flwr.app import ArrayRecord, ConfigRecord, Message
+from flwr.app import ArrayRecord, ConfigRecord, Message, Metadata
 from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 
@@ -183,7 +183,7 @@ def _exchange(grid: Grid, messages: list[Message], timeout: float) -> list[Messa
                 del node_of[msg_id]
                 lost.add(node)
                 continue
-            replies[node] = msg
+            replies[node] = _from_node(msg, node)
             latencies.append(time.monotonic() - started)
         late = lost | set(_late_nodes(by_node, replies, sent_at, latencies, time.monotonic()))
         late = sorted(n for n in late - replies.keys() if asks[n] < MAX_ASKS)
@@ -212,6 +212,26 @@ def _late_nodes(
     typical = sorted(latencies)[len(latencies) // 2]
     patience = max(RESEND_MIN_S, RESEND_FACTOR * typical)
     return [n for n in by_node if n not in replies and now - sent_at[n] >= patience]
+
+
+def _from_node(msg: Message, node: int) -> Message:
+    """``msg``, or for an error the SuperLink made itself (its own id as the sender, e.g. Node
+    Unavailable), the same error from ``node``: the failure is the node's, and named so."""
+    if not msg.has_error() or int(msg.metadata.src_node_id) == node:
+        return msg
+    meta = msg.metadata
+    metadata = Metadata(
+        run_id=meta.run_id,
+        message_id=meta.message_id,
+        src_node_id=node,
+        dst_node_id=meta.dst_node_id,
+        reply_to_message_id=meta.reply_to_message_id,
+        group_id=meta.group_id,
+        created_at=meta.created_at,
+        ttl=meta.ttl,
+        message_type=meta.message_type,
+    )
+    return Message(error=msg.error, metadata=metadata)
 
 
 def _again(msg: Message) -> Message:

@@ -26,8 +26,10 @@ class _SuperLink(HttpGrid):
         delay: dict[int, float],
         lose: Iterable[int] = (),
         garble: Iterable[int] = (),
+        gone: Iterable[int] = (),
     ) -> None:
         self.clock, self.delay, self.lose, self.garble = clock, delay, set(lose), set(garble)
+        self.gone = set(gone)
         self.pushed: dict[str, tuple[int, float]] = {}  # message id -> (node, sent at)
         self.asks = 0
 
@@ -50,6 +52,9 @@ class _SuperLink(HttpGrid):
                 self.lose.discard(node)
                 self.pushed[msg_id] = (node, float("inf"))
                 continue
+            if node in self.gone:  # the SuperLink answers for a node that stopped heartbeating
+                out.append(_answer(node, msg_id, error=True, code=ErrorCode.NODE_UNAVAILABLE))
+                continue
             if node in self.garble:  # the upload broke off: the grid reports it as an error
                 self.garble.discard(node)
                 out.append(_answer(node, msg_id, error=True))
@@ -61,7 +66,9 @@ class _SuperLink(HttpGrid):
         raise AssertionError("Flower's send_and_receive polls every 3 s; not used on a SuperLink")
 
 
-def _answer(node: int, msg_id: str, error: bool = False) -> Message:
+def _answer(
+    node: int, msg_id: str, error: bool = False, code: int = ErrorCode.MESSAGE_UNAVAILABLE
+) -> Message:
     """``node``'s reply to message ``msg_id``, with the metadata a SuperLink gives it.
 
     ``error``: the reply Flower's grid makes itself when the reply's objects cannot be pulled
@@ -79,7 +86,7 @@ def _answer(node: int, msg_id: str, error: bool = False) -> Message:
         message_type="train",
     )
     if error:
-        unavailable = Error(code=ErrorCode.MESSAGE_UNAVAILABLE, reason="objects unavailable")
+        unavailable = Error(code=code, reason="unavailable")
         return Message(error=unavailable, metadata=metadata)
     return Message(content=RecordDict(), metadata=metadata)
 
@@ -168,3 +175,17 @@ def test_the_round_timeout_returns_the_replies_in_so_far(clock: _Clock) -> None:
 
 def test_no_message_no_ask(clock: _Clock) -> None:
     assert server.rounds._exchange(_SuperLink(clock, {}), [], timeout=10) == []
+
+
+def test_a_node_the_superlink_reports_unavailable_fails_at_once_under_its_own_id(
+    clock: _Clock,
+) -> None:
+    grid = _SuperLink(clock, {1: 1.0, 2: 1.0, 3: 1.0}, gone={3})
+    replies = server.rounds._exchange(grid, _to([1, 2, 3]), timeout=900)
+    assert _nodes(replies) == [1, 2, 3]  # the SuperLink's error is attributed to node 3
+    assert [m.has_error() for m in sorted(replies, key=lambda m: m.metadata.src_node_id)] == [
+        False,
+        False,
+        True,
+    ]
+    assert clock.now < 2  # no waiting for the round timeout
