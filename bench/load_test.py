@@ -29,10 +29,11 @@ trainers share 2 cores with it. In the first 50-node runs (nodes at nice 0, then
 average up to 46) the SuperLink's SQLite store timed out on its locks ("database is locked"
 after Flower's 5 s busy timeout) and refused 4-7 of the 50 replies of round 1 (HTTP 500):
 Flower 1.41's SuperNode drops a reply whose push was refused, and a reply whose objects were
-not all uploaded comes back as an error. At nice 19 a starved SuperNode also missed its
-heartbeats and the SuperLink declared it unavailable. The server now asks such a node again
+not all uploaded comes back as an error. The server now asks such a node again
 (`server.rounds._exchange`) and the node re-sends the update it released from its release
-cache; the figures to watch are "updates lost" and "replies asked for again".
+cache; the figures to watch are "updates lost" and "replies asked for again". At nice 19 a
+starved SuperNode missed its heartbeats and the SuperLink declared it unavailable, which the
+server counts as that node's failure, as for a crashed node: hence nice 10.
 
     python -m bench.load_test                       # 50 nodes, 10 rounds
     python -m bench.load_test --nodes 10 --rounds 3 --launch exec
