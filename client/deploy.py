@@ -27,6 +27,7 @@ from client.app import (
     PRIVACY_STATE,
     SPEC_PATH,
 )
+from client.supernode_pace import PULL_INTERVAL_S
 from client.validate import ValidationReport, validate_export
 from privacy.keys import KeyMaterialError, check_name, load_node_private_key
 from shared_models import processes
@@ -67,6 +68,9 @@ class NodeOptions:
     #: Fork each message's ClientApp from a process that imported it once (`client.warm_exec`)
     #: instead of Flower's default, a fresh `flwr-clientapp` importing torch for every message.
     warm_clientapp: bool = True
+    #: With ``warm_clientapp``: seconds before the SuperNode asks for the next message after
+    #: one (`client.supernode_pace`; Flower's SuperNode always waits 3 s).
+    pull_interval: float = PULL_INTERVAL_S
 
 
 def check_export(data_dir: Path, spec: Path | None) -> ValidationReport:
@@ -154,12 +158,15 @@ def _privacy_config(options: NodeOptions) -> str:
 
 
 def node_argv(options: NodeOptions) -> list[str]:
-    """The node's command: the SuperNode, under `client.warm_exec` when ``warm_clientapp``."""
+    """The node's command: with ``warm_clientapp`` (edufl's default) the SuperNode paced by
+    `client.supernode_pace` under `client.warm_exec`; otherwise Flower's own, as it is."""
     if not options.warm_clientapp:
         return supernode_argv(options)
     runtime = f"127.0.0.1:{options.runtime_port}"
     warm = [sys.executable, "-m", "client.warm_exec", "--runtime-api-address", runtime]
-    return [*warm, "--", *supernode_argv(options)]
+    paced = [sys.executable, "-m", "client.supernode_pace"]
+    paced += ["--pull-interval", repr(float(options.pull_interval))]
+    return [*warm, "--", *paced, "--", *supernode_argv(options)]
 
 
 def start_supernode(options: NodeOptions, *, ready_timeout: float = 60.0) -> Child:

@@ -9,6 +9,7 @@ code is the SuperNode's.
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -45,7 +46,11 @@ def test_node_runs_its_supernode_in_process_isolation_under_the_warm_executor(
         "--runtime-api-address",
         "127.0.0.1:9123",
     ]
-    supernode = argv[split + 1 :]
+    # The SuperNode is Flower's, its idle pulls paced by client.supernode_pace.
+    rest = argv[split + 1 :]
+    paced = rest[: rest.index("--")]
+    assert paced == [sys.executable, "-m", "client.supernode_pace", "--pull-interval", "0.25"]
+    supernode = rest[len(paced) + 1 :]
     assert supernode == supernode_argv(options)
     assert Path(supernode[0]).name == "flower-supernode"
     # The SuperNode must not start a SuperExec of its own: the warm executor takes its place.
@@ -53,6 +58,23 @@ def test_node_runs_its_supernode_in_process_isolation_under_the_warm_executor(
     # Its Runtime API, which the executor talks to, stays on loopback.
     assert supernode[supernode.index("--host") + 1] == "127.0.0.1"
     assert supernode[supernode.index("--port") + 1] == "9123"
+
+
+def test_a_warm_task_imports_nothing_the_executor_could_have_imported_once() -> None:
+    """What a ClientApp imports lazily on its first round (torch.optim imports torch._dynamo,
+    about 1 s) is imported by the executor before it forks, not again by every task."""
+    probe = (
+        "import importlib, sys, torch\n"
+        "from client.warm_exec import PRELOAD\n"
+        "for name in PRELOAD: importlib.import_module(name)\n"
+        "before = set(sys.modules)\n"
+        "torch.optim.Adam([torch.zeros(1, requires_grad=True)])\n"
+        "print(sorted(set(sys.modules) - before))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=True, timeout=300
+    ).stdout
+    assert out.strip() == "[]"
 
 
 def test_flowers_own_isolation_is_kept_when_the_warm_executor_is_off(tmp_path: Path) -> None:
