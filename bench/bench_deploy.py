@@ -11,8 +11,9 @@ ClientApp modes compared:
 - ``warm``: edufl's default: the SuperNode in ``--isolation process`` under
   ``client.warm_exec``, which forks each message's ClientApp from a process that imported
   them once (Flower 1.41 has no long-lived ``flwr-clientapp``: it takes one token, runs one
-  message and exits), and its loop paced by ``client.supernode_pace`` (asking for the next
-  message 0.25 s after one instead of Flower's fixed 3 s).
+  message and exits);
+- ``paced``: the warm node with ``--pull-interval 0.25`` (``client.supernode_pace``: the next
+  message asked for 0.25 s after one instead of Flower's fixed 3 s; opt-in).
 
 A round's overhead is its wall time at the server (``seconds`` in the run's ``metrics.jsonl``:
 from sending the global model until the last reply is in and aggregated) minus the slowest
@@ -44,7 +45,9 @@ from typing import Any
 
 from bench.common import Report, Row, Stats, log, markdown, parser, ratio_stats
 
-MODES = ("flower", "warm")
+MODES = ("flower", "warm", "paced")
+#: ``paced``: the warm node with ``edufl client start --pull-interval`` this many seconds.
+PACED_PULL_S = 0.25
 TARGET_S = 2.0  # issue 8, item 4: deployment overhead per round
 
 
@@ -127,7 +130,9 @@ class Federation:
                  server.log_path.read_text(errors="replace"), 600, [server])  # fmt: skip
         return server
 
-    def node_options(self, name: str, export: Path, key: Path, warm: bool) -> Any:
+    def node_options(
+        self, name: str, export: Path, key: Path, warm: bool, pull_interval: float | None = None
+    ) -> Any:
         from client.deploy import NodeOptions
         from shared_models import processes
 
@@ -140,13 +145,17 @@ class Federation:
             home=self.root / "homes" / name,
             runtime_port=processes.free_port(),
             warm_clientapp=warm,
+            pull_interval=pull_interval,
         )
 
-    def start_node(self, name: str, export: Path, key: Path, warm: bool) -> Any:
+    def start_node(
+        self, name: str, export: Path, key: Path, warm: bool, pull_interval: float | None = None
+    ) -> Any:
         """One SuperNode as `edufl client start` runs it (asked to die with this process)."""
         from client.deploy import start_supernode
 
-        child = start_supernode(self.node_options(name, export, key, warm), ready_timeout=180)
+        options = self.node_options(name, export, key, warm, pull_interval)
+        child = start_supernode(options, ready_timeout=180)
         self.children.append(child)
         return child
 
@@ -239,7 +248,8 @@ def run_federation(mode: str, args: Any, exports: list[Path], root: Path) -> lis
         server = fed.start_server(args.rounds, len(nodes), config, args.timeout)
         started = time.monotonic()
         for name, export, key in nodes:
-            fed.start_node(name, export, key, warm=mode == "warm")
+            pull = PACED_PULL_S if mode == "paced" else None
+            fed.start_node(name, export, key, warm=mode != "flower", pull_interval=pull)
         log(f"{mode}: {len(nodes)} nodes up")
         records = fed.wait_for_run(server, args.timeout + 60)
         log(f"{mode}: run completed in {time.monotonic() - started:.0f} s")

@@ -170,11 +170,11 @@ def run(args: Any, work: Path) -> dict[str, Any]:
         server = fed.start_server(args.rounds, args.nodes, config, args.timeout)
         log(f"server up; starting {args.nodes} nodes ({args.launch})")
         for name, export, key in nodes:
-            options = fed.node_options(name, export, key, warm=True)
+            options = fed.node_options(name, export, key, True, args.pull_interval)
             if forked is not None:
                 forked.start(options)
             else:
-                fed.start_node(name, export, key, warm=True)
+                fed.start_node(name, export, key, True, args.pull_interval)
             memory.sample()
         log("all nodes started; waiting for the run")
         last_report = 0.0
@@ -305,6 +305,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--threads-per-node", type=int, default=1)
     p.add_argument(
         "--node-nice", type=int, default=10, help="niceness of forked nodes (0: as the server)"
+    )
+    p.add_argument(
+        "--pull-interval",
+        type=float,
+        default=None,
+        help="pace every node as `edufl client start --pull-interval` (default: Flower's 3 s)",
     )
     p.add_argument("--round-timeout", type=int, default=900)
     p.add_argument("--timeout", type=int, default=3600, help="seconds for the whole run")

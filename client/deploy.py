@@ -27,7 +27,6 @@ from client.app import (
     PRIVACY_STATE,
     SPEC_PATH,
 )
-from client.supernode_pace import PULL_INTERVAL_S
 from client.validate import ValidationReport, validate_export
 from privacy.keys import KeyMaterialError, check_name, load_node_private_key
 from shared_models import processes
@@ -69,8 +68,10 @@ class NodeOptions:
     #: instead of Flower's default, a fresh `flwr-clientapp` importing torch for every message.
     warm_clientapp: bool = True
     #: With ``warm_clientapp``: seconds before the SuperNode asks for the next message after
-    #: one (`client.supernode_pace`; Flower's SuperNode always waits 3 s).
-    pull_interval: float = PULL_INTERVAL_S
+    #: one (`client.supernode_pace`, e.g. 0.25); None keeps Flower's fixed 3 s. Off by default:
+    #: with 50 nodes on one machine the quicker asks made the SuperLink's SQLite store refuse
+    #: requests until a run failed (docs/benchmarks.md, question 4).
+    pull_interval: float | None = None
 
 
 def check_export(data_dir: Path, spec: Path | None) -> ValidationReport:
@@ -158,12 +159,15 @@ def _privacy_config(options: NodeOptions) -> str:
 
 
 def node_argv(options: NodeOptions) -> list[str]:
-    """The node's command: with ``warm_clientapp`` (edufl's default) the SuperNode paced by
-    `client.supernode_pace` under `client.warm_exec`; otherwise Flower's own, as it is."""
+    """The node's command: with ``warm_clientapp`` (edufl's default) the SuperNode under
+    `client.warm_exec`, paced by `client.supernode_pace` when ``pull_interval`` is set;
+    otherwise Flower's own, as it is."""
     if not options.warm_clientapp:
         return supernode_argv(options)
     runtime = f"127.0.0.1:{options.runtime_port}"
     warm = [sys.executable, "-m", "client.warm_exec", "--runtime-api-address", runtime]
+    if options.pull_interval is None:
+        return [*warm, "--", *supernode_argv(options)]
     paced = [sys.executable, "-m", "client.supernode_pace"]
     paced += ["--pull-interval", repr(float(options.pull_interval))]
     return [*warm, "--", *paced, "--", *supernode_argv(options)]

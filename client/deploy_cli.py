@@ -101,6 +101,16 @@ def start(
         help="Seconds to keep retrying when the SuperLink refuses to activate the node (a "
         "restart right after a crash); 0 gives up at the first refusal.",
     ),
+    pull_interval: float | None = typer.Option(
+        None,
+        "--pull-interval",
+        min=0.05,
+        max=3.0,
+        help="Ask for the next message this many seconds after one, backing off to Flower's "
+        "3 s (default: Flower's fixed 3 s). 0.25 saves about 1.5 s a round in a consortium "
+        "of a few nodes; with 50 nodes on one machine the SuperLink's database refused "
+        "requests and a run failed.",
+    ),
     privacy_state: Path | None = typer.Option(
         None,
         "--privacy-state",
@@ -173,6 +183,7 @@ def start(
         dp_epsilon=dp_epsilon,
         dp_delta=dp_delta,
         no_dp=no_dp,
+        pull_interval=pull_interval,
         privacy_state=privacy_state,
     )
     privacy = "WITHOUT DP when the server asks none" if no_dp else "DP-SGD required"

@@ -21,7 +21,6 @@ from flwr.serverapp import Grid
 
 from privacy.consortium_ledger import EARLIER_KEY, REPLY_KEY
 from server.guard import GuardedStrategy, Rejection, institution_of
-from shared_models import object_pulls
 
 logger = logging.getLogger(__name__)
 
@@ -119,14 +118,9 @@ def run_rounds(
 REPLY_POLL_S = 0.1
 
 try:
-    from flwr.superlink.grid import http_grid as _http_grid
     from flwr.superlink.grid.http_grid import HttpGrid as _SlowPollingGrid
 except ImportError:  # pragma: no cover - another Flower layout: its own polling then
     _SlowPollingGrid = None  # type: ignore[assignment,misc]
-else:
-    # A reply asked for that soon may still be uploading its arrays: ask again for them after
-    # 0.05 s, not Flower's 1 s (shared_models.object_pulls).
-    object_pulls.install(_http_grid)
 
 
 #: A node whose reply has not come this long after the round's median reply (times

@@ -3,10 +3,11 @@
 Flower 1.41 hands a message out as soon as its metadata is in the SuperLink, while its objects
 (the model's arrays, the records) may still be on their way up. A pull that comes too early
 gets "object unavailable", and ``flwr.supercore.inflatable.inflatable_utils.pull_objects``
-then waits 1 s (``PULL_INITIAL_BACKOFF``, doubling up to 10 s) before asking again. The
-SuperNode (``client.supernode_pace``) and the ServerApp (``server.rounds``) ask for messages
-a fraction of a second after they are sent, so they often come that early: the 1 s is then
-most of a round's overhead on loopback (``bench/bench_deploy.py``).
+then waits 1 s (``PULL_INITIAL_BACKOFF``, doubling up to 10 s) before asking again. A paced
+SuperNode (``client.supernode_pace``) asks for messages a fraction of a second after they are
+sent, so it often comes that early: the 1 s is then a large part of a round's overhead on
+loopback (``bench/bench_deploy.py``). Each quicker retry is one more request to the SuperLink,
+which is why it goes with the paced SuperNode only (opt-in: see ``client.deploy.NodeOptions``).
 
 ``install`` makes a module's ``pull_objects`` start at ``INITIAL_BACKOFF_S`` instead; the
 doubling, the cap, the time limit and the tries per object stay Flower's.

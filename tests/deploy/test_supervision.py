@@ -46,11 +46,7 @@ def test_node_runs_its_supernode_in_process_isolation_under_the_warm_executor(
         "--runtime-api-address",
         "127.0.0.1:9123",
     ]
-    # The SuperNode is Flower's, its idle pulls paced by client.supernode_pace.
-    rest = argv[split + 1 :]
-    paced = rest[: rest.index("--")]
-    assert paced == [sys.executable, "-m", "client.supernode_pace", "--pull-interval", "0.25"]
-    supernode = rest[len(paced) + 1 :]
+    supernode = argv[split + 1 :]
     assert supernode == supernode_argv(options)
     assert Path(supernode[0]).name == "flower-supernode"
     # The SuperNode must not start a SuperExec of its own: the warm executor takes its place.
@@ -58,6 +54,15 @@ def test_node_runs_its_supernode_in_process_isolation_under_the_warm_executor(
     # Its Runtime API, which the executor talks to, stays on loopback.
     assert supernode[supernode.index("--host") + 1] == "127.0.0.1"
     assert supernode[supernode.index("--port") + 1] == "9123"
+
+
+def test_a_node_asked_to_pull_sooner_runs_flowers_supernode_paced(tmp_path: Path) -> None:
+    options = _options(tmp_path, pull_interval=0.25)
+    argv = node_argv(options)
+    rest = argv[argv.index("--") + 1 :]
+    paced = rest[: rest.index("--")]
+    assert paced == [sys.executable, "-m", "client.supernode_pace", "--pull-interval", "0.25"]
+    assert rest[len(paced) + 1 :] == supernode_argv(options)
 
 
 def test_a_warm_task_imports_nothing_the_executor_could_have_imported_once() -> None:

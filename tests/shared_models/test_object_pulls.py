@@ -65,14 +65,11 @@ def test_install_replaces_a_modules_pull_objects_once() -> None:
     assert not object_pulls.install(types.ModuleType("no_pulls"))
 
 
-def test_flowers_supernode_and_serverapp_grid_use_the_quick_version() -> None:
-    from flwr.superlink.grid import http_grid
+def test_a_paced_supernode_uses_the_quick_version() -> None:
     from flwr.supernode import start_client_internal
 
-    import server.rounds  # noqa: F401  (installs on the ServerApp's grid)
     from client.supernode_pace import Pace, install
 
-    assert getattr(http_grid.pull_objects, "_edufl_quick_retry", False)
     loop = types.ModuleType("copy")
     loop.__dict__.update(vars(start_client_internal))
     assert install(loop, Pace())
