@@ -12,7 +12,7 @@ from flwr.supercore.inflatable.inflatable_utils import (
     pull_objects,
 )
 
-from shared_models import object_pulls
+from client import object_pulls
 
 
 def _arrives_after(seconds: float) -> tuple[object, list[float]]:
