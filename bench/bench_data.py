@@ -1,6 +1,7 @@
 """Data path: OULAD loading (rows/s, peak memory vs rows and students) and scoring (students/s).
 
-OULAD: `simulations.oulad.read` on the AAA sample (``../shared/datasets/oulad_sample_AAA``;
+OULAD: `simulations.datasets.oulad.loader.read` on the AAA sample
+(``../shared/datasets/oulad_sample_AAA``;
 skipped when absent) and on OULAD-format copies made from it in a temporary folder, with
 ``studentVle.csv`` repeated (more log rows for the same students) or with the students
 replicated under new ids (more students, proportionally more rows). Each read runs in a fresh
@@ -76,7 +77,7 @@ def make_variant(sample: Path, out: Path, students: int, repeat: int) -> dict[st
 def child(argv: Sequence[str]) -> int:
     """``--child FOLDER RESULT``: read one OULAD folder; seconds and peak memory to RESULT."""
     folder, result = argv
-    from simulations import oulad
+    from simulations.datasets.oulad import loader as oulad
 
     with PeakRSS().measure() as peak:
         started = time.perf_counter()
@@ -180,12 +181,12 @@ def measure_scoring(students: int, week: int, train_students: int, reps: int, wo
     """Students per second of every stage of a scoring run (median over ``reps``)."""
     import numpy as np
 
-    from client.indicators import compute_indicators
-    from client.reasons import explain, occlusion
-    from client.rules import apply_rules, load_rules
-    from client.scoring import load_observed_term, load_scoring_model, score_cohort
-    from client.store import RunInfo, Store
-    from shared_models.contract import default_spec
+    from client.early_warning.indicators import compute_indicators
+    from client.early_warning.reasons import explain, occlusion
+    from client.early_warning.rules import apply_rules, load_rules
+    from client.early_warning.scoring import load_observed_term, load_scoring_model, score_cohort
+    from client.early_warning.store import RunInfo, Store
+    from shared_models.data.contract import default_spec
     from simulations.scoring_figures import train_risk_model
     from simulations.synthetic import write_consortium
 

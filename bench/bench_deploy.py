@@ -2,17 +2,17 @@
 
 Each federation runs as an operator and the universities would run it: `edufl server start`
 (a SuperLink with TLS and node authentication, then the ServerApp run) and one SuperNode per
-institution (``client.deploy.start_supernode``, what `edufl client start` runs), each serving
+institution (``client.node.launcher.start_supernode``, what `edufl client start` runs), each serving
 its own synthetic export with its own enrolled key, DP-SGD on as every node defaults to. The
 ClientApp modes compared:
 
 - ``flower``: Flower's default (``--isolation subprocess``): the SuperNode's SuperExec starts a
   fresh ``flwr-clientapp`` per message, which imports torch, Opacus and pandas again;
 - ``warm``: edufl's default: the SuperNode in ``--isolation process`` under
-  ``client.warm_exec``, which forks each message's ClientApp from a process that imported
+  ``client.node.warm_exec``, which forks each message's ClientApp from a process that imported
   them once (Flower 1.41 has no long-lived ``flwr-clientapp``: it takes one token, runs one
   message and exits);
-- ``paced``: the warm node with ``--pull-interval 0.25`` (``client.supernode_pace``: the next
+- ``paced``: the warm node with ``--pull-interval 0.25`` (``client.node.pacing``: the next
   message asked for 0.25 s after one instead of Flower's fixed 3 s; opt-in).
 
 A round's overhead is its wall time at the server (``seconds`` in the run's ``metrics.jsonl``:
@@ -133,7 +133,7 @@ class Federation:
     def node_options(
         self, name: str, export: Path, key: Path, warm: bool, pull_interval: float | None = None
     ) -> Any:
-        from client.deploy import NodeOptions
+        from client.node.launcher import NodeOptions
         from shared_models import processes
 
         return NodeOptions(
@@ -152,7 +152,7 @@ class Federation:
         self, name: str, export: Path, key: Path, warm: bool, pull_interval: float | None = None
     ) -> Any:
         """One SuperNode as `edufl client start` runs it (asked to die with this process)."""
-        from client.deploy import start_supernode
+        from client.node.launcher import start_supernode
 
         options = self.node_options(name, export, key, warm, pull_interval)
         child = start_supernode(options, ready_timeout=180)

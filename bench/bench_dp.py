@@ -56,11 +56,11 @@ from bench.common import (
 from privacy.budget import DPPlan, PrivacyBudget
 from privacy.dp import DPSession
 from privacy.fused_rnn import fuse_recurrent_layers
-from shared_models.cohort import ModelInputs
-from shared_models.contract import default_spec
-from shared_models.registry import MODEL_NAMES, build_model
+from shared_models.data.cohort import ModelInputs
+from shared_models.data.contract import default_spec
+from shared_models.models.registry import MODEL_NAMES, build_model
+from shared_models.models.weights import unwrap
 from shared_models.training import make_loader, make_optimizer, set_seed, train_one_epoch
-from shared_models.weights import unwrap
 
 CORE = ("plain", "dp-layers", "dp-hooks", "dp-fused")
 OPACUS_MODES = ("functorch", "ew", "ghost")

@@ -4,7 +4,8 @@ Both train the same model on the same students for the same number of sample-epo
 simulation runs 4 institutions (the synthetic consortium), 5 rounds of 1 local epoch on Flower's
 Ray engine (`simulations.runner.simulate`, defaults otherwise: FedAvg, every node trains and
 evaluates every round); centralized training pools the very same train splits
-(`client.local.split_node`) and trains 5 epochs (`shared_models.training.fit`, no validation).
+(`shared_models.data.node.split_node`) and trains 5 epochs (`shared_models.training.fit`, no
+validation).
 Each runs as a fresh process, as a user would run it, with one torch thread (Ray gives each
 worker one; see ``docs/benchmarks.md`` for why two threads are a trap on a shared machine). The
 two alternate, several times, at each consortium size.
@@ -78,10 +79,10 @@ def _federated(exports: list[Path], out: Path) -> dict[str, Any]:
 
 def _centralized(exports: list[Path]) -> dict[str, Any]:
     marks: dict[str, Any] = {"start": time.time()}
-    from client.local import split_node
-    from shared_models.cohort import CohortArrays, Normalizer
-    from shared_models.contract import load_spec
-    from shared_models.registry import build_model
+    from shared_models.data.cohort import CohortArrays, Normalizer
+    from shared_models.data.contract import load_spec
+    from shared_models.data.node import split_node
+    from shared_models.models.registry import build_model
     from shared_models.training import FitConfig, fit, set_seed
 
     marks["imported"] = time.time()
@@ -131,9 +132,9 @@ def _round_costs(reps: int = 30) -> dict[str, float]:
     from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
     from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
-    from shared_models.contract import default_spec
-    from shared_models.registry import build_model
-    from shared_models.weights import named_weights
+    from shared_models.data.contract import default_spec
+    from shared_models.models.registry import build_model
+    from shared_models.models.weights import named_weights
 
     spec = default_spec()
     model = build_model("lstm", spec.weeks, len(spec.dynamic_names), len(spec.static_names))

@@ -44,7 +44,7 @@ def write_partitioned_exports(
     import numpy as np
     import pandas as pd
 
-    from shared_models.contract import STUDENT_ID, TERM, default_spec
+    from shared_models.data.contract import STUDENT_ID, TERM, default_spec
     from simulations.partition import dirichlet_partition, pool_exports
     from simulations.synthetic import write_consortium
 

@@ -3,7 +3,7 @@
 Not part of the test suite nor of the benchmark total: it takes minutes and most of a small
 machine. It runs a real deployment: `edufl server start` (SuperLink with TLS and node keys,
 then the ServerApp run) and one SuperNode per institution, each with its own enrolled key and
-its own synthetic export, in edufl's default warm-ClientApp mode (`client.warm_exec`), DP-SGD
+its own synthetic export, in edufl's default warm-ClientApp mode (`client.node.warm_exec`), DP-SGD
 on as every node defaults to. It reports:
 
 - rounds completed (of those asked);
@@ -18,7 +18,7 @@ on as every node defaults to. It reports:
 ``--launch exec`` starts each node as `edufl client start` does (``start_supernode``): every
 node's warm executor imports torch and Opacus itself, about 320 MiB of private memory each,
 more than 50 nodes on one small machine can hold. ``--launch fork`` (the default) runs the
-very same node code (``client.warm_exec.main`` on ``node_argv``'s arguments) in processes
+very same node code (``client.node.warm_exec.main`` on ``node_argv``'s arguments) in processes
 forked from this one after it imported those modules once, so the nodes share those pages (on
 the universities' own machines each node has them to itself). Each node's torch uses
 ``--threads-per-node`` threads (1: 50 nodes share 2 cores).
@@ -30,7 +30,7 @@ average up to 46) the SuperLink's SQLite store timed out on its locks ("database
 after Flower's 5 s busy timeout) and refused 4-7 of the 50 replies of round 1 (HTTP 500):
 Flower 1.41's SuperNode drops a reply whose push was refused, and a reply whose objects were
 not all uploaded comes back as an error. The server now asks such a node again
-(`server.rounds._exchange`) and the node re-sends the update it released from its release
+(`server.superlink.retry.exchange`) and the node re-sends the update it released from its release
 cache; the figures to watch are "updates lost" and "replies asked for again". At nice 19 a
 starved SuperNode missed its heartbeats and the SuperLink declared it unavailable, which the
 server counts as that node's failure, as for a crashed node: hence nice 10.
@@ -61,10 +61,10 @@ MIB = 1024**2
 
 
 class ForkedNodes:
-    """Nodes run by `client.warm_exec.main` in processes forked from this (preloaded) one."""
+    """Nodes run by `client.node.warm_exec.main` in processes forked from this (preloaded) one."""
 
     def __init__(self, hard_limit_s: int, threads: int, nice: int = 0) -> None:
-        from client import warm_exec
+        from client.node import warm_exec
 
         warm_exec._preload(",".join(warm_exec.PRELOAD))
         import torch
@@ -75,11 +75,11 @@ class ForkedNodes:
         self.pids: list[int] = []
 
     def start(self, options: Any) -> int:
-        from client.deploy import node_argv
-        from client.warm_exec import main as warm_main
+        from client.node.launcher import node_argv
+        from client.node.warm_exec import main as warm_main
         from shared_models import processes
 
-        argv = node_argv(options)[3:]  # what `python -m client.warm_exec` would be given
+        argv = node_argv(options)[3:]  # what `python -m client.node.warm_exec` would be given
         log_path = options.home / "logs" / "supernode.log"
         log_path.parent.mkdir(parents=True, exist_ok=True)
         env = processes.flower_env(options.home)
@@ -209,7 +209,8 @@ def run(args: Any, work: Path) -> dict[str, Any]:
     superlink_logs = [p.read_text(errors="replace") for p in fed.root.rglob("superlink.log")]
     return {
         "error": error,
-        # replies the server asked for again (server.rounds._exchange), and why they were late
+        # replies the server asked for again (server.superlink.retry.exchange), and why they were
+        # late
         "asked_again": _asked_again(server_log),
         "superlink_refused_pushes": sum(
             log.count('push-messages HTTP/1.1" 500') for log in superlink_logs

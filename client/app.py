@@ -18,18 +18,13 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from client.local import (
-    NodeData,
-    build_local_model,
-    local_evaluate,
-    local_train,
-    prepare_node_data,
-)
+from client.local import build_local_model, local_evaluate, local_train
 from client.release_cache import Release, ReleaseCache, weights_digest
-from client.settings import RoundSettings
-from shared_models.contract import FeatureSpec, load_spec
+from shared_models.data.contract import FeatureSpec, load_spec
+from shared_models.data.node import NodeData, prepare_node_data
 from shared_models.errors import DataContractError
-from shared_models.weights import assign_weights, named_weights
+from shared_models.models.weights import assign_weights, named_weights
+from shared_models.protocol import RoundSettings
 
 logger = logging.getLogger(__name__)
 
@@ -280,8 +275,8 @@ def _ledger_record(context: Context, node: NodeData, entry: dict[str, Any]) -> C
     The earlier entries let the server's ledger fill a gap, e.g. a round this node trained for
     a server that crashed before committing it and that did not sample the node again.
     """
-    from privacy.consortium_ledger import EARLIER_KEY, REPLY_KEY, encode_entries, encode_entry
-    from privacy.ledger import LEDGER_FILE, parse_entries
+    from privacy.ledger.consortium import EARLIER_KEY, REPLY_KEY, encode_entries, encode_entry
+    from privacy.ledger.entries import LEDGER_FILE, parse_entries
 
     chain = parse_entries(_privacy_state(context, node) / LEDGER_FILE)
     earlier = [
@@ -298,7 +293,7 @@ def _record_without_dp(
     metrics: dict[str, float],
 ) -> dict[str, Any]:
     """The signed ledger entry of a round this institution explicitly trained without DP."""
-    from privacy.institution_ledger import record_non_private_round
+    from privacy.ledger.institution import record_non_private_round
 
     return record_non_private_round(
         _privacy_state(context, node),

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import typer
 
-from client.validate import ValidationReport, validate_export
 from shared_models.atomic import write_text_atomic
 from shared_models.cli_support import new_app, user_errors
-from shared_models.contract import load_spec
+from shared_models.data.contract import load_spec
+from shared_models.data.validate import ValidationReport, validate_export
 from shared_models.errors import DataContractError
 
 app = new_app(
@@ -150,14 +150,14 @@ def _report_json(report: ValidationReport) -> dict[str, object]:
     return data
 
 
-# Deployment: the node's keys and the SuperNode (client/deploy_cli.py).
-from client.deploy_cli import keys_app, start  # noqa: E402
+# Deployment: the node's keys and the SuperNode (client/node/cli.py).
+from client.node.cli import keys_app, start  # noqa: E402
 
 app.add_typer(keys_app, name="keys")
 app.command("start")(start)
 
-# Local early warning: scoring, advisor reports, actions, rules (client/scoring_cli.py).
-from client.scoring_cli import actions_app, report, rules_app, score  # noqa: E402
+# Local early warning: scoring, advisor reports, actions, rules (client/early_warning/cli.py).
+from client.early_warning.cli import actions_app, report, rules_app, score  # noqa: E402
 
 app.command("score")(score)
 app.command("report")(report)

@@ -12,22 +12,14 @@ import json
 from pathlib import Path
 from typing import Any
 
-from client.local import split_node
-from shared_models.artifact import save_trained
-from shared_models.cohort import Normalizer
-from shared_models.contract import FeatureSpec
+from shared_models.data.cohort import Normalizer
+from shared_models.data.contract import FeatureSpec
+from shared_models.data.node import split_node
 from shared_models.errors import DataContractError, EduflError
-from shared_models.registry import build_model
-from shared_models.weights import load_weights
-
-
-def latest_checkpoint(run_dir: Path) -> Path:
-    """The manifest (``round-NNNN.json``) of the last committed round of a federated run."""
-    folder = run_dir / "checkpoints" if (run_dir / "checkpoints").is_dir() else run_dir
-    manifests = sorted(folder.glob("round-*.json"))
-    if not manifests:
-        raise DataContractError(f"{run_dir}: no federated checkpoint (checkpoints/round-*.json)")
-    return manifests[-1]
+from shared_models.models.artifact import save_trained
+from shared_models.models.checkpoints import latest_checkpoint
+from shared_models.models.registry import build_model
+from shared_models.models.weights import load_weights
 
 
 def adopt_global_model(

@@ -12,8 +12,6 @@ import logging
 import math
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
@@ -21,13 +19,10 @@ from torch import nn
 from torch.optim import Optimizer
 from torch.utils.data import DataLoader
 
-from client.loader import load_cohort
-from client.settings import RoundSettings
-from shared_models.cohort import CohortArrays, ModelInputs, Normalizer
-from shared_models.contract import FeatureSpec
+from shared_models.data.cohort import ModelInputs
 from shared_models.evaluation import evaluate
-from shared_models.registry import build_model
-from shared_models.splits import split_cohort
+from shared_models.models.registry import build_model
+from shared_models.protocol import RoundSettings
 from shared_models.training import make_loader, make_optimizer, set_seed, train_one_epoch
 
 logger = logging.getLogger(__name__)
@@ -39,80 +34,6 @@ HEAD_METRICS: dict[str, tuple[str, ...]] = {
     "grade": ("mse", "rmse", "mae", "r2"),
     "engagement": ("mse", "rmse", "mae", "r2"),
 }
-
-
-@dataclass(frozen=True)
-class NodeData:
-    """One institution's labelled records, split 70/15/15 and normalised with its own train split.
-
-    Attributes:
-        institution: the export's institution name (its folder name by default).
-        train, val, test: model inputs of each split.
-    """
-
-    institution: str
-    train: ModelInputs
-    val: ModelInputs
-    test: ModelInputs
-
-    @property
-    def shapes(self) -> tuple[int, int, int]:
-        """``(n_weeks, n_dynamic, n_static)`` fixed by the data contract."""
-        _, weeks, n_dynamic = self.train.dynamic.shape
-        return int(weeks), int(n_dynamic), int(self.train.static.shape[1])
-
-
-@dataclass(frozen=True)
-class NodeSplits:
-    """One export's labelled records split 70/15/15, still raw (unnormalised)."""
-
-    institution: str
-    train: CohortArrays
-    val: CohortArrays
-    test: CohortArrays
-
-
-def split_node(
-    data_path: Path | str, spec: FeatureSpec, *, seed: int = 0, institution: str | None = None
-) -> NodeSplits:
-    """Load one export and split it; the same arguments always give the same splits.
-
-    A centralized baseline pools exactly these splits, so it is compared on the same students.
-
-    Raises:
-        DataContractError: the export does not satisfy the contract.
-    """
-    cohort = load_cohort(data_path, spec, institution=institution)
-    split = split_cohort(cohort, seed=seed)
-    name = str(cohort.institution[0]) if len(cohort.institution) else Path(data_path).name
-    return NodeSplits(
-        name, cohort.subset(split.train), cohort.subset(split.val), cohort.subset(split.test)
-    )
-
-
-def prepare_node_data(
-    data_path: Path | str, spec: FeatureSpec, *, seed: int = 0, institution: str | None = None
-) -> NodeData:
-    """`split_node`, normalised with statistics of the node's own train split only.
-
-    Raises:
-        DataContractError: the export does not satisfy the contract.
-    """
-    splits = split_node(data_path, spec, seed=seed, institution=institution)
-    normalizer = Normalizer(spec.target.grade_min, spec.target.grade_max).fit(splits.train)
-    logger.info(
-        "%s: %d train, %d val, %d test records",
-        splits.institution,
-        len(splits.train),
-        len(splits.val),
-        len(splits.test),
-    )
-    return NodeData(
-        institution=splits.institution,
-        train=normalizer.transform(splits.train),
-        val=normalizer.transform(splits.val),
-        test=normalizer.transform(splits.test),
-    )
 
 
 def build_local_model(settings: RoundSettings, shapes: tuple[int, int, int]) -> nn.Module:

@@ -8,17 +8,17 @@ from pathlib import Path
 
 import typer
 
-from client.loader import load_cohort
-from privacy.attack import attack_trained_model, render_attack
-from privacy.audit import VerifyReport, load_heads, load_keys, verify_ledger
-from privacy.audit_budget import recompute_budget
-from privacy.audit_report import budget_markdown, write_budget_report
-from privacy.ledger import parse_entries
-from shared_models.artifact import CARD_FILE
+from privacy.audit.attack import attack_trained_model, render_attack
+from privacy.audit.budget import recompute_budget
+from privacy.audit.report import budget_markdown, write_budget_report
+from privacy.audit.verify import VerifyReport, load_heads, load_keys, verify_ledger
+from privacy.ledger.entries import parse_entries
 from shared_models.cli_support import new_app, user_errors
-from shared_models.cohort import CohortArrays
-from shared_models.contract import load_spec
+from shared_models.data.cohort import CohortArrays
+from shared_models.data.contract import load_spec
+from shared_models.data.loader import load_cohort
 from shared_models.errors import DataContractError
+from shared_models.models.artifact import CARD_FILE
 
 app = new_app(
     "Auditor's tools: verify the privacy ledger, recompute every epsilon, attack a model.\n\n"
@@ -125,7 +125,7 @@ def attack(
     """
     feature_spec = load_spec(spec)
     if (model_dir / "checkpoints").is_dir() and not (model_dir / CARD_FILE).is_file():
-        from client.membership_audit import attack_federated_run
+        from privacy.audit.federated import attack_federated_run
 
         result = attack_federated_run(
             model_dir, data, feature_spec, claimed_epsilon=claimed_epsilon, delta=delta

@@ -48,7 +48,7 @@ from privacy.accountant_store import (
 )
 from privacy.budget import DPPlan, PrivacyBudget, PrivacyConfigError
 from privacy.fused_rnn import fuse_recurrent_layers
-from privacy.institution_ledger import InstitutionLedger
+from privacy.ledger.institution import InstitutionLedger
 from shared_models.errors import PrivacyBudgetExceeded
 
 logger = logging.getLogger(__name__)

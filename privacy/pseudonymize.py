@@ -22,11 +22,11 @@ from pathlib import Path
 import pandas as pd
 import tomli_w
 
-from client.export import read_export
-from client.identifiers import identifier_kind_by_name, identifier_kind_by_values
-from client.mapping import TABLES, find_mapping
 from privacy.keys import write_files_atomic, write_private
-from shared_models.contract import STUDENT_ID, TERM, WEEK, FeatureSpec
+from shared_models.data.contract import STUDENT_ID, TERM, WEEK, FeatureSpec
+from shared_models.data.export import read_export
+from shared_models.data.identifiers import identifier_kind_by_name, identifier_kind_by_values
+from shared_models.data.mapping import TABLES, find_mapping
 from shared_models.errors import EduflError
 
 logger = logging.getLogger(__name__)

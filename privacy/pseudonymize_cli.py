@@ -8,7 +8,7 @@ import typer
 
 from privacy.pseudonymize import load_or_create_secret, pseudonymize_export, render_report
 from shared_models.cli_support import user_errors
-from shared_models.contract import load_spec
+from shared_models.data.contract import load_spec
 
 
 @user_errors

@@ -2,7 +2,7 @@
 
 Layout of a run directory::
 
-    checkpoints/round-0003.weights    global weights after round 3 (shared_models.weights format:
+    checkpoints/round-0003.weights    global weights after round 3 (shared_models.models.weights:
                                       safetensors, or torch's zip loaded with weights_only)
     checkpoints/round-0003.state      server optimizer state (FedAdam moments ...), if any
     checkpoints/round-0003.json       manifest: round, strategy, model, spec, metrics, hashes
@@ -32,8 +32,8 @@ from torch import nn
 
 from shared_models.atomic import write_atomic
 from shared_models.errors import EduflError
+from shared_models.models.weights import load_tensors, load_weights, save_weights
 from shared_models.user_files import describe_read_error, loads_json, read_text
-from shared_models.weights import load_tensors, load_weights, save_weights
 
 logger = logging.getLogger(__name__)
 

@@ -14,10 +14,10 @@ from privacy.keys import (
     load_node_public_key,
     public_key_line,
 )
-from server import deploy
 from server.config import FederationConfig
-from server.flwr_control import FINISHED
-from server.registry import load_registry, save_registry
+from server.institutions import load_registry, save_registry
+from server.superlink import launcher as deploy
+from server.superlink.control import FINISHED
 from shared_models.cli_support import new_app, user_errors
 from shared_models.processes import DeploymentError, split_address, terminate_on_sigterm
 

@@ -3,7 +3,8 @@
 It flows one way: a TOML file or CLI options -> `FederationConfig` -> ``to_run_config()`` (flat
 kebab-case keys, what ``flwr run --run-config`` and ``pyproject.toml`` carry) -> the ServerApp's
 ``from_run_config()``, which validates again. The nodes get what they need in every message's
-config (`train_config`), and validate it again on their side (`client.settings.RoundSettings`).
+config (`train_config`), and validate it again on their side
+(`shared_models.protocol.RoundSettings`).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from server.guard import GuardConfig
 from server.strategies import check_strategy
 from shared_models.errors import EduflError
-from shared_models.registry import model_config
+from shared_models.models.registry import model_config
 
 
 class FederationConfigError(EduflError, ValueError):
@@ -34,7 +35,7 @@ class FederationConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    model: str = "lstm"  # shared_models.registry.MODEL_NAMES
+    model: str = "lstm"  # shared_models.models.registry.MODEL_NAMES
     model_overrides: dict[str, Any] = Field(default_factory=dict)  # e.g. {"hidden_size": 32}
     task: Literal["risk", "grade", "multitask"] = "risk"
     strategy: str = "fedavg"  # server.strategies.STRATEGY_NAMES
@@ -141,7 +142,7 @@ class FederationConfig(BaseModel):
     # --- what the nodes get -------------------------------------------------------------------
 
     def train_config(self, spec_fingerprint: str) -> dict[str, bool | int | float | str]:
-        """The message config every node receives (see `client.settings.RoundSettings`)."""
+        """The message config every node receives (see `shared_models.protocol.RoundSettings`)."""
         return {
             "model": self.model,
             "model-config": json.dumps(self.model_overrides, sort_keys=True),

@@ -25,11 +25,11 @@ from server.guard import GuardedStrategy
 from server.report import write_report
 from server.rounds import RoundReport, run_rounds
 from server.strategies import build_strategy, restore_strategy_state, strategy_state
-from shared_models.contract import FeatureSpec, load_spec
+from shared_models.data.contract import FeatureSpec, load_spec
 from shared_models.errors import EduflError
-from shared_models.registry import build_model
+from shared_models.models.registry import build_model
+from shared_models.models.weights import assign_weights, named_weights
 from shared_models.training import set_seed
-from shared_models.weights import assign_weights, named_weights
 
 logger = logging.getLogger(__name__)
 
@@ -160,14 +160,14 @@ def _consortium_ledger(config: FederationConfig) -> Any:
     Kept whether or not the server asks for DP: in a deployment each institution's node decides
     (DP is its default), and a round it trains without DP is recorded too.
     """
-    from privacy.consortium_ledger import ConsortiumLedger
+    from privacy.ledger.consortium import ConsortiumLedger
 
     return ConsortiumLedger(config.out_dir / "ledger.jsonl")
 
 
 def _record_privacy(ledger: Any, report: RoundReport, *, dp_requested: bool) -> None:
     """Append each node's signed entry; a refused one is logged, never silently kept."""
-    from privacy.ledger import LedgerError
+    from privacy.ledger.entries import LedgerError
 
     for result in report.train_nodes:
         if not result.privacy:
@@ -186,8 +186,8 @@ def _record_privacy(ledger: Any, report: RoundReport, *, dp_requested: bool) -> 
 
 def node_epsilons(report: RoundReport) -> dict[str, float]:
     """Epsilon each institution reported spent after the round (DP runs only)."""
-    from privacy.consortium_ledger import decode_entry
-    from privacy.ledger import LedgerError
+    from privacy.ledger.consortium import decode_entry
+    from privacy.ledger.entries import LedgerError
 
     spent: dict[str, float] = {}
     for result in report.train_nodes:

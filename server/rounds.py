@@ -11,16 +11,15 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
-from flwr.app import ArrayRecord, ConfigRecord, Message, Metadata
-from flwr.common.constant import ErrorCode
+from flwr.app import ArrayRecord, ConfigRecord, Message
 from flwr.serverapp import Grid
 
-from privacy.consortium_ledger import EARLIER_KEY, REPLY_KEY
+from privacy.ledger.consortium import EARLIER_KEY, REPLY_KEY
 from server.guard import GuardedStrategy, Rejection, institution_of
+from server.superlink.retry import exchange
 
 logger = logging.getLogger(__name__)
 
@@ -77,7 +76,7 @@ def run_rounds(
         messages = list(
             strategy.configure_train(server_round, arrays, ConfigRecord(dict(train_config)), grid)
         )
-        replies = _exchange(grid, messages, timeout)
+        replies = exchange(grid, messages, timeout)
         train_nodes, failures = _node_results(messages, replies)
         new_arrays, train_metrics = strategy.aggregate_train(server_round, replies)
         if new_arrays is not None:
@@ -90,7 +89,7 @@ def run_rounds(
                 server_round, arrays, ConfigRecord(dict(evaluate_config)), grid
             )
         )
-        replies = _exchange(grid, messages, timeout)
+        replies = exchange(grid, messages, timeout)
         evaluate_nodes, eval_failures = _node_results(messages, replies)
         evaluate_metrics = strategy.aggregate_evaluate(server_round, replies)
         rejected += strategy.rejections[len(rejected) :]
@@ -109,139 +108,6 @@ def run_rounds(
             )
         )
     return arrays
-
-
-#: Seconds between asks for replies in a deployment. Flower 1.41's ``HttpGrid`` (the
-#: ServerApp's connection to a SuperLink) asks every 3 s in ``send_and_receive``, which alone
-#: added 1.5 s to every round on average (docs/benchmarks.md, question 4); an ask is one small
-#: call to the SuperLink on the same machine. Simulation's ``InMemoryGrid`` asks every 0.1 s.
-REPLY_POLL_S = 0.1
-
-try:
-    from flwr.superlink.grid.http_grid import HttpGrid as _SlowPollingGrid
-except ImportError:  # pragma: no cover - another Flower layout: its own polling then
-    _SlowPollingGrid = None  # type: ignore[assignment,misc]
-
-
-#: A node whose reply has not come this long after the round's median reply (times
-#: ``RESEND_FACTOR``, at least ``RESEND_MIN_S`` after it was sent) is asked again.
-RESEND_FACTOR = 1.5
-RESEND_MIN_S = 30.0
-#: Messages a node gets per round at most (the first and the asks again).
-MAX_ASKS = 4
-#: Error replies that mean the node's reply was lost on the way (Flower's grid makes one when
-#: a reply's objects cannot be pulled), not that the node failed: the node is asked again.
-_IN_TRANSIT = (ErrorCode.MESSAGE_UNAVAILABLE, ErrorCode.REPLY_MESSAGE_UNAVAILABLE)
-
-
-def _exchange(grid: Grid, messages: list[Message], timeout: float) -> list[Message]:
-    """``grid.send_and_receive``; on a SuperLink, asking often and asking lost nodes again.
-
-    On a SuperLink the replies are asked for every ``REPLY_POLL_S`` seconds, and a node whose
-    reply was lost gets the same message again: at once when the grid says the reply's upload
-    did not complete (``_IN_TRANSIT``), and when its reply is far behind the others' (see
-    ``RESEND_FACTOR``). With 50 nodes pushing at once on a loaded machine, the SuperLink's
-    SQLite store answered "database is locked" to some pushes (bench/load_test.py): Flower
-    1.41's SuperNode drops a reply whose push was refused, and the SuperLink never hands a
-    message out twice, so without this the update would wait for the round timeout and be
-    lost. The node answers the second message from its release cache (same
-    run, round and global weights: the update already released, no second privacy spend;
-    `client.release_cache`); a node that was only slow answers twice and the first is kept.
-    """
-    if not messages:
-        return []
-    if _SlowPollingGrid is None or not isinstance(grid, _SlowPollingGrid):
-        return list(grid.send_and_receive(messages, timeout=timeout))
-    started = time.monotonic()
-    deadline = started + timeout
-    by_node = {int(m.metadata.dst_node_id): m for m in messages}
-    node_of: dict[str, int] = {}
-    sent_at: dict[int, float] = {}
-    asks: Counter[int] = Counter()
-
-    def push(batch: list[Message]) -> None:
-        now = time.monotonic()
-        for msg_id, msg in zip(grid.push_messages(batch), batch, strict=True):
-            node_of[msg_id] = int(msg.metadata.dst_node_id)
-            sent_at[node_of[msg_id]] = now
-            asks[node_of[msg_id]] += 1
-
-    push(messages)
-    replies: dict[int, Message] = {}
-    latencies: list[float] = []
-    while len(replies) < len(by_node) and time.monotonic() < deadline:
-        waiting = [i for i, node in node_of.items() if node not in replies]
-        lost: set[int] = set()
-        for msg in grid.pull_messages(waiting):
-            msg_id = msg.metadata.reply_to_message_id
-            node = node_of.get(msg_id)
-            if node is None or node in replies:
-                continue
-            if msg.has_error() and msg.error.code in _IN_TRANSIT:
-                # the node replied but its upload did not complete: that message is spent
-                logger.info("node %s's reply was lost in transit (%s)", node, msg.error.reason)
-                del node_of[msg_id]
-                lost.add(node)
-                continue
-            replies[node] = _from_node(msg, node)
-            latencies.append(time.monotonic() - started)
-        late = lost | set(_late_nodes(by_node, replies, sent_at, latencies, time.monotonic()))
-        late = sorted(n for n in late - replies.keys() if asks[n] < MAX_ASKS)
-        if late:
-            logger.warning(
-                "no reply yet from node(s) %s: asking again (a lost reply is re-sent from the "
-                "node's release cache, not retrained)",
-                ", ".join(str(n) for n in late),
-            )
-            push([_again(by_node[n]) for n in late])
-        if len(replies) < len(by_node):
-            time.sleep(REPLY_POLL_S)
-    return list(replies.values())
-
-
-def _late_nodes(
-    by_node: Mapping[int, Message],
-    replies: Mapping[int, Message],
-    sent_at: Mapping[int, float],
-    latencies: list[float],
-    now: float,
-) -> list[int]:
-    """Nodes to ask again: at least half have replied, and these are far behind them."""
-    if not latencies or 2 * len(replies) < len(by_node):
-        return []
-    typical = sorted(latencies)[len(latencies) // 2]
-    patience = max(RESEND_MIN_S, RESEND_FACTOR * typical)
-    return [n for n in by_node if n not in replies and now - sent_at[n] >= patience]
-
-
-def _from_node(msg: Message, node: int) -> Message:
-    """``msg``, or for an error the SuperLink made itself (its own id as the sender, e.g. Node
-    Unavailable), the same error from ``node``: the failure is the node's, and named so."""
-    if not msg.has_error() or int(msg.metadata.src_node_id) == node:
-        return msg
-    meta = msg.metadata
-    metadata = Metadata(
-        run_id=meta.run_id,
-        message_id=meta.message_id,
-        src_node_id=node,
-        dst_node_id=meta.dst_node_id,
-        reply_to_message_id=meta.reply_to_message_id,
-        group_id=meta.group_id,
-        created_at=meta.created_at,
-        ttl=meta.ttl,
-        message_type=meta.message_type,
-    )
-    return Message(error=msg.error, metadata=metadata)
-
-
-def _again(msg: Message) -> Message:
-    """A new message with ``msg``'s content for the same node (a SuperLink takes an id once)."""
-    return Message(
-        content=msg.content,
-        dst_node_id=msg.metadata.dst_node_id,
-        message_type=msg.metadata.message_type,
-        group_id=msg.metadata.group_id,
-    )
 
 
 def _node_results(

@@ -43,7 +43,7 @@ def write_atomic_many(writes: Mapping[Path, Callable[[Path], object]]) -> list[P
     are they renamed into place, in the given order. A failure while writing (a full disk, a
     plot that cannot be drawn) leaves every old file as it was and no temporary file behind.
     Only a crash in the microseconds between two renames could leave a mix; readers that
-    must notice one record a hash of the other file (as `shared_models.artifact` does).
+    must notice one record a hash of the other file (as `shared_models.models.artifact` does).
     """
     done: list[tuple[Path, Path]] = []
     try:

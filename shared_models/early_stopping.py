@@ -8,7 +8,7 @@ import math
 import torch
 from torch import nn
 
-from shared_models.weights import unwrap
+from shared_models.models.weights import unwrap
 
 logger = logging.getLogger(__name__)
 

@@ -14,10 +14,10 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from shared_models.cohort import ModelInputs
+from shared_models.data.cohort import ModelInputs
 from shared_models.losses import check_task, heads_for_task, task_loss
 from shared_models.metrics import classification_metrics, regression_metrics
-from shared_models.weights import unwrap
+from shared_models.models.weights import unwrap
 
 logger = logging.getLogger(__name__)
 

@@ -24,7 +24,7 @@ from torch.optim import Optimizer
 from torch.optim.lr_scheduler import ExponentialLR
 from torch.utils.data import DataLoader, TensorDataset
 
-from shared_models.cohort import ModelInputs
+from shared_models.data.cohort import ModelInputs
 from shared_models.early_stopping import EarlyStopping
 from shared_models.evaluation import (
     Batch,
@@ -37,7 +37,7 @@ from shared_models.evaluation import (
 )
 from shared_models.losses import balanced_pos_weight, check_task, heads_for_task, task_loss
 from shared_models.models.base import ModelConfig
-from shared_models.weights import unwrap
+from shared_models.models.weights import unwrap
 
 logger = logging.getLogger(__name__)
 

@@ -15,15 +15,15 @@ from typing import Any, Literal
 
 import numpy as np
 
-from shared_models.artifact import save_trained
 from shared_models.atomic import write_text_atomic
 from shared_models.baselines import fit_baselines
-from shared_models.cohort import CohortArrays, Normalizer
-from shared_models.contract import FeatureSpec
+from shared_models.data.cohort import CohortArrays, Normalizer
+from shared_models.data.contract import FeatureSpec
+from shared_models.data.splits import Split, kfold_splits, split_cohort
 from shared_models.evaluation import evaluate, predict
 from shared_models.metrics import regression_metrics
-from shared_models.registry import build_model, config_class
-from shared_models.splits import Split, kfold_splits, split_cohort
+from shared_models.models.artifact import save_trained
+from shared_models.models.registry import build_model, config_class
 from shared_models.training import EpochRecord, FitConfig, fit, set_seed
 from simulations import plots
 

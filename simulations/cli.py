@@ -9,7 +9,7 @@ from privacy.cli import app as audit_app
 from server.cli import app as server_app
 from shared_models.cli_support import configure_logging, new_app
 from simulations.demo import demo
-from simulations.reproduce_cli import reproduce
+from simulations.reproduce.cli import reproduce
 from simulations.simulate_cli import app as simulate_app
 from simulations.train_cli import train
 

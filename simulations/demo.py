@@ -13,12 +13,12 @@ from pathlib import Path
 
 import typer
 
-from client.early_warning import score_and_report
+from client.early_warning.report import score_and_report
 from client.global_model import adopt_global_model
-from client.validate import validate_export
 from shared_models.atomic import write_text_atomic
 from shared_models.cli_support import user_errors
-from shared_models.contract import default_spec
+from shared_models.data.contract import default_spec
+from shared_models.data.validate import validate_export
 from shared_models.errors import DataContractError, EduflError
 from simulations.synthetic import write_consortium
 
@@ -123,10 +123,10 @@ def demo(
 
 def _audit(ledger: Path, run_dir: Path) -> None:
     """Verify signatures and chain, recompute every epsilon independently, print a summary."""
-    from privacy.audit import verify_ledger
-    from privacy.audit_budget import recompute_budget
-    from privacy.audit_report import budget_markdown, plot_epsilon
-    from privacy.ledger import parse_entries
+    from privacy.audit.budget import recompute_budget
+    from privacy.audit.report import budget_markdown, plot_epsilon
+    from privacy.audit.verify import verify_ledger
+    from privacy.ledger.entries import parse_entries
 
     verified = verify_ledger(ledger)
     typer.echo(f"      chain and signatures: {'intact' if not verified.problems else 'BROKEN'}")

@@ -24,16 +24,16 @@ from typing import Any
 
 import torch
 
-from client.loader import load_cohort
 from privacy.budget import DPPlan, PrivacyBudget
 from privacy.dp import DPSession
-from shared_models.artifact import save_trained
 from shared_models.atomic import write_text_atomic
-from shared_models.cohort import CohortArrays, ModelInputs, Normalizer
-from shared_models.contract import FeatureSpec, default_spec
+from shared_models.data.cohort import CohortArrays, ModelInputs, Normalizer
+from shared_models.data.contract import FeatureSpec, default_spec
+from shared_models.data.loader import load_cohort
+from shared_models.data.splits import split_cohort
 from shared_models.evaluation import evaluate
-from shared_models.registry import build_model
-from shared_models.splits import split_cohort
+from shared_models.models.artifact import save_trained
+from shared_models.models.registry import build_model
 from shared_models.training import (
     FitConfig,
     fit,

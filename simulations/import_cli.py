@@ -8,7 +8,7 @@ from pathlib import Path
 import typer
 
 from shared_models.cli_support import user_errors
-from simulations import datasets
+from simulations.datasets import registry as datasets
 from simulations.partition import MANIFEST, SPEC_FILE, SYNTHETIC_PARTITIONS
 
 

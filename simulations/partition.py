@@ -17,10 +17,10 @@ import numpy as np
 import pandas as pd
 import tomli_w
 
-from client.export import read_export
-from client.mapping import find_mapping
 from shared_models.atomic import write_atomic, write_text_atomic
-from shared_models.contract import STUDENT_ID, TERM, FeatureSpec
+from shared_models.data.contract import STUDENT_ID, TERM, FeatureSpec
+from shared_models.data.export import read_export
+from shared_models.data.mapping import find_mapping
 from shared_models.errors import DataContractError
 
 MANIFEST = "partitions.toml"

@@ -1,6 +1,7 @@
 """The centralized reference of a federated simulation: the same students, pooled.
 
-Each export is split exactly as its node splits it (`client.local.split_node`, same seed), the
+Each export is split exactly as its node splits it (`shared_models.data.node.split_node`, same
+seed), the
 train, validation and test parts are pooled, normalised with the pooled train statistics, and
 one model is trained with early stopping (`shared_models.training.fit`). It is scored the way
 the federation is: ROC-AUC per institution's test split, averaged weighted by test records, and
@@ -17,12 +18,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from client.local import split_node
 from server.config import FederationConfig
-from shared_models.cohort import CohortArrays, Normalizer
-from shared_models.contract import load_spec
+from shared_models.data.cohort import CohortArrays, Normalizer
+from shared_models.data.contract import load_spec
+from shared_models.data.node import split_node
 from shared_models.evaluation import evaluate
-from shared_models.registry import build_model
+from shared_models.models.registry import build_model
 from shared_models.training import FitConfig, fit, set_seed
 
 logger = logging.getLogger(__name__)

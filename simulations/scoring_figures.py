@@ -19,19 +19,19 @@ from pathlib import Path
 import numpy as np
 from sklearn.metrics import roc_auc_score
 
-from client.loader import load_cohort
-from client.scoring import (
+from client.early_warning.scoring import (
     TIERS,
     load_observed_term,
     load_scoring_model,
     score_cohort,
     tier_outcomes,
 )
-from shared_models.artifact import save_trained
-from shared_models.cohort import CohortArrays, Normalizer
-from shared_models.contract import FeatureSpec, default_spec
-from shared_models.registry import build_model
-from shared_models.splits import split_cohort
+from shared_models.data.cohort import CohortArrays, Normalizer
+from shared_models.data.contract import FeatureSpec, default_spec
+from shared_models.data.loader import load_cohort
+from shared_models.data.splits import split_cohort
+from shared_models.models.artifact import save_trained
+from shared_models.models.registry import build_model
 from shared_models.training import FitConfig, fit, set_seed
 from simulations.synthetic import write_consortium
 

@@ -11,7 +11,7 @@ import typer
 
 from shared_models.atomic import write_text_atomic
 from shared_models.cli_support import new_app, user_errors
-from shared_models.contract import load_spec
+from shared_models.data.contract import load_spec
 from shared_models.errors import DataContractError
 from simulations.import_cli import import_dataset
 from simulations.synthetic import write_consortium

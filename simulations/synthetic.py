@@ -18,7 +18,7 @@ import pandas as pd
 import tomli_w
 
 from shared_models.atomic import write_atomic, write_text_atomic
-from shared_models.contract import FeatureSpec, default_spec
+from shared_models.data.contract import FeatureSpec, default_spec
 
 TERM_LABEL = "2025-autumn"
 MANIFEST = "consortium.toml"

@@ -7,12 +7,12 @@ from pathlib import Path
 import typer
 from tqdm import tqdm
 
-from client.loader import load_cohort
 from shared_models.cli_support import user_errors
-from shared_models.cohort import CohortArrays
-from shared_models.contract import load_spec
+from shared_models.data.cohort import CohortArrays
+from shared_models.data.contract import load_spec
+from shared_models.data.loader import load_cohort
 from shared_models.errors import DataContractError
-from shared_models.registry import MODEL_NAMES
+from shared_models.models.registry import MODEL_NAMES
 from shared_models.training import EpochRecord, FitConfig
 from simulations.centralized import run_centralized
 

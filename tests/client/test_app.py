@@ -23,14 +23,14 @@ from flwr.app import (
 )
 
 from client.app import app
-from client.loader import load_cohort
-from client.local import prepare_node_data
 from server.config import FederationConfig
 from server.federation import global_model
 from server.strategies import build_strategy
-from shared_models.contract import default_spec
+from shared_models.data.contract import default_spec
+from shared_models.data.loader import load_cohort
+from shared_models.data.node import prepare_node_data
 from shared_models.errors import DataContractError
-from shared_models.weights import named_weights
+from shared_models.models.weights import named_weights
 
 SPEC = default_spec()
 

@@ -11,11 +11,11 @@ import torch
 from flwr.app import Context, MessageType, RecordDict
 
 from client.app import app, privacy_budget
-from client.settings import RoundSettings
 from privacy.budget import PrivacyConfigError
-from privacy.consortium_ledger import EARLIER_KEY, REPLY_KEY, ConsortiumLedger, decode_entry
-from privacy.ledger import parse_entries
+from privacy.ledger.consortium import EARLIER_KEY, REPLY_KEY, ConsortiumLedger, decode_entry
+from privacy.ledger.entries import parse_entries
 from shared_models.errors import PrivacyBudgetExceeded
+from shared_models.protocol import RoundSettings
 from tests.client.test_app import _config, _global_weights, _message
 
 

@@ -6,13 +6,14 @@ import numpy as np
 import pytest
 import torch
 
-from client.global_model import adopt_global_model, latest_checkpoint
-from client.local import split_node
+from client.global_model import adopt_global_model
 from server.checkpoints import CheckpointStore
-from shared_models.artifact import load_trained
-from shared_models.contract import default_spec
+from shared_models.data.contract import default_spec
+from shared_models.data.node import split_node
 from shared_models.errors import DataContractError
-from shared_models.registry import build_model
+from shared_models.models.artifact import load_trained
+from shared_models.models.checkpoints import latest_checkpoint
+from shared_models.models.registry import build_model
 from shared_models.training import set_seed
 
 SPEC = default_spec()

@@ -16,11 +16,17 @@ from flwr.cli.flower_config import read_superlink_connection
 from flwr.common.config import parse_config_args
 from typer.testing import CliRunner
 
-from client.deploy import NodeOptions, supernode_argv
+from client.node.launcher import NodeOptions, supernode_argv
 from privacy.keys import ConsortiumKeys, init_institution_keys
-from server.deploy import SERVERAPP, ServerLayout, running_server, superlink_argv, write_app
-from server.flwr_control import write_connection
-from server.registry import EnrolmentError, Registry, load_registry
+from server.institutions import EnrolmentError, Registry, load_registry
+from server.superlink.control import write_connection
+from server.superlink.launcher import (
+    SERVERAPP,
+    ServerLayout,
+    running_server,
+    superlink_argv,
+    write_app,
+)
 from shared_models import processes
 from shared_models.processes import DeploymentError
 from simulations.cli import app

@@ -14,7 +14,7 @@ import json
 
 import pytest
 
-from server.registry import load_registry
+from server.institutions import load_registry
 from shared_models import processes
 from tests.deploy.harness import (
     Deployment,

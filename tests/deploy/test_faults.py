@@ -20,8 +20,8 @@ import client.app
 from server.checkpoints import CheckpointStore
 from server.config import FederationConfig
 from server.federation import global_model
-from shared_models.contract import default_spec
-from shared_models.weights import named_weights
+from shared_models.data.contract import default_spec
+from shared_models.models.weights import named_weights
 from tests.client.test_app import _message
 from tests.deploy.harness import (
     Deployment,

@@ -1,6 +1,6 @@
-"""How a node's processes are composed and stopped: the SuperNode under `client.warm_exec`.
+"""How a node's processes are composed and stopped: the SuperNode under `client.node.warm_exec`.
 
-The fast tests check the command lines. The slow ones run `client.warm_exec` for real, with a
+The fast tests check the command lines. The slow ones run `client.node.warm_exec` for real, with a
 stand-in for `flower-superlink`'s node (a Python process that listens on the Runtime API port),
 to check what a user relies on: one stop ends every process of the node, and the node's exit
 code is the SuperNode's.
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from client.deploy import NodeOptions, node_argv, start_supernode, supernode_argv
+from client.node.launcher import NodeOptions, node_argv, start_supernode, supernode_argv
 from shared_models import processes
 
 
@@ -42,7 +42,7 @@ def test_node_runs_its_supernode_in_process_isolation_under_the_warm_executor(
     assert argv[:split] == [
         sys.executable,
         "-m",
-        "client.warm_exec",
+        "client.node.warm_exec",
         "--runtime-api-address",
         "127.0.0.1:9123",
     ]
@@ -61,7 +61,7 @@ def test_a_node_asked_to_pull_sooner_runs_flowers_supernode_paced(tmp_path: Path
     argv = node_argv(options)
     rest = argv[argv.index("--") + 1 :]
     paced = rest[: rest.index("--")]
-    assert paced == [sys.executable, "-m", "client.supernode_pace", "--pull-interval", "0.25"]
+    assert paced == [sys.executable, "-m", "client.node.pacing", "--pull-interval", "0.25"]
     assert rest[len(paced) + 1 :] == supernode_argv(options)
 
 
@@ -70,7 +70,7 @@ def test_a_warm_task_imports_nothing_the_executor_could_have_imported_once() -> 
     about 1 s) is imported by the executor before it forks, not again by every task."""
     probe = (
         "import importlib, sys, torch\n"
-        "from client.warm_exec import PRELOAD\n"
+        "from client.node.warm_exec import PRELOAD\n"
         "for name in PRELOAD: importlib.import_module(name)\n"
         "before = set(sys.modules)\n"
         "torch.optim.Adam([torch.zeros(1, requires_grad=True)])\n"
@@ -105,7 +105,7 @@ sys.exit(int(sys.argv[2]))
 
 def _warm_exec(tmp_path: Path, port: int, code: int, seconds: float) -> processes.Child:
     fake = [sys.executable, "-c", _FAKE_SUPERNODE, str(port), str(code), str(seconds)]
-    argv = [sys.executable, "-m", "client.warm_exec", "--runtime-api-address"]
+    argv = [sys.executable, "-m", "client.node.warm_exec", "--runtime-api-address"]
     argv += [f"127.0.0.1:{port}", "--preload", "json", "--", *fake]
     return processes.start(
         "warm node", argv, log_path=tmp_path / "node.log", env={**os.environ}, cwd=tmp_path

@@ -17,10 +17,10 @@ import numpy as np
 import pytest
 import torch
 
-from shared_models.artifact import save_trained
-from shared_models.cohort import Normalizer
-from shared_models.contract import default_spec
-from shared_models.registry import build_model
+from shared_models.data.cohort import Normalizer
+from shared_models.data.contract import default_spec
+from shared_models.models.artifact import save_trained
+from shared_models.models.registry import build_model
 from tests.fuzz import harness
 
 SPEC = default_spec()
@@ -94,8 +94,8 @@ def ledger_fields(server_round: int) -> dict[str, Any]:
 @pytest.fixture(scope="session")
 def ledger_path(keys_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A consortium ledger: two institutions, two rounds each, signed and chained."""
-    from privacy.consortium_ledger import ConsortiumLedger
-    from privacy.institution_ledger import InstitutionLedger
+    from privacy.ledger.consortium import ConsortiumLedger
+    from privacy.ledger.institution import InstitutionLedger
 
     root = tmp_path_factory.mktemp("fuzz-ledger")
     own = {n: InstitutionLedger(root / n, n, keys_dir / n) for n in INSTITUTIONS}

@@ -28,10 +28,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from server.checkpoints import CheckpointStore
-from shared_models.artifact import load_trained, save_trained
 from shared_models.atomic import write_atomic, write_atomic_many, write_text_atomic
-from shared_models.contract import default_spec
-from shared_models.registry import build_model
+from shared_models.data.contract import default_spec
+from shared_models.models.artifact import load_trained, save_trained
+from shared_models.models.registry import build_model
 from tests.fuzz.harness import OUTPUT_KEPT, assert_unchanged, cli, digests, fuzz, record
 
 SPEC = default_spec()

@@ -21,9 +21,9 @@ import pyarrow.parquet as pq
 from hypothesis import given
 from hypothesis import strategies as st
 
-from client.loader import load_cohort
-from client.store import Store
-from shared_models.contract import default_spec
+from client.early_warning.store import Store
+from shared_models.data.contract import default_spec
+from shared_models.data.loader import load_cohort
 from tests.fuzz.harness import assert_unchanged, call, cli, digests, fuzz
 from tests.fuzz.mutations import HOSTILE_TOKENS, byte_damage
 

@@ -24,9 +24,9 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from hypothesis import given
 from hypothesis import strategies as st
 
-from privacy.audit import load_heads, load_keys, verify_ledger
+from privacy.audit.verify import load_heads, load_keys, verify_ledger
 from privacy.keys import load_node_private_key
-from privacy.ledger import parse_entries
+from privacy.ledger.entries import parse_entries
 from tests.fuzz.conftest import INSTITUTIONS
 from tests.fuzz.harness import assert_unchanged, call, cli, digests, fuzz
 from tests.fuzz.mutations import HOSTILE_VALUES, byte_damage, hostile_toml, wrong_document

@@ -16,7 +16,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from client.mapping import load_mapping
+from shared_models.data.mapping import load_mapping
 from tests.fuzz.harness import call, cli, fuzz
 from tests.fuzz.mutations import hostile_toml
 

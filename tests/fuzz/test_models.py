@@ -23,12 +23,12 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from client.store import Store
+from client.early_warning.store import Store
 from server.checkpoints import CheckpointStore
-from shared_models.artifact import load_trained
-from shared_models.contract import default_spec
-from shared_models.registry import build_model
-from shared_models.weights import load_tensors
+from shared_models.data.contract import default_spec
+from shared_models.models.artifact import load_trained
+from shared_models.models.registry import build_model
+from shared_models.models.weights import load_tensors
 from tests.fuzz.harness import assert_unchanged, call, cli, digests, fuzz
 from tests.fuzz.mutations import byte_damage, wrong_document
 

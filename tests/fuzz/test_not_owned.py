@@ -2,7 +2,7 @@
 
 The federation config TOML (server/config.py), node keys (privacy/keys.py), a federated
 checkpoint adopted as a local model (client/global_model.py) and the ledger entries a node
-sends the server (privacy/consortium_ledger.py). A traceback raised *in those files* is
+sends the server (privacy/ledger/consortium.py). A traceback raised *in those files* is
 tallied as "known, reported"; the bugs found so far are fixed and pinned by the
 ``test_fixed_*`` tests below; a traceback anywhere else fails the suite.
 """
@@ -20,10 +20,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from client.global_model import adopt_global_model
-from privacy.consortium_ledger import ConsortiumLedger
 from privacy.keys import load_node_private_key, load_node_public_key
+from privacy.ledger.consortium import ConsortiumLedger
 from server.config import FederationConfig
-from shared_models.contract import default_spec
+from shared_models.data.contract import default_spec
 from tests.fuzz.conftest import INSTITUTIONS
 from tests.fuzz.harness import call, fuzz, raised_in
 from tests.fuzz.mutations import byte_damage, hostile_toml, wrong_document
@@ -54,7 +54,7 @@ def test_hostile_federation_configs_fail_with_the_file_named(data: st.DataObject
             lambda: FederationConfig.from_toml(path),
             names=[str(path)],
             known=raised_in(
-                "server/config.py", "shared_models/models", "shared_models/registry.py"
+                "server/config.py", "shared_models/models", "shared_models/models/registry.py"
             ),
         )
 
@@ -84,7 +84,7 @@ def test_hostile_federated_checkpoints_are_refused_when_adopted(
     export_dir: Path, tmp_path_factory: pytest.TempPathFactory, data: st.DataObject
 ) -> None:
     from server.checkpoints import CheckpointStore
-    from shared_models.registry import build_model
+    from shared_models.models.registry import build_model
 
     run = tmp_path_factory.getbasetemp() / "fuzz-adopt-run"
     if not run.exists():
@@ -100,7 +100,7 @@ def test_hostile_federated_checkpoints_are_refused_when_adopted(
             "federated checkpoint (adopt)",
             lambda: adopt_global_model(copy, export_dir, SPEC, Path(tmp) / "model"),
             names=[str(path), "round-0001"],
-            known=raised_in("client/global_model.py", "shared_models/registry.py"),
+            known=raised_in("client/global_model.py", "shared_models/models/registry.py"),
         )
 
 
@@ -122,7 +122,7 @@ def test_hostile_ledger_entries_from_a_node_are_refused(
             "ledger entry (from a node)",
             lambda: ledger.receive_text(text),
             names=["ledger", "entry", "JSON"],
-            known=raised_in("privacy/consortium_ledger.py"),
+            known=raised_in("privacy/ledger/consortium.py"),
         )
 
 
@@ -156,7 +156,7 @@ ADOPT_BUGS = {
 def test_fixed_checkpoint_adoption_bugs(export_dir: Path, tmp_path: Path, damage: str) -> None:
     from server.checkpoints import CheckpointStore
     from shared_models.errors import EduflError
-    from shared_models.registry import build_model
+    from shared_models.models.registry import build_model
 
     model = build_model("lstm", SPEC.weeks, len(SPEC.dynamic), len(SPEC.static_names), {})
     manifest = {"model": "lstm", "spec_fingerprint": SPEC.fingerprint, "task": "risk"}
@@ -194,7 +194,7 @@ def test_fixed_train_bug_an_export_without_outcomes(export_dir: Path, tmp_path: 
 
 
 def test_fixed_ledger_entry_bug_deep_nesting(tmp_path: Path) -> None:
-    from privacy.ledger import LedgerError
+    from privacy.ledger.entries import LedgerError
 
     with pytest.raises(LedgerError):
         ConsortiumLedger(tmp_path / "ledger.jsonl").receive_text("[" * 100_000)
@@ -213,7 +213,7 @@ def test_fixed_federation_config_bug_huge_integer(tmp_path: Path) -> None:
 
 
 def test_fixed_ledger_entry_bug_huge_integer(tmp_path: Path) -> None:
-    from privacy.ledger import LedgerError
+    from privacy.ledger.entries import LedgerError
 
     with pytest.raises(LedgerError):
         ConsortiumLedger(tmp_path / "ledger.jsonl").receive_text(f'{{"round": {HUGE_INT}}}')
@@ -222,7 +222,7 @@ def test_fixed_ledger_entry_bug_huge_integer(tmp_path: Path) -> None:
 def test_fixed_checkpoint_adoption_bug_huge_seed(export_dir: Path, tmp_path: Path) -> None:
     from server.checkpoints import CheckpointStore
     from shared_models.errors import EduflError
-    from shared_models.registry import build_model
+    from shared_models.models.registry import build_model
 
     model = build_model("lstm", SPEC.weeks, len(SPEC.dynamic), len(SPEC.static_names), {})
     manifest = {"model": "lstm", "spec_fingerprint": SPEC.fingerprint, "seed": 2**80}

@@ -1,6 +1,7 @@
 """Hostile public-dataset downloads (OULAD, UCI Student Performance) for the researchers' import.
 
-Through the loaders `edufl simulate import` calls (`simulations.oulad.load`, `uci.load`): a
+Through the loaders `edufl simulate import` calls (`simulations.datasets.oulad.loader.load`,
+`uci.load`): a
 `DataContractError` naming the file, or tables.
 """
 
@@ -15,12 +16,13 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from shared_models.errors import DataContractError
-from simulations import oulad, uci
+from simulations.datasets.oulad import loader as oulad
+from simulations.datasets.uci import loader as uci
 from tests.fuzz.harness import call, fuzz
 from tests.fuzz.mutations import byte_damage
+from tests.simulations.datasets.test_uci import _write as write_uci
 from tests.simulations.oulad_fixture import FILES as OULAD_FILES
 from tests.simulations.oulad_fixture import write_oulad
-from tests.simulations.test_uci import _write as write_uci
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +73,7 @@ def _repeat_first_row(data: bytes) -> bytes:
 
 #: (file, damage) found by the fuzzing above, each once a traceback (where, in the comment).
 REPORTED = {
-    # simulations/sources.py DatasetFiles.chunks, pd.read_csv(nrows=0): EmptyDataError
+    # simulations/datasets/sources.py DatasetFiles.chunks, pd.read_csv(nrows=0): EmptyDataError
     ("studentVle.csv", "empty file"): lambda b: b"",
     # same line: UnicodeDecodeError
     ("studentVle.csv", "UTF-16"): lambda b: b.decode().encode("utf-16"),
@@ -79,7 +81,8 @@ REPORTED = {
     ("studentVle.csv", "unclosed quote"): lambda b: b + b'"AAA,',
     # sources.py chunks re-raises pandas' OverflowError: integers() accepts 20 digits
     ("studentVle.csv", "20-digit count"): lambda b: b.replace(b'"4"', b'"9' + b"9" * 19 + b'"', 1),
-    # simulations/oulad.py read(): reg_key.get_indexer on a non-unique index: InvalidIndexError
+    # simulations/datasets/oulad/loader.py read(): reg_key.get_indexer on a non-unique index:
+    # InvalidIndexError
     ("courses.csv", "repeated row"): _repeat_first_row,
 }
 

@@ -16,10 +16,10 @@ import numpy as np
 from hypothesis import given
 from hypothesis import strategies as st
 
-from client.indicators import vocabulary
-from client.rules import RuleSet, apply_rules, load_rules
-from client.scoring import TIERS
-from shared_models.contract import default_spec
+from client.early_warning.indicators import vocabulary
+from client.early_warning.rules import RuleSet, apply_rules, load_rules
+from client.early_warning.scoring import TIERS
+from shared_models.data.contract import default_spec
 from tests.fuzz.harness import call, cli, fuzz
 from tests.fuzz.mutations import hostile_toml
 

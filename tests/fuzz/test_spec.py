@@ -16,7 +16,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from shared_models.contract import FeatureSpec, load_spec, parse_spec
+from shared_models.data.contract import FeatureSpec, load_spec, parse_spec
 from tests.fuzz.harness import call, cli, fuzz
 from tests.fuzz.mutations import hostile_toml
 
@@ -56,9 +56,9 @@ def test_a_byte_order_mark_is_accepted_and_utf16_is_named_as_the_problem(
     tmp_path: Path, kind: str
 ) -> None:
     """What Windows editors write: UTF-8 with a BOM loads; UTF-16 gets "save it as UTF-8"."""
-    from client.mapping import load_mapping
-    from client.rules import load_rules
-    from privacy.audit import load_keys
+    from client.early_warning.rules import load_rules
+    from privacy.audit.verify import load_keys
+    from shared_models.data.mapping import load_mapping
 
     valid, load = {
         "spec": (VALID, load_spec),

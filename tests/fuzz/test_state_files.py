@@ -18,15 +18,15 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from client.reasons import Reason
-from client.rules import Recommendation
-from client.scoring import RiskThresholds, Scores, assign_tiers
-from client.store import RunInfo, Store
+from client.early_warning.reasons import Reason
+from client.early_warning.rules import Recommendation
+from client.early_warning.scoring import RiskThresholds, Scores, assign_tiers
+from client.early_warning.store import RunInfo, Store
 from privacy.accountant_store import AccountantState, AccountantStore, compute_epsilon
 from privacy.budget import DPPlan, PrivacyBudget
 from privacy.dp import DPSession
 from privacy.keys import load_node_public_key, public_key_line
-from server.registry import REGISTRY_FILE, Registry, load_registry, save_registry
+from server.institutions import REGISTRY_FILE, Registry, load_registry, save_registry
 from tests.fuzz.conftest import INSTITUTIONS
 from tests.fuzz.harness import assert_unchanged, call, cli, digests, fuzz
 from tests.fuzz.mutations import byte_damage, hostile_toml, wrong_document

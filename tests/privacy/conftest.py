@@ -13,8 +13,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from privacy.budget import DPPlan, PrivacyBudget
 from privacy.dp import DPSession
-from shared_models.cohort import ModelInputs
-from shared_models.registry import build_model
+from shared_models.data.cohort import ModelInputs
+from shared_models.models.registry import build_model
 from shared_models.training import make_loader, make_optimizer, set_seed, train_one_epoch
 
 WEEKS, DYNAMIC, STATIC = 4, 3, 2

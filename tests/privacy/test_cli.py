@@ -9,15 +9,15 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from client.loader import load_cohort
 from privacy.budget import DPPlan, PrivacyBudget
-from privacy.ledger import LEDGER_FILE
+from privacy.ledger.entries import LEDGER_FILE
 from privacy.pseudonymize_cli import pseudonymize
-from shared_models.artifact import save_trained
-from shared_models.cohort import Normalizer
-from shared_models.contract import default_spec
-from shared_models.registry import build_model
-from shared_models.splits import split_cohort
+from shared_models.data.cohort import Normalizer
+from shared_models.data.contract import default_spec
+from shared_models.data.loader import load_cohort
+from shared_models.data.splits import split_cohort
+from shared_models.models.artifact import save_trained
+from shared_models.models.registry import build_model
 from shared_models.training import FitConfig, fit, set_seed
 from simulations.cli import app
 from tests.privacy.conftest import RunRound

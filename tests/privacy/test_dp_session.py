@@ -12,12 +12,12 @@ import pytest
 import torch
 
 from privacy.accountant_store import STATE_FILE, compute_epsilon
-from privacy.audit import verify_ledger
+from privacy.audit.verify import verify_ledger
 from privacy.budget import DPPlan, PrivacyBudget, PrivacyConfigError
 from privacy.dp import DPSession
-from privacy.institution_ledger import record_non_private_round
-from privacy.ledger import LEDGER_FILE
-from shared_models.cohort import ModelInputs
+from privacy.ledger.entries import LEDGER_FILE
+from privacy.ledger.institution import record_non_private_round
+from shared_models.data.cohort import ModelInputs
 from shared_models.errors import PrivacyBudgetExceeded
 from shared_models.training import make_loader, make_optimizer, train_one_epoch
 from tests.privacy.conftest import BATCH, RunRound, tiny_model

@@ -17,10 +17,10 @@ from torch import Tensor, nn
 from privacy.budget import DPPlan, PrivacyBudget
 from privacy.dp import DPSession
 from privacy.fused_rnn import FusedGRU, FusedLSTM, FusedRNNError, fuse_recurrent_layers
-from shared_models.cohort import ModelInputs
-from shared_models.registry import build_model
+from shared_models.data.cohort import ModelInputs
+from shared_models.models.registry import build_model
+from shared_models.models.weights import named_weights
 from shared_models.training import make_loader, make_optimizer, set_seed, train_one_epoch
-from shared_models.weights import named_weights
 from tests.privacy.conftest import BATCH, DYNAMIC, STATIC, WEEKS
 
 RECURRENT_MODELS = ("lstm", "cnn-lstm", "gru", "lstm-gru", "multitask")

@@ -11,17 +11,17 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from privacy.audit import load_heads, load_keys, verify_ledger
-from privacy.consortium_ledger import ConsortiumLedger, encode_entry
-from privacy.institution_ledger import InstitutionLedger
+from privacy.audit.verify import load_heads, load_keys, verify_ledger
 from privacy.keys import init_institution_keys, load_node_private_key
-from privacy.ledger import (
+from privacy.ledger.consortium import ConsortiumLedger, encode_entry
+from privacy.ledger.entries import (
     LEDGER_FILE,
     LedgerEntry,
     LedgerError,
     canonical_json,
     sign_entry,
 )
+from privacy.ledger.institution import InstitutionLedger
 
 INSTITUTIONS = ("uni_a", "uni_b")
 ROUNDS = 3

@@ -9,14 +9,14 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from client.validate import validate_export
 from privacy.pseudonymize import (
     PseudonymizeError,
     load_or_create_secret,
     pseudonym,
     pseudonymize_export,
 )
-from shared_models.contract import default_spec
+from shared_models.data.contract import default_spec
+from shared_models.data.validate import validate_export
 
 
 @pytest.fixture

@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from server.checkpoints import CheckpointError, CheckpointStore
-from shared_models.registry import build_model
+from shared_models.models.registry import build_model
+from shared_models.models.weights import named_weights
 from shared_models.training import set_seed
-from shared_models.weights import named_weights
 
 
 def _model(seed: int) -> torch.nn.Module:

@@ -9,12 +9,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from client.settings import RoundSettings, RoundSettingsError
 from server.config import FederationConfig, FederationConfigError
 from server.guard import GuardConfig
 from server.strategies import STRATEGY_NAMES
-from shared_models.contract import default_spec
-from shared_models.registry import MODEL_NAMES
+from shared_models.data.contract import default_spec
+from shared_models.models.registry import MODEL_NAMES
+from shared_models.protocol import RoundSettings, RoundSettingsError
 
 configs = st.builds(
     FederationConfig,

@@ -12,8 +12,8 @@ from flwr.app import Message
 from server.checkpoints import CheckpointError, CheckpointStore
 from server.config import FederationConfig
 from server.federation import FederationError, global_model, run_federation
-from shared_models.contract import default_spec
-from shared_models.weights import named_weights
+from shared_models.data.contract import default_spec
+from shared_models.models.weights import named_weights
 from tests.server.conftest import InProcessGrid
 
 pytestmark = pytest.mark.usefixtures("flower_task")
@@ -163,7 +163,7 @@ def test_dp_run_resumed_after_a_crash_mid_round_counts_that_round_once_in_every_
     exports: list[Path], tmp_path: Path
 ) -> None:
     """The nodes trained and spent round 2, then the server died before committing it."""
-    from privacy.ledger import parse_entries
+    from privacy.ledger.entries import parse_entries
 
     config = _config(tmp_path / "run", rounds=3, dp_epsilon=8.0)
     privacy_root = str(tmp_path / "institutions")  # each institution's own disk, kept

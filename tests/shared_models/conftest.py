@@ -7,7 +7,7 @@ from collections.abc import Callable
 import numpy as np
 import pytest
 
-from shared_models.cohort import ModelInputs
+from shared_models.data.cohort import ModelInputs
 
 MakeInputs = Callable[..., ModelInputs]
 

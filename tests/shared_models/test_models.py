@@ -10,17 +10,17 @@ import torch
 from opacus import PrivacyEngine
 from pydantic import ValidationError
 
-from shared_models.cohort import ModelInputs
+from shared_models.data.cohort import ModelInputs
 from shared_models.models import engagement_target
-from shared_models.registry import (
+from shared_models.models.registry import (
     MODEL_NAMES,
     UnknownModelError,
     build_model,
     config_class,
     model_config,
 )
+from shared_models.models.weights import named_weights
 from shared_models.training import make_loader, make_optimizer, set_seed, train_one_epoch
-from shared_models.weights import named_weights
 
 W, F, S = 6, 4, 3  # weeks, dynamic features, static features
 

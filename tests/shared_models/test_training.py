@@ -12,10 +12,11 @@ import pytest
 import torch
 from opacus import PrivacyEngine
 
-from shared_models.cohort import ModelInputs
+from shared_models.data.cohort import ModelInputs
 from shared_models.early_stopping import EarlyStopping
 from shared_models.losses import balanced_pos_weight, task_loss
-from shared_models.registry import build_model
+from shared_models.models.registry import build_model
+from shared_models.models.weights import assign_weights, load_weights, named_weights, save_weights
 from shared_models.training import (
     EpochRecord,
     FitConfig,
@@ -27,7 +28,6 @@ from shared_models.training import (
     set_seed,
     train_one_epoch,
 )
-from shared_models.weights import assign_weights, load_weights, named_weights, save_weights
 
 MakeInputs = Callable[..., ModelInputs]
 

@@ -8,13 +8,13 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from client.loader import load_cohort
-from shared_models.artifact import load_trained
-from shared_models.cohort import CohortArrays
-from shared_models.contract import default_spec
+from shared_models.data.cohort import CohortArrays
+from shared_models.data.contract import default_spec
+from shared_models.data.loader import load_cohort
+from shared_models.data.splits import split_cohort
 from shared_models.errors import DataContractError
 from shared_models.evaluation import predict
-from shared_models.splits import split_cohort
+from shared_models.models.artifact import load_trained
 from shared_models.training import FitConfig
 from simulations.centralized import results_table, run_centralized
 from simulations.cli import app

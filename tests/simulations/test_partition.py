@@ -8,11 +8,11 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from client.loader import load_cohort
-from client.validate import validate_export
-from shared_models.contract import default_spec
+from shared_models.data.contract import default_spec
+from shared_models.data.loader import load_cohort
+from shared_models.data.validate import validate_export
 from shared_models.errors import DataContractError
-from simulations import datasets
+from simulations.datasets import registry as datasets
 from simulations.import_cli import import_dataset
 from simulations.partition import (
     dirichlet_partition,
@@ -118,7 +118,7 @@ def test_synthetic_consortium_repartitioned_by_label_validates_and_repeats_bytes
 def test_write_refuses_a_foreign_folder_and_replaces_an_earlier_import(
     tmp_path: Path,
 ) -> None:
-    from simulations import oulad
+    from simulations.datasets.oulad import loader as oulad
 
     download = write_oulad(tmp_path / "OULAD")
     (tmp_path / "mine").mkdir()

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from privacy.audit import verify_ledger
-from privacy.ledger import parse_entries
+from privacy.audit.verify import verify_ledger
+from privacy.ledger.entries import parse_entries
 from simulations.cli import app
 
 runner = CliRunner()

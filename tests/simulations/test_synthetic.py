@@ -10,8 +10,8 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
 from sklearn.model_selection import train_test_split
 
-from client.loader import load_cohort
-from shared_models.cohort import CohortArrays, Normalizer
+from shared_models.data.cohort import CohortArrays, Normalizer
+from shared_models.data.loader import load_cohort
 from simulations.synthetic import write_consortium
 
 

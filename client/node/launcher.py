@@ -1,0 +1,232 @@
+"""An institution's node as deployed: a SuperNode serving this institution's export.
+
+The SuperNode connects out to the consortium's SuperLink over TLS (verified against the
+consortium CA), authenticates with the institution's own key, and runs ``client.app:app`` on
+the export named in its node config. Nothing listens to the outside: the node's Runtime API
+is bound to 127.0.0.1 on a port of its own, so several nodes can share a machine.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from client.app import (
+    DATA_PATH,
+    DP_DELTA,
+    DP_EPSILON,
+    DP_MODE,
+    DP_MODE_OFF,
+    DP_MODE_REQUIRED,
+    INSTITUTION,
+    PRIVACY_KEY,
+    PRIVACY_STATE,
+    SPEC_PATH,
+)
+from privacy.keys import KeyMaterialError, check_name, load_node_private_key
+from shared_models import processes
+from shared_models.data.contract import load_spec
+from shared_models.data.validate import ValidationReport, validate_export
+from shared_models.errors import DataContractError
+from shared_models.processes import Child, DeploymentError
+
+logger = logging.getLogger(__name__)
+
+#: Flower's code when the SuperLink refuses the node (e.g. its key is not registered). Flower
+#: logs it as "Exit Code: 305"; the process itself exits with 1, as for every error.
+EXIT_CONNECTION_REFUSED = 305
+_ACTIVATED = "SuperNode ID:"
+_FLOWER_EXIT = re.compile(r"Exit Code: (\d+)")
+
+
+@dataclass(frozen=True)
+class NodeOptions:
+    """How to run one institution's SuperNode."""
+
+    data_dir: Path
+    superlink: str  # HOST:PORT of the consortium's SuperLink
+    root_cert: Path | None  # consortium CA; None only with insecure
+    private_key: Path | None  # KEYS/NAME; None only with insecure
+    name: str
+    home: Path  # FLWR_HOME of this node: the apps it unpacked
+    runtime_port: int  # this node's local Runtime API port (unique per machine)
+    spec: Path | None = None
+    insecure: bool = False
+    #: DP-SGD: this institution's own budget for a run; None takes the server's (or 8.0).
+    dp_epsilon: float | None = None
+    dp_delta: float | None = None
+    #: True only with the explicit --no-dp: rounds the server asks without DP then train
+    #: without it, and each is recorded as non-private in the signed ledger.
+    no_dp: bool = False
+    #: Accountant state and the institution's ledger; default HOME/privacy.
+    privacy_state: Path | None = None
+    #: Fork each message's ClientApp from a process that imported it once (`client.node.warm_exec`)
+    #: instead of Flower's default, a fresh `flwr-clientapp` importing torch for every message.
+    warm_clientapp: bool = True
+    #: With ``warm_clientapp``: seconds before the SuperNode asks for the next message after
+    #: one (`client.node.pacing`, e.g. 0.25); None keeps Flower's fixed 3 s. Off by default:
+    #: with 50 nodes on one machine the quicker asks made the SuperLink's SQLite store refuse
+    #: requests until a run failed (docs/benchmarks.md, question 4).
+    pull_interval: float | None = None
+
+
+def check_export(data_dir: Path, spec: Path | None) -> ValidationReport:
+    """Validate the export the node will serve; raise a user error when it is not usable.
+
+    Only ``DATA/mapping.toml`` is considered, as the ClientApp reads the export that way.
+    """
+    report, _ = validate_export(data_dir, load_spec(spec))
+    if not report.usable:
+        problems = "\n".join(f"  {p}" for p in report.errors[:20])
+        raise DataContractError(
+            f"export {data_dir} is not usable ({len(report.errors)} error(s)); fix it before "
+            f"starting the node (details: edufl client validate {data_dir}):\n{problems}"
+        )
+    return report
+
+
+def check_credentials(
+    root_cert: Path | None, private_key: Path | None, insecure: bool
+) -> tuple[Path | None, Path | None]:
+    """Check TLS and node-key options fit together; returns them resolved."""
+    if insecure:
+        if root_cert is not None or private_key is not None:
+            raise KeyMaterialError(
+                "--insecure turns TLS off, and Flower's node authentication needs TLS: "
+                "drop --root-cert and --key, or drop --insecure"
+            )
+        return None, None
+    if root_cert is None or private_key is None:
+        raise KeyMaterialError(
+            "give --root-cert (the consortium's ca.pem) and --key (from `edufl client keys "
+            "init`), or --insecure for a plaintext test federation"
+        )
+    if not root_cert.is_file():
+        raise KeyMaterialError(f"{root_cert}: no such CA certificate file")
+    load_node_private_key(private_key)
+    return root_cert.resolve(), private_key.resolve()
+
+
+def supernode_argv(options: NodeOptions) -> list[str]:
+    """The `flower-supernode` command line for ``options``."""
+    node_config = (
+        f'{DATA_PATH}="{options.data_dir.resolve()}" {INSTITUTION}="{check_name(options.name)}"'
+    )
+    if options.spec is not None:
+        node_config += f' {SPEC_PATH}="{options.spec.resolve()}"'
+    node_config += _privacy_config(options)
+    argv = [processes.executable("flower-supernode"), "--superlink", options.superlink]
+    if options.insecure:
+        argv.append("--insecure")
+    else:
+        assert options.root_cert is not None and options.private_key is not None
+        argv += [
+            "--root-certificates",
+            str(options.root_cert),
+            "--auth-supernode-private-key",
+            str(options.private_key),
+        ]
+    return [
+        *argv,
+        "--node-config",
+        node_config,
+        # Flower 1.41 replaced --clientappio-api-address by --host/--port; loopback only.
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(options.runtime_port),
+        # Warm: the SuperNode starts no SuperExec; client.node.warm_exec takes its place.
+        *(["--isolation", "process"] if options.warm_clientapp else []),
+    ]
+
+
+def _privacy_config(options: NodeOptions) -> str:
+    """The node-config keys that make DP-SGD this node's default (see `client.app`)."""
+    state = (options.privacy_state or options.home / "privacy").resolve()
+    config = f' {PRIVACY_STATE}="{state}"'
+    config += f' {DP_MODE}="{DP_MODE_OFF if options.no_dp else DP_MODE_REQUIRED}"'
+    if options.dp_epsilon is not None:
+        config += f" {DP_EPSILON}={float(options.dp_epsilon)!r}"
+    if options.dp_delta is not None:
+        config += f" {DP_DELTA}={float(options.dp_delta)!r}"
+    if options.private_key is not None:  # ledger entries signed with the enrolled node key
+        config += f' {PRIVACY_KEY}="{options.private_key.resolve()}"'
+    return config
+
+
+def node_argv(options: NodeOptions) -> list[str]:
+    """The node's command: with ``warm_clientapp`` (edufl's default) the SuperNode under
+    `client.node.warm_exec`, paced by `client.node.pacing` when ``pull_interval`` is set;
+    otherwise Flower's own, as it is."""
+    if not options.warm_clientapp:
+        return supernode_argv(options)
+    runtime = f"127.0.0.1:{options.runtime_port}"
+    warm = [sys.executable, "-m", "client.node.warm_exec", "--runtime-api-address", runtime]
+    if options.pull_interval is None:
+        return [*warm, "--", *supernode_argv(options)]
+    paced = [sys.executable, "-m", "client.node.pacing"]
+    paced += ["--pull-interval", repr(float(options.pull_interval))]
+    return [*warm, "--", *paced, "--", *supernode_argv(options)]
+
+
+def start_supernode(options: NodeOptions, *, ready_timeout: float = 60.0) -> Child:
+    """Start the SuperNode and wait until its local Runtime API is up.
+
+    The returned child leads the node's process group (with ``warm_clientapp``, the
+    `client.node.warm_exec` process, the SuperNode its child): `processes.stop` stops them all, and
+    one log holds the SuperNode's and the ClientApps' output.
+    """
+    processes.split_address(options.superlink)
+    if '"' in str(options.data_dir.resolve()) or '"' in str(options.spec or ""):
+        raise DataContractError('paths given to a node must not contain a double quote (")')
+    child = processes.start(
+        f"SuperNode {options.name}",
+        node_argv(options),
+        log_path=options.home / "logs" / "supernode.log",
+        env=processes.flower_env(options.home),
+        cwd=options.home,
+    )
+    try:
+        processes.wait_until_listening(child, "127.0.0.1", options.runtime_port, ready_timeout)
+    except DeploymentError:
+        processes.stop(child)
+        raise
+    return child
+
+
+def follow(child: Child, poll: float = 0.5) -> int:
+    """Echo the node's log to stdout until the node exits; returns its exit code.
+
+    Raises:
+        DeploymentError: the SuperLink refused the node; the message says what to check.
+    """
+    activated, flower_code = False, None
+    with open(child.log_path, encoding="utf-8", errors="replace") as log:
+        log.seek(child.log_start)
+        while True:
+            code = child.process.poll()  # before reading, so the last lines are not lost
+            for line in log:
+                activated = activated or _ACTIVATED in line
+                if match := _FLOWER_EXIT.search(line):
+                    flower_code = int(match.group(1))
+                print(line, end="", flush=True)
+            if code is not None:
+                break
+            time.sleep(poll)
+    if flower_code == EXIT_CONNECTION_REFUSED and not activated:
+        raise NodeRefused(
+            f"the SuperLink refused {child.name} (Flower exit code {flower_code}); check that "
+            "the consortium operator enrolled this institution's .pub key "
+            "(`edufl server enrol`), that --superlink is right and the server runs"
+        )
+    return code
+
+
+class NodeRefused(DeploymentError):
+    """The SuperLink would not activate the node: its key is not enrolled (or was revoked), or
+    a previous session of the same key is still marked online (a node that crashed, until the
+    SuperLink misses its heartbeats: at most 2 x 30 s in Flower 1.41)."""

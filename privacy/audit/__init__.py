@@ -1,0 +1,1 @@
+"""The auditor's checks: ledger verification, budget recomputation, report, attacks."""

@@ -1,0 +1,1 @@
+"""The data contract and export ingest: spec, mapping, identifiers, validation, loading, splits."""

@@ -1,0 +1,1 @@
+"""UCI Student Performance (Cortez & Silva 2008)."""

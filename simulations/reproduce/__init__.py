@@ -1,0 +1,1 @@
+"""`edufl reproduce`: the seed papers' experiments (config, data, runs, stats, figures, report)."""

@@ -1,0 +1,285 @@
+"""Experiment configs of `edufl reproduce`: one TOML file per seed-paper experiment, validated.
+
+The files live in ``simulations/reproduce/experiments/`` (package data). Each names the models
+of a paper's
+comparison (registry names, with overrides), the scikit-learn baselines, the metrics and the
+paper's own figures, so one generic runner reproduces every experiment. A typo in a key fails
+loudly with the key's path (``models.1.overrides``), as every edufl config does.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from shared_models.baselines import baseline_names
+from shared_models.errors import EduflError
+from shared_models.models.registry import MODEL_NAMES, model_config
+
+EXPERIMENTS_DIR = Path(__file__).resolve().parent / "experiments"
+
+Mode = Literal["centralized", "federated", "federated-dp"]
+MODES: tuple[Mode, ...] = ("centralized", "federated", "federated-dp")
+Target = Literal["risk", "grade", "both"]
+DatasetName = Literal["synthetic", "oulad", "uci", "uci-por", "uci-mat"]
+DATASET_NAMES: tuple[DatasetName, ...] = ("synthetic", "oulad", "uci", "uci-por", "uci-mat")
+
+#: Metrics of each head, as `shared_models.metrics` names them.
+RISK_METRICS = ("roc_auc", "accuracy", "precision", "recall", "f1", "average_precision", "brier")
+GRADE_METRICS = ("mse", "rmse", "mae", "r2")
+LOWER_IS_BETTER = frozenset({"mse", "rmse", "mae", "brier"})
+Metric = Literal[
+    "roc_auc", "accuracy", "precision", "recall", "f1", "average_precision", "brier",
+    "mse", "rmse", "mae", "r2",
+]  # fmt: skip
+#: How tables and plots name each metric.
+METRIC_LABELS = {
+    "roc_auc": "ROC-AUC", "accuracy": "accuracy", "precision": "precision", "recall": "recall",
+    "f1": "F1", "average_precision": "average precision", "brier": "Brier", "mse": "MSE",
+    "rmse": "RMSE", "mae": "MAE", "r2": "R²",
+}  # fmt: skip
+HEADS: dict[str, tuple[str, ...]] = {
+    "risk": ("risk",),
+    "grade": ("grade",),
+    "both": ("risk", "grade"),
+}
+
+
+class ReproductionError(EduflError, ValueError):
+    """A reproduction that cannot run as asked (unknown experiment, missing data, bad option)."""
+
+
+class ExperimentConfigError(ReproductionError):
+    """An experiment config file that is not valid; the message names each bad key."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelEntry(_Strict):
+    """One neural model of the comparison: a registry model with hyper-parameter overrides."""
+
+    label: Annotated[str, Field(min_length=1)]  # its row in the tables, e.g. "CNN-LSTM (hybrid)"
+    model: str  # shared_models.models.registry.MODEL_NAMES
+    overrides: dict[str, Any] = Field(default_factory=dict)  # e.g. {mode = "lstm"}
+
+    @model_validator(mode="after")
+    def _known(self) -> ModelEntry:
+        if self.model not in MODEL_NAMES:
+            raise ValueError(f"unknown model {self.model!r}; valid names: {', '.join(MODEL_NAMES)}")
+        model_config(self.model, self.overrides)  # an unknown or out-of-range override fails here
+        return self
+
+
+class NaiveBaseline(_Strict):
+    """Cortez & Silva's naive predictor: the final grade is the last observed period grade."""
+
+    feature: str  # a dynamic feature on the grade's own scale (UCI: period_grade)
+    label: str = "naive (last grade)"
+
+
+class PairedTest(_Strict):
+    """A paired test of one row against others, over the repeats of centralized training."""
+
+    reference: str  # a model label, e.g. the hybrid
+    against: list[str] = Field(min_length=1)  # model labels or baseline names
+
+
+class Training(_Strict):
+    """Centralized training (`shared_models.training.fit`)."""
+
+    max_epochs: Annotated[int, Field(ge=1)] = 60
+    patience: Annotated[int, Field(ge=1)] = 10  # epochs without validation improvement
+    batch_size: Annotated[int, Field(ge=1)] = 32
+    class_weighting: bool = False
+
+
+class Federated(_Strict):
+    """Federated runs (`server.config.FederationConfig` fields) on Flower's Ray simulation."""
+
+    rounds: Annotated[int, Field(ge=1)] = 10
+    local_epochs: Annotated[int, Field(ge=1)] = 2
+    batch_size: Annotated[int, Field(ge=1)] = 32
+    learning_rate: Annotated[float, Field(gt=0)] = 1e-3
+    strategy: str = "fedavg"
+    repeats: Annotated[int, Field(ge=1)] = 1  # seeds per model; each is a Ray simulation (slow)
+
+
+class DifferentialPrivacy(_Strict):
+    """DP-SGD at every institution for the federated-dp runs (epsilon per institution, per run)."""
+
+    epsilon: Annotated[float, Field(gt=0)] = 8.0
+    delta: Annotated[float, Field(gt=0, lt=1)] = 1e-5  # below 1 / students of any institution
+    max_grad_norm: Annotated[float, Field(gt=0)] = 1.0
+    learning_rate: Annotated[float, Field(gt=0)] | None = None  # None: the federated one
+    batch_size: Annotated[int, Field(ge=1)] | None = None  # None: the federated one
+
+
+class Reference(_Strict):
+    """A figure a paper or the literature reports, shown next to ours."""
+
+    label: str  # the row as the paper names it
+    row: str = ""  # our row it corresponds to (a model label or baseline name), if any
+    source: str  # e.g. "Salykova et al., Table 1"
+    data: str  # what it was measured on
+    values: dict[Metric, float] = Field(min_length=1)
+    datasets: list[DatasetName] = Field(default_factory=list)  # where it applies; [] = all
+
+
+class ExperimentConfig(_Strict):
+    """One reproduction: models, baselines, metrics and how to split and repeat."""
+
+    name: str
+    title: str
+    paper: str  # the seed paper or literature it reproduces
+    description: str  # what is reproduced and how it departs from the paper
+    target: Target
+    models: list[ModelEntry] = Field(min_length=1)
+    baselines: list[str] = Field(default_factory=list)  # shared_models.baselines names
+    naive: NaiveBaseline | None = None
+    metrics: list[Metric] = Field(min_length=1)
+    primary_metric: Metric
+    split: Literal["holdout", "kfold"] = "holdout"  # kfold: centralized K-fold over pooled data
+    repeats: Annotated[int, Field(ge=1)] = 3  # seeds (holdout) or folds (kfold, >= 2)
+    modes: list[Mode] = Field(default_factory=lambda: list(MODES), min_length=1)
+    datasets: list[DatasetName] = Field(default_factory=lambda: list(DATASET_NAMES), min_length=1)
+    default_dataset: DatasetName = "synthetic"
+    confusion_matrix: bool = False
+    paired_test: PairedTest | None = None
+    cutoff_weeks: dict[str, list[Annotated[int, Field(ge=1)]]] | None = None  # early warning
+    epsilons: list[Annotated[float, Field(gt=0)]] | None = None  # privacy-utility sweep
+    training: Training = Field(default_factory=Training)
+    federated: Federated = Field(default_factory=Federated)
+    dp: DifferentialPrivacy = Field(default_factory=DifferentialPrivacy)
+    references: list[Reference] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ExperimentConfig:
+        heads = HEADS[self.target]
+        for metric in self.metrics:
+            head = "risk" if metric in RISK_METRICS else "grade"
+            if head not in heads:
+                raise ValueError(f"metric {metric!r} needs target 'both' or {head!r}")
+        if self.primary_metric not in self.metrics:
+            raise ValueError(f"primary_metric {self.primary_metric!r} is not among metrics")
+        valid = set(baseline_names("risk")) & set(baseline_names("grade"))
+        if self.target != "both":
+            valid = set(baseline_names(self.target))
+        unknown = [b for b in self.baselines if b not in valid]
+        if unknown:
+            raise ValueError(f"unknown baseline(s) {unknown}; valid: {', '.join(sorted(valid))}")
+        labels = [m.label for m in self.models]
+        if len(set(labels)) != len(labels):
+            raise ValueError(f"model labels repeat: {labels}")
+        if self.paired_test is not None:
+            rows = set(self.row_labels)
+            missing = [r for r in (self.paired_test.reference, *self.paired_test.against)]
+            missing = [r for r in missing if r not in rows]
+            if missing:
+                raise ValueError(f"paired_test names {missing}, not rows: {sorted(rows)}")
+        if self.split == "kfold" and self.repeats < 2:
+            raise ValueError("split 'kfold' needs repeats (folds) of at least 2")
+        if self.cutoff_weeks is not None and self.epsilons is not None:
+            raise ValueError("sweep either cutoff_weeks or epsilons, not both")
+        if self.default_dataset not in self.datasets:
+            raise ValueError(f"default_dataset {self.default_dataset!r} is not among datasets")
+        return self
+
+    @property
+    def row_labels(self) -> list[str]:
+        """Every row of the comparison: the models, then the baselines."""
+        naive = [self.naive.label] if self.naive else []
+        return [m.label for m in self.models] + list(self.baselines) + naive
+
+    @property
+    def sweep(self) -> Literal["week", "epsilon"] | None:
+        if self.cutoff_weeks is not None:
+            return "week"
+        return "epsilon" if self.epsilons is not None else None
+
+    def references_for(self, dataset: str) -> list[Reference]:
+        """The published figures comparable with a run on ``dataset``."""
+        return [r for r in self.references if not r.datasets or dataset in r.datasets]
+
+    def weeks_for(self, dataset: str) -> list[int] | None:
+        """The cut-off weeks of ``dataset`` (``uci-por`` falls back to ``uci``); None: no sweep."""
+        if self.cutoff_weeks is None:
+            return None
+        family = dataset.split("-")[0]
+        weeks = self.cutoff_weeks.get(dataset, self.cutoff_weeks.get(family))
+        if not weeks:
+            raise ReproductionError(
+                f"experiment {self.name!r} lists no cutoff_weeks for dataset {dataset!r}; "
+                f"it has: {', '.join(self.cutoff_weeks)}"
+            )
+        return sorted(set(weeks))
+
+    def quick(self) -> ExperimentConfig:
+        """A smoke-test version: 2 repeats, 2 epochs, 1 round, the ends of any sweep."""
+        update: dict[str, Any] = {
+            "repeats": 2,
+            "training": self.training.model_copy(update={"max_epochs": 2, "patience": 2}),
+            "federated": self.federated.model_copy(
+                update={"rounds": 1, "local_epochs": 1, "repeats": 1}
+            ),
+        }
+        if self.cutoff_weeks is not None:
+            update["cutoff_weeks"] = {
+                k: sorted({min(v), max(v)}) for k, v in self.cutoff_weeks.items()
+            }
+        if self.epsilons is not None:
+            update["epsilons"] = [max(self.epsilons)]
+        return self.model_copy(update=update)
+
+
+def experiment_names() -> list[str]:
+    """The experiments shipped with edufl, by file name."""
+    return sorted(p.stem for p in EXPERIMENTS_DIR.glob("*.toml"))
+
+
+def load_experiment(name_or_path: str | Path) -> ExperimentConfig:
+    """A shipped experiment by name (``cnn-lstm``) or any experiment TOML file by path.
+
+    Raises:
+        ReproductionError: no such experiment (the message lists the shipped ones).
+        ExperimentConfigError: the file is not valid TOML or not a valid experiment.
+    """
+    path = Path(name_or_path)
+    if path.suffix != ".toml":
+        path = EXPERIMENTS_DIR / f"{name_or_path}.toml"
+        if not path.is_file():
+            raise ReproductionError(
+                f"unknown experiment {str(name_or_path)!r}; choose one of: "
+                f"{', '.join(experiment_names())} (or pass a .toml file)"
+            )
+    try:
+        raw = tomllib.loads(path.read_text("utf-8"))
+    except FileNotFoundError:
+        raise ReproductionError(f"{path}: experiment file not found") from None
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise ExperimentConfigError(f"{path}: cannot read the experiment ({exc})") from None
+    return parse_experiment(raw, str(path))
+
+
+def parse_experiment(raw: dict[str, Any], source: str) -> ExperimentConfig:
+    """Validate ``raw``; every problem becomes one line naming its key."""
+    try:
+        return ExperimentConfig.model_validate(raw)
+    except ValidationError as exc:
+        lines = [f"{source}: the experiment config is invalid ({exc.error_count()} problem(s))"]
+        for err in exc.errors():
+            where = ".".join(str(p) for p in err["loc"]) or "(top level)"
+            msg = err["msg"]
+            if err["type"] == "extra_forbidden":
+                msg = "unknown key (a typo?)"
+            lines.append(f"  - {where}: {msg}")
+        raise ExperimentConfigError("\n".join(lines)) from None
+
+
+def mode_label(mode: str, epsilon: float | None) -> str:
+    """``federated-dp (ε=3)``, or the mode alone without DP."""
+    return f"{mode} (ε={epsilon:g})" if epsilon is not None else mode

@@ -1,0 +1,349 @@
+"""`edufl reproduce`: a seed paper's experiment, centralized, federated and federated with DP.
+
+An experiment config (`simulations.reproduce.config`) names the paper's models, baselines and
+metrics; this module plans every training job (rows x modes x repeats, and each cut-off week or
+epsilon of a sweep), runs them on the chosen dataset's institution exports, and hands the
+outcomes to `simulations.reproduce.report` for the markdown table, JSON and plots.
+
+Protocol. Centralized rows pool each institution's own 70/15/15 split of a seed (or, for a
+``kfold`` experiment, K folds of the pooled records), train with early stopping and are scored
+on the pooled test split; the scikit-learn baselines and the naive predictor are fitted on the
+same split (they are not federated). Federated rows run FedAvg on Flower's Ray simulation, one
+virtual node per institution, and their final global model is scored on the same test students.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import shutil
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Literal
+
+from server.rounds import RoundReport
+from simulations.reproduce.config import (
+    MODES,
+    ExperimentConfig,
+    ModelEntry,
+    ReproductionError,
+)
+from simulations.reproduce.data import PreparedData, choice, prepare, resolve_source
+from simulations.reproduce.runs import (
+    Outcome,
+    PooledSplit,
+    Scored,
+    SplitCache,
+    fit_baseline_rows,
+    naive_row,
+    timed,
+    train_centralized,
+    train_federated,
+)
+
+logger = logging.getLogger(__name__)
+
+MARKER = ".edufl-reproduction"  # marks a folder this module may clear and rewrite
+SEED = 0  # repeat r uses seed SEED + r: the same seed gives the same splits in every mode
+
+
+class Progress:
+    """Where a reproduction reports what it does; the CLI draws a progress bar from it."""
+
+    def start(self, total: int) -> None:
+        """``total`` jobs are planned."""
+
+    def job(self, text: str) -> None:
+        """A job starts."""
+
+    def done(self, text: str) -> None:
+        """A job finished; ``text`` gives its headline metric."""
+
+    def round(self, report: RoundReport, rounds: int) -> None:
+        """A federated round was committed."""
+
+    def close(self) -> None:
+        """No more jobs."""
+
+
+@dataclass(frozen=True)
+class Job:
+    """One unit of work: a model in one mode and repeat, or all baselines of one repeat."""
+
+    mode: str
+    repeat: int
+    week: int | None
+    entry: ModelEntry | None  # None: the baselines (and the naive predictor)
+    epsilon: float | None = None
+
+    def describe(self) -> str:
+        what = self.entry.label if self.entry else "baselines"
+        extra = f", week {self.week}" if self.week else ""
+        extra += f", epsilon {self.epsilon:g}" if self.epsilon is not None else ""
+        return f"{self.mode} {what}, repeat {self.repeat + 1}{extra}"
+
+
+@dataclass
+class Reproduction:
+    """Everything a reproduction did, for the report."""
+
+    config: ExperimentConfig
+    dataset: str
+    command: str
+    modes: list[str]
+    quick: bool
+    out_dir: Path
+    started: str
+    seconds: float = 0.0
+    source: Path | None = None  # the download read (None: generated)
+    jobs: list[Job] = field(default_factory=list)
+    done: int = 0  # jobs finished
+    error: str = ""  # what stopped an incomplete run
+    data: list[dict[str, object]] = field(default_factory=list)  # one per cut-off week
+    outcomes: list[Outcome] = field(default_factory=list)
+
+
+def command_line(
+    experiment: str,
+    dataset: str,
+    data: Path | None,
+    out: Path,
+    modes: Sequence[str] | None,
+    quick: bool,
+) -> str:
+    """The ``edufl reproduce`` command that runs this reproduction (quoted in every table)."""
+    parts = ["edufl", "reproduce", experiment, "--dataset", dataset]
+    if data is not None:
+        parts += ["--data", str(data)]
+    parts += ["--out", str(out)]
+    if modes:
+        parts += ["--modes", ",".join(modes)]
+    if quick:
+        parts.append("--quick")
+    return " ".join(parts)
+
+
+def plan(config: ExperimentConfig, dataset: str, modes: Sequence[str]) -> list[Job]:
+    """Every job, in the order they run (the data of one cut-off week at a time)."""
+    jobs: list[Job] = []
+    has_baselines = bool(config.baselines or config.naive)
+    cutoffs = config.weeks_for(dataset)
+    weeks: list[int | None] = list(cutoffs) if cutoffs else [None]
+    for week in weeks:
+        for mode in modes:
+            if mode == "centralized":
+                for r in range(config.repeats):
+                    jobs += [Job(mode, r, week, m) for m in config.models]
+                    jobs += [Job(mode, r, week, None)] if has_baselines else []
+                continue
+            epsilons: list[float | None] = [None]
+            if mode == "federated-dp":
+                epsilons = list(config.epsilons or [config.dp.epsilon])
+            for eps in epsilons:
+                for r in range(config.federated.repeats):
+                    jobs += [Job(mode, r, week, m, eps) for m in config.models]
+    return jobs
+
+
+def run_reproduction(
+    config: ExperimentConfig,
+    dataset: str | None = None,
+    *,
+    data: Path | None = None,
+    out_dir: Path,
+    modes: Sequence[str] | None = None,
+    quick: bool = False,
+    command: str = "",
+    progress: Progress | None = None,
+) -> Reproduction:
+    """`new_reproduction`, then `run_jobs`: every job run, nothing written yet."""
+    rep = new_reproduction(
+        config, dataset, data=data, out_dir=out_dir, modes=modes, quick=quick, command=command
+    )
+    run_jobs(rep, progress)
+    return rep
+
+
+def new_reproduction(
+    config: ExperimentConfig,
+    dataset: str | None = None,
+    *,
+    data: Path | None = None,
+    out_dir: Path,
+    modes: Sequence[str] | None = None,
+    quick: bool = False,
+    command: str = "",
+) -> Reproduction:
+    """Check the request, find the data, clear ``out_dir`` and plan the jobs.
+
+    Raises:
+        ReproductionError: a dataset or mode the experiment does not offer, missing data, or an
+            output folder holding something else (checked before anything is written).
+    """
+    dataset = dataset or config.default_dataset
+    choice(dataset)
+    if dataset not in config.datasets:
+        raise ReproductionError(
+            f"experiment {config.name!r} runs on {', '.join(config.datasets)}, not {dataset!r}"
+        )
+    chosen_modes = list(modes or config.modes)
+    unknown = [m for m in chosen_modes if m not in MODES]
+    if unknown or not chosen_modes:
+        raise ReproductionError(f"--modes {unknown}: choose among {', '.join(MODES)}")
+    source = resolve_source(dataset, data)
+    config = config.quick() if quick else config
+    prepare_out_dir(out_dir, config.name)
+    return Reproduction(
+        config=config,
+        dataset=dataset,
+        command=command or command_line(config.name, dataset, data, out_dir, modes, quick),
+        modes=chosen_modes,
+        quick=quick,
+        out_dir=out_dir,
+        started=datetime.now(UTC).isoformat(timespec="seconds"),
+        source=source,
+        jobs=plan(config, dataset, chosen_modes),
+    )
+
+
+def run_jobs(rep: Reproduction, progress: Progress | None = None) -> None:
+    """Run the planned jobs, appending to ``rep.outcomes`` as each finishes.
+
+    On an error ``rep`` keeps what finished (and ``rep.error`` says what stopped it), so the
+    caller can still write a partial report before the error propagates.
+    """
+    progress = progress or Progress()
+    config, out_dir = rep.config, rep.out_dir
+    progress.start(len(rep.jobs))
+    started = time.perf_counter()
+    prepared: PreparedData | None = None
+    cache: SplitCache | None = None
+    try:
+        for job in rep.jobs:
+            if prepared is None or prepared.week != job.week:  # jobs come grouped by week
+                prepared = prepare(
+                    rep.dataset, rep.source, out_dir / "data", week=job.week, quick=rep.quick
+                )
+                cache = SplitCache(prepared)
+                rep.data.append(
+                    {
+                        "week": job.week,
+                        "institutions": len(prepared.exports),
+                        "parts": prepared.parts,
+                        "summary": prepared.summary(),
+                        "source": str(rep.source) if rep.source else "generated",
+                    }
+                )
+            assert cache is not None
+            progress.job(job.describe())
+            rep.outcomes += _run(job, config, prepared, cache, out_dir, progress)
+            last = rep.outcomes[-1]
+            value = last.scored.metrics.get(config.primary_metric)
+            shown = "n/a" if value is None else f"{value:.3f}"
+            progress.done(
+                f"{job.describe()}: {config.primary_metric} {shown} ({last.seconds:.0f} s)"
+            )
+            rep.done += 1
+    except BaseException as exc:
+        rep.error = f"{type(exc).__name__}: {exc}".strip()
+        raise
+    finally:
+        rep.seconds = time.perf_counter() - started
+
+
+def prepare_out_dir(out_dir: Path, experiment: str) -> None:
+    """Make ``out_dir`` ready: new, empty, or an earlier reproduction (whose outputs go).
+
+    Raises:
+        ReproductionError: the folder exists, is not empty and holds something else.
+    """
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ReproductionError(f"--out {out_dir}: exists and is not a folder")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if (out_dir / MARKER).is_file():
+        for child in out_dir.iterdir():
+            if child.is_dir():
+                shutil.rmtree(child)
+            else:
+                child.unlink()
+    elif any(out_dir.iterdir()):
+        raise ReproductionError(
+            f"--out {out_dir}: not empty and not an earlier reproduction; choose a new or empty "
+            "folder (a reproduction replaces everything in its folder)"
+        )
+    (out_dir / MARKER).write_text(f"{experiment}\n", "utf-8")
+
+
+def _run(
+    job: Job,
+    config: ExperimentConfig,
+    data: PreparedData,
+    cache: SplitCache,
+    out_dir: Path,
+    progress: Progress,
+) -> list[Outcome]:
+    seed = SEED + job.repeat
+
+    def outcome(
+        label: str, kind: Literal["model", "baseline"], scored: Scored, seconds: float
+    ) -> Outcome:
+        return Outcome(
+            label, kind, job.mode, job.repeat, seed, job.week, job.epsilon, seconds, scored
+        )
+
+    if job.mode == "centralized":
+        split = _split(config, cache, job.repeat)
+        if job.entry is not None:
+            entry = job.entry
+            scored, seconds = timed(
+                lambda: train_centralized(
+                    entry, config.target, data.spec, split, config.training, seed
+                )
+            )
+            return [outcome(entry.label, "model", scored, seconds)]
+        rows, seconds = timed(
+            lambda: fit_baseline_rows(config.baselines, config.target, data.spec, split, seed)
+        )
+        if config.naive is not None:
+            rows[config.naive.label] = naive_row(config.naive, config.target, data.spec, split)
+        each = seconds / max(len(rows), 1)
+        return [outcome(name, "baseline", s, each) for name, s in rows.items()]
+    assert job.entry is not None
+    entry = job.entry
+    dp = None
+    if job.mode == "federated-dp":
+        dp = config.dp.model_copy(update={"epsilon": job.epsilon})
+    run_dir = out_dir / "runs" / job.mode / _slug(entry.label) / _run_name(job, seed)
+    rounds = config.federated.rounds
+    scored, seconds = timed(
+        lambda: train_federated(
+            entry,
+            config.target,
+            data,
+            config.federated,
+            dp,
+            seed,
+            run_dir,
+            on_round=lambda report: progress.round(report, rounds),
+        )
+    )
+    return [outcome(entry.label, "model", scored, seconds)]
+
+
+def _split(config: ExperimentConfig, cache: SplitCache, repeat: int) -> PooledSplit:
+    if config.split == "kfold":
+        return cache.kfold(config.repeats, SEED)[repeat]
+    return cache.holdout(SEED + repeat)
+
+
+def _run_name(job: Job, seed: int) -> str:
+    parts = [f"week{job.week:02d}"] if job.week else []
+    parts += [f"eps{job.epsilon:g}"] if job.epsilon is not None else []
+    return "-".join([*parts, f"seed{seed}"])
+
+
+def _slug(label: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", label.lower()).strip("-") or "model"

@@ -1,0 +1,97 @@
+"""The paced SuperNode loop: Flower's own loop, asking sooner after a message."""
+
+from __future__ import annotations
+
+import inspect
+import itertools
+import time
+import types
+
+import pytest
+
+from client.node import pacing as supernode_pace
+from client.node.pacing import FLOWER_IDLE_S, Pace, PacedClock, install
+
+
+def test_pace_asks_soon_after_a_message_then_backs_off_to_flowers_three_seconds() -> None:
+    pace = Pace(first=0.25, growth=1.25)
+    waits = [pace.next_wait() for _ in range(20)]
+    assert waits[0] == 0.25
+    assert all(b >= a for a, b in itertools.pairwise(waits))
+    assert waits[-1] == FLOWER_IDLE_S
+    assert sum(w < FLOWER_IDLE_S for w in waits) == 12  # about 10 s of quicker pulls
+    pace.busy()
+    assert pace.next_wait() == 0.25
+
+
+@pytest.mark.parametrize("first", [0, -1, 3.5])
+def test_pace_refuses_an_interval_outside_what_flower_would_do(first: float) -> None:
+    with pytest.raises(ValueError, match="pull interval"):
+        Pace(first=first)
+
+
+def _fake_loop(pulls: list[int | None]) -> types.ModuleType:
+    """A stand-in for flwr.supernode.start_client_internal, with its loop's shape."""
+    loop = types.ModuleType("fake_start_client_internal")
+    loop.time = time  # type: ignore[attr-defined]
+    loop._pull_and_store_message = lambda **_: pulls.pop(0)  # type: ignore[attr-defined]
+    loop._push_messages = lambda **_: None  # type: ignore[attr-defined]
+
+    def run() -> None:  # Flower 1.41's loop, minus the connection
+        while pulls:
+            if loop._pull_and_store_message() is None:  # type: ignore[attr-defined]
+                loop.time.sleep(3)  # type: ignore[attr-defined]
+                continue
+            loop._push_messages()  # type: ignore[attr-defined]
+
+    loop.run = run  # type: ignore[attr-defined]
+    return loop
+
+
+def test_installed_loop_waits_less_after_each_message(monkeypatch: pytest.MonkeyPatch) -> None:
+    slept: list[float] = []
+    monkeypatch.setattr(supernode_pace.time, "sleep", slept.append)
+    loop = _fake_loop([None, None, None, 7, None, None])
+    assert install(loop, Pace(first=0.25, growth=2.0))
+    loop.run()  # type: ignore[attr-defined]
+    # three empty pulls back off, the message (and its reply) resets the pace
+    assert slept == [0.25, 0.5, 1.0, 0.25, 0.5]
+
+
+def test_only_the_loops_fixed_sleeps_change(monkeypatch: pytest.MonkeyPatch) -> None:
+    slept: list[float] = []
+    monkeypatch.setattr(supernode_pace.time, "sleep", slept.append)
+    clock = PacedClock(Pace(first=0.25), reply_check=0.05)
+    clock.sleep(3)
+    clock.sleep(0.5)  # the reply check
+    clock.sleep(1.7)  # any other sleep is kept
+    assert slept == [0.25, 0.05, 1.7]
+    assert clock.monotonic is time.monotonic  # the rest of `time` is the real module
+
+
+def test_a_loop_of_another_shape_runs_at_flowers_pace(caplog: pytest.LogCaptureFixture) -> None:
+    loop = types.ModuleType("other_release")
+    loop.time = time  # type: ignore[attr-defined]
+    assert not install(loop, Pace())
+    assert loop.time is time  # type: ignore[attr-defined]
+    assert "Flower's own pace" in caplog.text
+
+
+def test_the_pin_still_has_the_loop_that_is_paced() -> None:
+    """A Flower upgrade that changes the SuperNode's loop must be noticed, not silently unpaced."""
+    from flwr.supernode import start_client_internal as real
+
+    loop = types.ModuleType("copy")
+    loop.__dict__.update(
+        {k: getattr(real, k) for k in ("time", "_pull_and_store_message", "_push_messages")}
+    )
+    assert install(loop, Pace())
+    assert "time.sleep(3)" in inspect.getsource(real.start_client_internal)
+    assert "time.sleep(0.5)" in inspect.getsource(real._push_messages)
+
+
+def test_command_line_needs_the_supernode_command_and_a_sane_interval() -> None:
+    with pytest.raises(SystemExit, match="after --"):
+        supernode_pace.main(["--pull-interval", "0.25"])
+    with pytest.raises(SystemExit, match="--pull-interval"):
+        supernode_pace.main(["--pull-interval", "9", "--", "flower-supernode", "--insecure"])
