@@ -13,7 +13,6 @@ import fcntl
 import functools
 import json
 import logging
-import os
 import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -24,6 +23,7 @@ from opacus.accountants import IAccountant, PRVAccountant, RDPAccountant
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from privacy.budget import PRV_EPS_ERROR, DPPlan, Mechanism, PrivacyBudget, calibrate_noise
+from shared_models.atomic import write_text_atomic
 from shared_models.errors import EduflError
 from shared_models.user_files import describe_read_error, loads_json, read_text
 
@@ -67,10 +67,6 @@ class AccountantState(BaseModel):
     rounds_done: Annotated[int, Field(ge=0)] = 0
     epsilon_spent: Annotated[float, Field(ge=0)] = 0.0
     last_entry: dict[str, Any] | None = None  # the last signed ledger entry (ledger repair)
-
-    @property
-    def steps_done(self) -> int:
-        return sum(steps for _, _, steps in self.history)
 
 
 def extend_history(history: Sequence[Segment], segment: Segment) -> list[Segment]:
@@ -145,18 +141,7 @@ class AccountantStore:
         """Write ``state`` atomically (temporary file, fsync, rename, fsync of the folder)."""
         self.state_dir.mkdir(parents=True, exist_ok=True)
         data = json.dumps(state.model_dump(mode="json"), indent=2, allow_nan=False)
-        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as fh:
-                fh.write(data + "\n")
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, self.path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
-        _fsync_dir(self.state_dir)
+        write_text_atomic(self.path, data + "\n", mode=0o600, durable=True)
         logger.debug("saved accountant state (%d segments) to %s", len(state.history), self.path)
 
     @contextmanager
@@ -177,14 +162,6 @@ def _first_problem(exc: Exception) -> str:
         where = ".".join(str(p) for p in err["loc"]) or "(state)"
         return f"{where}: {err['msg']}"
     return str(exc).splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def reconcile_state(

@@ -14,7 +14,6 @@ from __future__ import annotations
 import datetime as dt
 import ipaddress
 import logging
-import os
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -26,7 +25,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from shared_models.atomic import write_atomic_many
+from shared_models.atomic import write_atomic_many, write_bytes_atomic
 from shared_models.errors import EduflError
 
 logger = logging.getLogger(__name__)
@@ -202,12 +201,12 @@ def public_key_line(key: ec.EllipticCurvePublicKey) -> str:
 
 def write_private(path: Path, data: bytes) -> None:
     """Write secret bytes atomically with mode 0600 (created so, never widened then narrowed)."""
-    _write_atomic(path, data, 0o600)
+    write_bytes_atomic(path, data, mode=0o600, durable=True)
 
 
 def write_public(path: Path, data: bytes) -> None:
     """Write non-secret bytes (certificates, public keys) atomically with mode 0644."""
-    _write_atomic(path, data, 0o644)
+    write_bytes_atomic(path, data, mode=0o644, durable=True)
 
 
 def write_files_atomic(files: Mapping[Path, tuple[bytes, int]]) -> None:
@@ -217,33 +216,14 @@ def write_files_atomic(files: Mapping[Path, tuple[bytes, int]]) -> None:
     renamed into place (``shared_models.atomic.write_atomic_many``).
     """
 
-    def writer(data: bytes, mode: int) -> Callable[[Path], None]:
-        def write(tmp: Path) -> None:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.chmod(tmp, mode)
+    def writer(data: bytes) -> Callable[[Path], object]:
+        return lambda tmp: tmp.write_bytes(data)
 
-        return write
-
-    write_atomic_many({path: writer(data, mode) for path, (data, mode) in files.items()})
-
-
-def _write_atomic(path: Path, data: bytes, mode: int) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, mode)  # the umask may have narrowed a public file; never widens a secret
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    write_atomic_many(
+        {path: writer(data) for path, (data, _) in files.items()},
+        modes={path: mode for path, (_, mode) in files.items()},
+        durable=True,
+    )
 
 
 def _refuse_overwrite(paths: Sequence[Path], force: bool) -> None:

@@ -8,12 +8,21 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 from pathlib import Path
 from typing import Any
 
 from server.checkpoints import CheckpointStore
-from shared_models.atomic import write_text_atomic
+from shared_models.atomic import write_atomic, write_text_atomic
+from shared_models.protocol import (
+    LOSS,
+    NUM_EXAMPLES,
+    RISK_ACCURACY,
+    RISK_F1,
+    RISK_RECALL,
+    RISK_ROC_AUC,
+    TRAIN_LOSS,
+    VAL_RISK_ROC_AUC,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -22,20 +31,20 @@ PLOT = "rounds.png"
 
 #: (column title, phase, metric key) of the per-round table.
 _ROUND_COLUMNS = (
-    ("train loss", "train", "train/loss"),
-    ("val ROC-AUC", "train", "val/risk/roc_auc"),
-    ("test loss", "evaluate", "loss"),
-    ("test ROC-AUC", "evaluate", "risk/roc_auc"),
-    ("test accuracy", "evaluate", "risk/accuracy"),
-    ("test F1", "evaluate", "risk/f1"),
+    ("train loss", "train", TRAIN_LOSS),
+    ("val ROC-AUC", "train", VAL_RISK_ROC_AUC),
+    ("test loss", "evaluate", LOSS),
+    ("test ROC-AUC", "evaluate", RISK_ROC_AUC),
+    ("test accuracy", "evaluate", RISK_ACCURACY),
+    ("test F1", "evaluate", RISK_F1),
 )
 _INSTITUTION_COLUMNS = (
-    ("test n", "num-examples"),
-    ("ROC-AUC", "risk/roc_auc"),
-    ("accuracy", "risk/accuracy"),
-    ("F1", "risk/f1"),
-    ("recall", "risk/recall"),
-    ("loss", "loss"),
+    ("test n", NUM_EXAMPLES),
+    ("ROC-AUC", RISK_ROC_AUC),
+    ("accuracy", RISK_ACCURACY),
+    ("F1", RISK_F1),
+    ("recall", RISK_RECALL),
+    ("loss", LOSS),
 )
 
 
@@ -73,7 +82,7 @@ def render_summary(records: list[dict[str, Any]]) -> str:
         f"# Federated run: {last['strategy']}, {len(records)} round(s)",
         "",
         f"Final federated test ROC-AUC (weighted by test records): "
-        f"**{_fmt(last['evaluate'].get('risk/roc_auc'))}**",
+        f"**{_fmt(last['evaluate'].get(RISK_ROC_AUC))}**",
         "",
         "## Per round (aggregated over institutions)",
         "",
@@ -99,7 +108,7 @@ def render_summary(records: list[dict[str, Any]]) -> str:
     lines += ["", "## Test ROC-AUC per institution and round", ""]
     rows = []
     for r in records:
-        values = _per_institution(r, "evaluate", "risk/roc_auc")
+        values = _per_institution(r, "evaluate", RISK_ROC_AUC)
         rows.append([str(r["round"]), *(_fmt(values.get(n)) for n in names)])
     lines += _table(["round", *names], rows)
 
@@ -124,7 +133,7 @@ def plot_rounds(records: list[dict[str, Any]], path: Path) -> None:
     rounds = [r["round"] for r in records]
     names = _institutions(records)
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    panels = (("risk/roc_auc", "test ROC-AUC"), ("loss", "test loss"))
+    panels = ((RISK_ROC_AUC, "test ROC-AUC"), (LOSS, "test loss"))
     for ax, (key, title) in zip(axes, panels, strict=True):
         for name in names:
             values = [_per_institution(r, "evaluate", key).get(name) for r in records]
@@ -144,10 +153,10 @@ def plot_rounds(records: list[dict[str, Any]], path: Path) -> None:
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=120))
+    finally:
+        plt.close(fig)
 
 
 def write_report(run_dir: Path | str) -> tuple[Path, Path]:

@@ -10,23 +10,25 @@ The claimed epsilon defaults to the largest any institution recorded in the run'
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from privacy.audit.attack import AttackResult, membership_inference
+from privacy.budget import DEFAULT_DELTA
 from privacy.ledger.entries import LEDGER_FILE, LedgerError, parse_entries
 from shared_models.data.cohort import ModelInputs
 from shared_models.data.contract import FeatureSpec
 from shared_models.data.node import prepare_node_data
 from shared_models.errors import DataContractError
-from shared_models.models.checkpoints import latest_checkpoint
-from shared_models.models.registry import build_model
-from shared_models.models.weights import load_weights
+from shared_models.models.checkpoints import (
+    CheckpointError,
+    checkpoint_model,
+    checkpoint_seed,
+    latest_checkpoint,
+    read_checkpoint,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -44,21 +46,12 @@ def attack_federated_run(
     Raises:
         DataContractError: no usable checkpoint, another contract, or an export that fails.
     """
-    manifest_path = latest_checkpoint(run_dir)
     try:
-        manifest: dict[str, Any] = json.loads(manifest_path.read_text("utf-8"))
-        weights = manifest_path.parent / manifest["weights"]
-        name, overrides = manifest["model"], manifest.get("model_overrides") or {}
-        seed = int(manifest.get("seed", 0))
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise DataContractError(f"{manifest_path}: not a federated checkpoint ({exc})") from None
-    if manifest.get("spec_fingerprint") != spec.fingerprint:
-        raise DataContractError(
-            f"{manifest_path}: trained on contract {str(manifest.get('spec_fingerprint'))[:12]}, "
-            f"not {spec.short_fingerprint}; pass the consortium's --spec"
-        )
-    model = build_model(name, spec.weeks, len(spec.dynamic), len(spec.static_names), overrides)
-    load_weights(model, weights)
+        checkpoint = read_checkpoint(latest_checkpoint(run_dir))
+        seed = checkpoint_seed(checkpoint)
+        model = checkpoint_model(checkpoint, spec)
+    except CheckpointError as exc:
+        raise DataContractError(str(exc)) from None
     members, others = [], []
     for data_dir in data_dirs:
         node = prepare_node_data(data_dir, spec, seed=seed)
@@ -68,8 +61,8 @@ def attack_federated_run(
     claimed = claimed_epsilon if claimed_epsilon is not None else ledger_epsilon
     return membership_inference(
         model,
-        _concatenate(members),
-        _concatenate(others),
+        ModelInputs.concatenate(members),
+        ModelInputs.concatenate(others),
         delta=float(delta if delta is not None else ledger_delta),
         claimed_epsilon=claimed,
         seed=seed,
@@ -80,7 +73,7 @@ def _ledger_claim(run_dir: Path) -> tuple[float | None, float]:
     """The largest epsilon any institution recorded in the run's ledger, and its delta."""
     path = run_dir / LEDGER_FILE
     if not path.is_file():
-        return None, 1e-5
+        return None, DEFAULT_DELTA
     try:
         entries = parse_entries(path)
     except LedgerError as exc:
@@ -89,16 +82,6 @@ def _ledger_claim(run_dir: Path) -> tuple[float | None, float]:
     for entry in entries:
         last[entry.institution] = entry
     if not last or any(e.epsilon_after is None for e in last.values()):
-        return None, 1e-5  # no DP claim, or an institution trained without DP
+        return None, DEFAULT_DELTA  # no DP claim, or an institution trained without DP
     worst = max(last.values(), key=lambda e: float(e.epsilon_after))
-    return float(worst.epsilon_after), float(worst.delta or 1e-5)
-
-
-def _concatenate(parts: list[ModelInputs]) -> ModelInputs:
-    return ModelInputs(
-        dynamic=np.concatenate([p.dynamic for p in parts]),
-        week_mask=np.concatenate([p.week_mask for p in parts]),
-        static=np.concatenate([p.static for p in parts]),
-        grade=np.concatenate([p.grade for p in parts]),
-        at_risk=np.concatenate([p.at_risk for p in parts]),
-    )
+    return float(worst.epsilon_after), float(worst.delta or DEFAULT_DELTA)

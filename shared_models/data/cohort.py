@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import numpy as np
 
@@ -166,6 +166,13 @@ class ModelInputs:
         return np.concatenate(
             [self.dynamic.reshape(n, -1), self.week_mask, self.static], axis=1
         ).astype(np.float32)
+
+    @staticmethod
+    def concatenate(parts: list[ModelInputs]) -> ModelInputs:
+        """Pool several institutions' inputs, each normalised as its institution did."""
+        return ModelInputs(
+            *(np.concatenate([getattr(p, f.name) for p in parts]) for f in fields(ModelInputs))
+        )
 
 
 @dataclass

@@ -10,6 +10,7 @@ import logging
 from collections.abc import Mapping
 from typing import Any
 
+from shared_models.model_names import MODEL_NAMES
 from shared_models.models.base import ModelConfig, StudentModel
 from shared_models.models.cnn_lstm import CNNConfig, CNNLSTMConfig, CNNLSTMModel
 from shared_models.models.gru import GRUConfig, GRUModel
@@ -18,8 +19,6 @@ from shared_models.models.lstm_gru import LSTMGRUConfig, LSTMGRUModel
 from shared_models.models.multitask import MultiTaskConfig, MultiTaskLSTM
 
 logger = logging.getLogger(__name__)
-
-MODEL_NAMES: tuple[str, ...] = ("lstm", "cnn-lstm", "cnn", "gru", "lstm-gru", "multitask")
 
 _REGISTRY: dict[str, tuple[type[StudentModel], type[ModelConfig]]] = {
     "lstm": (LSTMModel, LSTMConfig),
@@ -49,7 +48,7 @@ def config_class(name: str) -> type[ModelConfig]:
     return _lookup(name)[1]
 
 
-def model_config(
+def validate_model_config(
     name: str, overrides: Mapping[str, Any] | ModelConfig | None = None
 ) -> ModelConfig:
     """The validated config of model ``name``: paper defaults updated by ``overrides``.
@@ -90,7 +89,7 @@ def build_model(
         config: hyper-parameter overrides (a mapping) or a ready config of this model.
     """
     model_cls, _ = _lookup(name)
-    cfg = model_config(name, config)
+    cfg = validate_model_config(name, config)
     model = model_cls(n_weeks, n_dynamic, n_static, cfg)
     logger.debug(
         "built %s (%d parameters) for weeks=%d dynamic=%d static=%d",

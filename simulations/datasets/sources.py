@@ -64,9 +64,6 @@ class DatasetFiles:
                 f"{', '.join(missing)}{hint}"
             )
 
-    def has(self, name: str) -> bool:
-        return name in self._found
-
     def where(self, name: str) -> str:
         """The file as a user would find it, for messages."""
         found = self._found[name]

@@ -148,25 +148,6 @@ def plan(config: ExperimentConfig, dataset: str, modes: Sequence[str]) -> list[J
     return jobs
 
 
-def run_reproduction(
-    config: ExperimentConfig,
-    dataset: str | None = None,
-    *,
-    data: Path | None = None,
-    out_dir: Path,
-    modes: Sequence[str] | None = None,
-    quick: bool = False,
-    command: str = "",
-    progress: Progress | None = None,
-) -> Reproduction:
-    """`new_reproduction`, then `run_jobs`: every job run, nothing written yet."""
-    rep = new_reproduction(
-        config, dataset, data=data, out_dir=out_dir, modes=modes, quick=quick, command=command
-    )
-    run_jobs(rep, progress)
-    return rep
-
-
 def new_reproduction(
     config: ExperimentConfig,
     dataset: str | None = None,

@@ -148,7 +148,7 @@ def test_a_full_disk_leaves_no_table_of_the_pseudonymized_export(
     """The tables are written all together: a failure at any of them leaves none behind."""
     import errno
 
-    import privacy.keys
+    import shared_models.atomic
 
     secret = load_or_create_secret(tmp_path / "secret")
     calls = []
@@ -160,11 +160,11 @@ def test_a_full_disk_leaves_no_table_of_the_pseudonymized_export(
             raise OSError(errno.ENOSPC, "No space left on device")
         real_fsync(fd)
 
-    monkeypatch.setattr(privacy.keys.os, "fsync", fsync)
+    monkeypatch.setattr(shared_models.atomic.os, "fsync", fsync)
     out = tmp_path / "out"
     with pytest.raises(OSError, match="No space left"):
         pseudonymize_export(raw_export, out, secret, default_spec())
     assert not out.exists() or not list(out.iterdir()), "a table was left from the failed run"
-    monkeypatch.setattr(privacy.keys.os, "fsync", real_fsync)
+    monkeypatch.setattr(shared_models.atomic.os, "fsync", real_fsync)
     pseudonymize_export(raw_export, out, secret, default_spec())  # nothing half-written blocks it
     assert {"students.csv", "activity.csv", "outcomes.csv"} <= {p.name for p in out.iterdir()}

@@ -17,7 +17,7 @@ from shared_models.models.registry import (
     UnknownModelError,
     build_model,
     config_class,
-    model_config,
+    validate_model_config,
 )
 from shared_models.models.weights import named_weights
 from shared_models.training import make_loader, make_optimizer, set_seed, train_one_epoch
@@ -44,7 +44,7 @@ def _build(name: str, seed: int = 0, **config: object) -> torch.nn.Module:
 def test_every_model_returns_one_value_per_student_for_each_configured_head(name: str) -> None:
     model = _build(name).eval()
     out = model(*_batch())
-    expected = set(model_config(name).targets)
+    expected = set(validate_model_config(name).targets)
     if name == "multitask":
         expected.add("engagement")
     assert set(out) == expected
@@ -170,12 +170,12 @@ def test_unknown_model_name_error_lists_the_valid_names() -> None:
 
 def test_config_rejects_a_misspelt_hyper_parameter() -> None:
     with pytest.raises(ValidationError, match="hiden_size"):
-        model_config("lstm", {"hiden_size": 32})
+        validate_model_config("lstm", {"hiden_size": 32})
 
 
 def test_config_overrides_are_applied_and_caller_mapping_untouched() -> None:
     overrides = {"hidden_size": 16, "targets": ["grade"]}
-    cfg = model_config("lstm", overrides)
+    cfg = validate_model_config("lstm", overrides)
     assert cfg.hidden_size == 16 and cfg.targets == ("grade",)
     assert overrides == {"hidden_size": 16, "targets": ["grade"]}
     assert _build("lstm", hidden_size=16).rnn.hidden_size == 16
@@ -187,13 +187,15 @@ def test_config_of_another_model_is_refused() -> None:
 
 
 def test_paper_defaults_are_the_registered_defaults() -> None:
-    assert model_config("lstm").hidden_size == 64 and model_config("lstm").dropout == 0.2
-    assert model_config("gru").hidden_size == 50
-    lstm_gru = model_config("lstm-gru")
+    lstm = validate_model_config("lstm")
+    assert lstm.hidden_size == 64 and lstm.dropout == 0.2
+    assert validate_model_config("gru").hidden_size == 50
+    lstm_gru = validate_model_config("lstm-gru")
     assert (lstm_gru.lstm_hidden_size, lstm_gru.gru_hidden_size) == (50, 50)
-    multitask = model_config("multitask")
+    multitask = validate_model_config("multitask")
     assert (multitask.hidden_size, multitask.dropout) == (128, 0.5) and multitask.lr_decay > 0
-    assert model_config("cnn").mode == "cnn" and model_config("cnn-lstm").mode == "hybrid"
+    assert validate_model_config("cnn").mode == "cnn"
+    assert validate_model_config("cnn-lstm").mode == "hybrid"
 
 
 def test_inputs_of_another_shape_are_refused_with_the_expected_shape() -> None:
