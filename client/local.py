@@ -22,18 +22,20 @@ from torch.utils.data import DataLoader
 from shared_models.data.cohort import ModelInputs
 from shared_models.evaluation import evaluate
 from shared_models.models.registry import build_model
-from shared_models.protocol import RoundSettings
+from shared_models.protocol import (
+    HEAD_METRICS,
+    LOSS,
+    TRAIN_LOSS,
+    TRAIN_SECONDS,
+    TRAIN_STEPS,
+    VAL_PREFIX,
+    RoundSettings,
+)
 from shared_models.training import make_loader, make_optimizer, set_seed, train_one_epoch
 
 logger = logging.getLogger(__name__)
 
-#: Aggregate metrics of each head, always sent (NaN when undefined) so every reply of a round
-#: carries the same keys, which Flower's strategies require before they aggregate.
-HEAD_METRICS: dict[str, tuple[str, ...]] = {
-    "risk": ("roc_auc", "accuracy", "precision", "recall", "f1", "average_precision", "brier"),
-    "grade": ("mse", "rmse", "mae", "r2"),
-    "engagement": ("mse", "rmse", "mae", "r2"),
-}
+__all__ = ["HEAD_METRICS", "Privatizer", "build_local_model", "local_evaluate", "local_train"]
 
 
 def build_local_model(settings: RoundSettings, shapes: tuple[int, int, int]) -> nn.Module:
@@ -91,13 +93,13 @@ def local_train(
             global_params=global_weights if settings.proximal_mu > 0 else None,
         )
     metrics = {
-        "train/loss": float(loss),
+        TRAIN_LOSS: float(loss),
         # Local work only (the deployment benchmark subtracts it from a round's wall time).
-        "train/seconds": time.perf_counter() - started,
-        "train/steps": float(settings.local_epochs * len(loader)),
+        TRAIN_SECONDS: time.perf_counter() - started,
+        TRAIN_STEPS: float(settings.local_epochs * len(loader)),
     }
     if validation is not None:
-        metrics |= local_evaluate(model, validation, settings, prefix="val/")
+        metrics |= local_evaluate(model, validation, settings, prefix=VAL_PREFIX)
     return metrics
 
 
@@ -106,11 +108,11 @@ def local_evaluate(
 ) -> dict[str, float]:
     """Aggregate metrics of ``model`` on ``inputs``: the task loss and each trained head's.
 
-    Every key of `HEAD_METRICS` for the task's heads is present; undefined values (ROC-AUC on a
-    split with one class) are NaN.
+    Every key of `shared_models.protocol.HEAD_METRICS` for the task's heads is present;
+    undefined values (ROC-AUC on a split with one class) are NaN.
     """
     report = evaluate(model, inputs, settings.task)
-    metrics = {f"{prefix}loss": float(report["loss"])}
+    metrics = {f"{prefix}{LOSS}": float(report["loss"])}
     for head, names in HEAD_METRICS.items():
         if head not in report:
             continue

@@ -4,6 +4,10 @@ The unit of privacy is one student's record at one institution. Each institution
 ``(epsilon, delta)`` for a whole federation run; the Gaussian noise multiplier is calibrated once
 for every step the run is planned to take (rounds x local steps), so that the accountant, which
 composes across rounds, ends the planned run at or below ``epsilon``.
+
+A budget is ``PrivacyBudget | None`` (None: train without DP) from the CLI and TOML to the node;
+its defaults are written here only. `node_budget` is the policy a node applies to the server's
+proposal. Importing this module imports neither torch nor Opacus (the CLI starts without them).
 """
 
 from __future__ import annotations
@@ -14,21 +18,37 @@ import math
 import warnings
 from typing import Annotated, Literal
 
-from opacus.accountants.utils import get_noise_multiplier
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from shared_models.errors import EduflError
+from shared_models.errors import PrivacyConfigError
 
 logger = logging.getLogger(__name__)
 
 Mechanism = Literal["rdp", "prv"]
+DPMode = Literal["required", "off"]
+
+#: The budget of an institution that requires DP but set none of its own (and the server's
+#: proposal when asked for DP without an epsilon): the seed papers' and the demo's usual one.
+DEFAULT_EPSILON = 8.0
+DEFAULT_DELTA = 1e-5  # must stay below 1 / n_students of every institution
+DEFAULT_MAX_GRAD_NORM = 1.0
+DEFAULT_ACCOUNTANT: Mechanism = "rdp"
 
 #: Opacus' PRV accountant returns the upper end of an interval this wide (absolute epsilon).
 PRV_EPS_ERROR = 0.01
 
 
-class PrivacyConfigError(EduflError, ValueError):
-    """A privacy budget that cannot protect this institution's students as configured."""
+__all__ = [  # PrivacyConfigError lives in shared_models.errors so the wire protocol can raise it
+    "DEFAULT_ACCOUNTANT",
+    "DEFAULT_DELTA",
+    "DEFAULT_EPSILON",
+    "DEFAULT_MAX_GRAD_NORM",
+    "DPPlan",
+    "PrivacyBudget",
+    "PrivacyConfigError",
+    "calibrate_noise",
+    "node_budget",
+]
 
 
 class PrivacyBudget(BaseModel):
@@ -36,10 +56,10 @@ class PrivacyBudget(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)  # a typo in a TOML key fails loudly
 
-    epsilon: Annotated[float, Field(gt=0)] = 8.0  # per institution, whole federation run
-    delta: Annotated[float, Field(gt=0, lt=1)] = 1e-5  # must stay below 1 / n_students
-    max_grad_norm: Annotated[float, Field(gt=0)] = 1.0  # per-student gradient clipping bound
-    accountant: Mechanism = "rdp"  # rdp: conservative, closed form; prv: tighter, numerical
+    epsilon: Annotated[float, Field(gt=0)] = DEFAULT_EPSILON  # per institution, whole run
+    delta: Annotated[float, Field(gt=0, lt=1)] = DEFAULT_DELTA  # must stay below 1 / n_students
+    max_grad_norm: Annotated[float, Field(gt=0)] = DEFAULT_MAX_GRAD_NORM  # per-student clip
+    accountant: Mechanism = DEFAULT_ACCOUNTANT  # rdp: conservative, closed form; prv: tighter
 
     def check_delta(self, n_students: int) -> None:
         """Refuse a delta that is not below ``1 / n_students``.
@@ -107,6 +127,8 @@ def calibrate_noise(budget: PrivacyBudget, plan: DPPlan) -> float:
     Raises:
         PrivacyConfigError: delta is not below 1/n, or no finite noise reaches the budget.
     """
+    from opacus.accountants.utils import get_noise_multiplier  # torch: only when training
+
     budget.check_delta(plan.n_students)
     extra = {"eps_error": PRV_EPS_ERROR} if budget.accountant == "prv" else {}
     with warnings.catch_warnings():
@@ -137,3 +159,56 @@ def calibrate_noise(budget: PrivacyBudget, plan: DPPlan) -> float:
         budget.accountant,
     )
     return float(sigma)
+
+
+def node_budget(
+    mode: DPMode | None,
+    own_epsilon: float | None,
+    own_delta: float | None,
+    *,
+    proposed_epsilon: float | None,
+    proposed_delta: float | None = None,
+    max_grad_norm: float | None = None,
+    accountant: Mechanism | None = None,
+) -> PrivacyBudget | None:
+    """The budget a node trains a round under, or None to train without DP.
+
+    The institution's own policy wins over the server's proposal: a node that requires DP
+    (``mode="required"``) trains with DP-SGD even when the server proposes none, under its own
+    epsilon/delta when set, else `DEFAULT_EPSILON`/`DEFAULT_DELTA`; a server proposing a smaller
+    epsilon or delta gets it, a larger one not. Without a mode of its own (a simulation), or
+    with ``"off"``, the server's proposal decides, DP or not; the node's epsilon/delta still
+    replace the proposed ones.
+
+    Args:
+        mode: the node's DP mode; None leaves the decision to the server.
+        own_epsilon: the institution's epsilon for the run, if it set one.
+        own_delta: the institution's delta for the run, if it set one.
+        proposed_epsilon: the server's epsilon; None proposes no DP.
+        proposed_delta: the server's delta (None: `DEFAULT_DELTA`).
+        max_grad_norm: the server's clipping bound (None: `DEFAULT_MAX_GRAD_NORM`).
+        accountant: the server's accountant (None: `DEFAULT_ACCOUNTANT`).
+
+    Raises:
+        PrivacyConfigError: the resulting budget is not valid (the message says which value).
+    """
+    server_delta = DEFAULT_DELTA if proposed_delta is None else proposed_delta
+    if mode == "required":
+        # The server may ask for more privacy than the institution's budget, never less.
+        cap = own_epsilon or DEFAULT_EPSILON
+        epsilon = min(cap, proposed_epsilon or cap)
+        delta = own_delta or min(server_delta, DEFAULT_DELTA)
+    elif proposed_epsilon:
+        epsilon = own_epsilon or proposed_epsilon
+        delta = own_delta or server_delta
+    else:
+        return None
+    try:
+        return PrivacyBudget(
+            epsilon=epsilon,
+            delta=delta,
+            max_grad_norm=DEFAULT_MAX_GRAD_NORM if max_grad_norm is None else max_grad_norm,
+            accountant=DEFAULT_ACCOUNTANT if accountant is None else accountant,
+        )
+    except ValidationError as exc:
+        raise PrivacyConfigError(f"this node's DP budget is not valid: {exc}") from None

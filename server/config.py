@@ -13,14 +13,22 @@ import json
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from privacy.budget import (
+    DEFAULT_ACCOUNTANT,
+    DEFAULT_DELTA,
+    DEFAULT_MAX_GRAD_NORM,
+    Mechanism,
+    PrivacyBudget,
+)
 from server.guard import GuardConfig
 from server.strategies import check_strategy
 from shared_models.errors import EduflError
-from shared_models.models.registry import model_config
+from shared_models.models.registry import validate_model_config
+from shared_models.protocol import RoundSettings, Task
 
 
 class FederationConfigError(EduflError, ValueError):
@@ -37,7 +45,7 @@ class FederationConfig(BaseModel):
 
     model: str = "lstm"  # shared_models.models.registry.MODEL_NAMES
     model_overrides: dict[str, Any] = Field(default_factory=dict)  # e.g. {"hidden_size": 32}
-    task: Literal["risk", "grade", "multitask"] = "risk"
+    task: Task = "risk"
     strategy: str = "fedavg"  # server.strategies.STRATEGY_NAMES
     strategy_params: dict[str, float] = Field(default_factory=dict)  # e.g. {"eta": 0.01}
     rounds: Annotated[int, Field(ge=1)] = 5  # total rounds of the run, resumed ones included
@@ -46,7 +54,8 @@ class FederationConfig(BaseModel):
     min_nodes: Annotated[int, Field(ge=1)] = 2  # a round waits until this many nodes are up
     local_epochs: Annotated[int, Field(ge=1)] = 3  # per round; chosen so 5 rounds match centralized
     batch_size: Annotated[int, Field(ge=1)] = 32
-    learning_rate: Annotated[float, Field(gt=0)] = 1e-3  # the nodes' Adam, as in the papers
+    # The nodes' Adam; None: the model config's ``learning_rate`` (1e-3, as in the papers).
+    learning_rate: Annotated[float, Field(gt=0)] | None = None
     proximal_mu: Annotated[float, Field(ge=0)] = 0.0  # FedProx only
     seed: int = 0  # initial weights, node splits and shuffling
     out_dir: Path = Path("runs/federation")  # checkpoints, metrics.jsonl, summary
@@ -55,14 +64,16 @@ class FederationConfig(BaseModel):
     round_timeout: Annotated[float, Field(gt=0)] = 3600.0  # seconds to wait for replies
     guard: GuardConfig = Field(default_factory=GuardConfig)
     # DP-SGD at every node (privacy.DPSession); None trains without DP. Per institution, whole run.
+    # The flat fields are the TOML/run-config form; `privacy_budget` is the budget they make.
     dp_epsilon: Annotated[float, Field(gt=0)] | None = None
-    dp_delta: Annotated[float, Field(gt=0, lt=1)] = 1e-5
-    dp_max_grad_norm: Annotated[float, Field(gt=0)] = 1.0
-    dp_accountant: Literal["rdp", "prv"] = "rdp"
+    dp_delta: Annotated[float, Field(gt=0, lt=1)] = DEFAULT_DELTA
+    dp_max_grad_norm: Annotated[float, Field(gt=0)] = DEFAULT_MAX_GRAD_NORM
+    dp_accountant: Mechanism = DEFAULT_ACCOUNTANT
 
     @model_validator(mode="after")
     def _consistent(self) -> FederationConfig:
-        model_config(self.model, self.model_overrides)  # unknown model or override fails here
+        # An unknown model or override fails here.
+        validate_model_config(self.model, self.model_overrides)
         check_strategy(self.strategy, self.strategy_params)
         if self.proximal_mu > 0 and self.strategy != "fedprox":
             raise ValueError(
@@ -107,7 +118,7 @@ class FederationConfig(BaseModel):
                     raise FederationConfigError(
                         f"run config {key}: not valid JSON ({exc})"
                     ) from None
-            if name in ("spec_path", "dp_epsilon") and value == "":
+            if name in ("spec_path", "dp_epsilon", "learning_rate") and value == "":
                 value = None
             raw[name] = value
         if guard:
@@ -141,24 +152,84 @@ class FederationConfig(BaseModel):
 
     # --- what the nodes get -------------------------------------------------------------------
 
-    def train_config(self, spec_fingerprint: str) -> dict[str, bool | int | float | str]:
+    @property
+    def privacy_budget(self) -> PrivacyBudget | None:
+        """The budget the server proposes to every institution; None proposes no DP."""
+        if self.dp_epsilon is None:
+            return None
+        return PrivacyBudget(
+            epsilon=self.dp_epsilon,
+            delta=self.dp_delta,
+            max_grad_norm=self.dp_max_grad_norm,
+            accountant=self.dp_accountant,
+        )
+
+    @property
+    def local_learning_rate(self) -> float:
+        """The nodes' learning rate: ``learning_rate``, else the model config's."""
+        if self.learning_rate is not None:
+            return self.learning_rate
+        return float(validate_model_config(self.model, self.model_overrides).learning_rate)
+
+    def round_settings(self, spec_fingerprint: str, run_id: str = "") -> RoundSettings:
+        """What every node is told about a round (before the strategy adds its own keys).
+
+        The DP parameters are sent without a proposed epsilon too: a node that requires DP
+        applies them to its own budget (`privacy.budget.node_budget`).
+        """
+        budget = self.privacy_budget
+        return RoundSettings(
+            model=self.model,
+            model_overrides=self.model_overrides,
+            task=self.task,
+            local_epochs=self.local_epochs,
+            batch_size=self.batch_size,
+            learning_rate=self.local_learning_rate,
+            seed=self.seed,
+            spec_fingerprint=spec_fingerprint,
+            spec_path=str(self.spec_path) if self.spec_path else "",
+            run_id=run_id,
+            planned_rounds=self.rounds,
+            dp_epsilon=budget.epsilon if budget is not None else None,
+            dp_delta=self.dp_delta,
+            dp_max_grad_norm=self.dp_max_grad_norm,
+            dp_accountant=self.dp_accountant,
+        )
+
+    def train_config(
+        self, spec_fingerprint: str, run_id: str = ""
+    ) -> dict[str, bool | int | float | str]:
         """The message config every node receives (see `shared_models.protocol.RoundSettings`)."""
-        return {
-            "model": self.model,
-            "model-config": json.dumps(self.model_overrides, sort_keys=True),
-            "task": self.task,
-            "local-epochs": self.local_epochs,
-            "batch-size": self.batch_size,
-            "learning-rate": self.learning_rate,
-            "seed": self.seed,
-            "spec-fingerprint": spec_fingerprint,
-            "spec-path": str(self.spec_path) if self.spec_path else "",
-            "planned-rounds": self.rounds,
-            "dp-epsilon": self.dp_epsilon or 0.0,  # 0: no DP
-            "dp-delta": self.dp_delta,
-            "dp-max-grad-norm": self.dp_max_grad_norm,
-            "dp-accountant": self.dp_accountant,
-        }
+        return self.round_settings(spec_fingerprint, run_id).to_config(base=True)
+
+    # --- from the command line ----------------------------------------------------------------
+
+    @classmethod
+    def from_options(
+        cls,
+        config_path: Path | None,
+        options: Mapping[str, Any],
+        *,
+        source: str = "command-line options",
+    ) -> FederationConfig:
+        """The config a command's options describe: a TOML file (if given) with options on top.
+
+        Every command that builds a federation (`edufl simulate run`, `edufl server start`,
+        `edufl demo`, the reproductions) goes through here.
+
+        Args:
+            config_path: A federation config TOML; None starts from the defaults.
+            options: Field values; those left at None (an option not given) are dropped, so the
+                file's value or the field's default stands.
+            source: What the options are called in an error, when there is no file.
+
+        Raises:
+            FederationConfigError: the file cannot be read, or a value is invalid, each named.
+        """
+        given = {key: value for key, value in options.items() if value is not None}
+        if config_path is not None:
+            return cls.from_toml(config_path, **given)
+        return cls.validated(given, source)
 
 
 def _describe(exc: ValidationError, source: str) -> str:

@@ -29,6 +29,7 @@ from shared_models.data.contract import FeatureSpec, load_spec
 from shared_models.errors import EduflError
 from shared_models.models.registry import build_model
 from shared_models.models.weights import assign_weights, named_weights
+from shared_models.protocol import LOSS, TRAIN_LOSS, metric_key
 from shared_models.training import set_seed
 
 logger = logging.getLogger(__name__)
@@ -110,7 +111,7 @@ def run_federation(
                 f"{report.failures[0].node_id}: {reason[-1]}"
             )
         assign_weights(model, {k: v.numpy() for k, v in report.arrays.items()})
-        _record_privacy(ledger, report, dp_requested=config.dp_epsilon is not None)
+        _record_privacy(ledger, report, dp_requested=config.privacy_budget is not None)
         store.save(
             report.server_round,
             model,
@@ -130,7 +131,7 @@ def run_federation(
             logger.info(progress_line(report, config.rounds))
 
     arrays = ArrayRecord({k: Array(v) for k, v in named_weights(model).items()})
-    train_config = {**config.train_config(spec.fingerprint), "run-id": run_id}
+    train_config = config.train_config(spec.fingerprint, run_id)
     run_rounds(
         strategy,
         grid,
@@ -317,10 +318,10 @@ def progress_line(report: RoundReport, total_rounds: int) -> str:
     parts = [
         f"round {report.server_round}/{total_rounds}",
         f"{report.seconds:6.1f} s",
-        f"train loss {fmt(report.train.get('train/loss'))}",
-        f"val ROC-AUC {fmt(report.train.get('val/risk/roc_auc'))}",
-        f"test loss {fmt(report.evaluate.get('loss'))}",
-        f"federated ROC-AUC {fmt(report.evaluate.get('risk/roc_auc'))}",
+        f"train loss {fmt(report.train.get(TRAIN_LOSS))}",
+        f"val ROC-AUC {fmt(report.train.get(metric_key('risk', 'roc_auc', validation=True)))}",
+        f"test loss {fmt(report.evaluate.get(LOSS))}",
+        f"federated ROC-AUC {fmt(report.evaluate.get(metric_key('risk', 'roc_auc')))}",
     ]
     epsilons = node_epsilons(report)
     bounded = [e for e in epsilons.values() if not math.isinf(e)]

@@ -25,9 +25,11 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 from pydantic import BaseModel, ConfigDict, Field
 
+from shared_models.protocol import NUM_EXAMPLES, reply_institution
+
 logger = logging.getLogger(__name__)
 
-WEIGHT_KEY = "num-examples"
+WEIGHT_KEY = NUM_EXAMPLES  # a reply's aggregation weight
 
 
 class GuardConfig(BaseModel):
@@ -51,14 +53,10 @@ class Rejection:
 
 
 def institution_of(msg: Message) -> str:
-    """The institution name a reply carries in its ``node`` ConfigRecord, or ``""``."""
+    """The institution name a reply carries (`shared_models.protocol.reply_institution`)."""
     if msg.has_error():
         return ""
-    for record in msg.content.config_records.values():
-        name = record.get("institution")
-        if isinstance(name, str):
-            return name
-    return ""
+    return reply_institution(msg.content.config_records)
 
 
 def _reject_reason(msg: Message, reference: dict[str, np.ndarray]) -> tuple[str, float]:

@@ -17,9 +17,9 @@ from dataclasses import dataclass, field
 from flwr.app import ArrayRecord, ConfigRecord, Message
 from flwr.serverapp import Grid
 
-from privacy.ledger.consortium import EARLIER_KEY, REPLY_KEY
-from server.guard import GuardedStrategy, Rejection, institution_of
+from server.guard import GuardedStrategy, Rejection
 from server.superlink.retry import exchange
+from shared_models.protocol import read_reply
 
 logger = logging.getLogger(__name__)
 
@@ -123,19 +123,14 @@ def _node_results(
             failures.append(NodeResult(node_id, "", {}, msg.error.reason))
             logger.warning("node %d replied with an error: %s", node_id, msg.error.reason)
             continue
-        metrics = {}
-        for record in msg.content.metric_records.values():
-            metrics |= {k: float(v) for k, v in record.items() if isinstance(v, int | float)}
-        privacy = msg.content.config_records.get("privacy")
-        entry = privacy.get(REPLY_KEY, "") if privacy is not None else ""
-        earlier = privacy.get(EARLIER_KEY, "") if privacy is not None else ""
+        received = read_reply(msg.content.metric_records, msg.content.config_records)
         results.append(
             NodeResult(
                 node_id,
-                institution_of(msg),
-                metrics,
-                privacy=str(entry),
-                privacy_earlier=str(earlier),
+                received.institution,
+                received.metrics,
+                privacy=received.ledger_entry,
+                privacy_earlier=received.ledger_earlier,
             )
         )
     for msg in sent:

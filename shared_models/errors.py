@@ -17,3 +17,7 @@ class DataContractError(EduflError, ValueError):
 
 class PrivacyBudgetExceeded(EduflError, RuntimeError):
     """Spending more privacy budget would exceed what an institution allowed."""
+
+
+class PrivacyConfigError(EduflError, ValueError):
+    """A privacy budget or DP setting that cannot protect an institution's students as given."""

@@ -1,24 +1,67 @@
-"""What a node needs to know for one round, read back from the server's message config.
+"""The wire protocol between the server and the nodes: every key either side sends, spelled once.
 
-The server flattens its validated `FederationConfig` into the ``ConfigRecord`` of every train and
-evaluate message; the node validates it again here, so a server and a client of different edufl
-versions fail with a message that names the offending key instead of training the wrong model.
+Three vocabularies, each validated where it is received:
+
+- the round settings (`RoundSettings`): the server flattens its `FederationConfig` into the
+  ``ConfigRecord`` of every train and evaluate message, and the node validates it again here, so
+  a server and a node of different edufl versions fail with a message naming the offending key
+  instead of training the wrong model;
+- the node config (`NodeConfig`): what ``flower-supernode --node-config`` (or the simulation)
+  gives a node, parsed once per message; the launcher writes it with `NodeConfig.to_flower_arg`;
+- the reply schema (`Reply`): the only things a reply may carry. `encode_reply` is the node's
+  single way to build a reply's content and `read_reply` the server's way to read one.
+
+Light by design: importing it imports neither torch nor flwr nor opacus (the launcher and the
+CLI use it), so the model overrides are validated in `RoundSettings.model_settings`, which
+imports the model registry when called.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from shared_models.errors import EduflError
-from shared_models.models.registry import MODEL_NAMES, model_config
+from shared_models.errors import DataContractError, EduflError, PrivacyConfigError
+from shared_models.model_names import MODEL_NAMES
+
+Task = Literal["risk", "grade", "multitask"]
+Accountant = Literal["rdp", "prv"]
+DPMode = Literal["required", "off"]
+
+# --- keys shared by several vocabularies ---------------------------------------------------------
+
+SPEC_PATH = "spec-path"  # round config (the server's spec) and node config (the node's own)
+DP_EPSILON = "dp-epsilon"  # round config (the server's proposal) and node config (the budget)
+DP_DELTA = "dp-delta"
+#: How the round config says "no DP": an epsilon of 0 (a ``ConfigRecord`` cannot hold None).
+NO_DP_EPSILON = 0.0
 
 
-class RoundSettingsError(EduflError, ValueError):
+class ProtocolError(EduflError, ValueError):
+    """A message config, node config or reply that does not follow the wire protocol."""
+
+
+class RoundSettingsError(ProtocolError):
     """The message config a node received is not one it can act on."""
+
+
+def _problems(exc: ValidationError, what: str) -> str:
+    return "; ".join(
+        f"{'.'.join(str(p) for p in err['loc']) or what}: {err['msg']}" for err in exc.errors()
+    )
+
+
+# --- round settings -----------------------------------------------------------------------------
+
+#: Keys Flower's strategies write into every message's config themselves (``server-round``;
+#: FedProx's ``proximal-mu``), so the server's base config leaves them out.
+SERVER_ROUND = "server-round"
+PROXIMAL_MU = "proximal-mu"
+RUN_ID = "run-id"
 
 
 class RoundSettings(BaseModel):
@@ -28,23 +71,28 @@ class RoundSettings(BaseModel):
 
     model: str = "lstm"  # one of MODEL_NAMES; server and nodes build the same architecture
     model_overrides: dict[str, Any] = Field(default_factory=dict, alias="model-config")
-    task: Literal["risk", "grade", "multitask"] = "risk"
+    task: Task = "risk"
     local_epochs: Annotated[int, Field(ge=1, alias="local-epochs")] = 1
     batch_size: Annotated[int, Field(ge=1, alias="batch-size")] = 32
     learning_rate: Annotated[float, Field(gt=0, alias="learning-rate")] = 1e-3
-    proximal_mu: Annotated[float, Field(ge=0, alias="proximal-mu")] = 0.0  # sent by FedProx only
+    proximal_mu: Annotated[float, Field(ge=0, alias=PROXIMAL_MU)] = 0.0  # sent by FedProx only
     seed: int = 0  # the node's split and its per-round shuffling/dropout seeds derive from it
     spec_fingerprint: str = Field(default="", alias="spec-fingerprint")  # "" = do not check
-    spec_path: str = Field(default="", alias="spec-path")  # "" = the node's own or the default
+    spec_path: str = Field(default="", alias=SPEC_PATH)  # "" = the node's own or the default
     #: The federation run's own id, stable across server restarts and resumes (the ledger's
     #: ``run_id``); "" = Flower's run id of this message.
-    run_id: str = Field(default="", alias="run-id", max_length=64)
-    server_round: Annotated[int, Field(ge=0, alias="server-round")] = 0  # set by every strategy
+    run_id: str = Field(default="", alias=RUN_ID, max_length=64)
+    server_round: Annotated[int, Field(ge=0, alias=SERVER_ROUND)] = 0  # set by every strategy
     planned_rounds: Annotated[int, Field(ge=1, alias="planned-rounds")] = 1  # the run's total
-    dp_epsilon: Annotated[float, Field(ge=0, alias="dp-epsilon")] = 0.0  # 0: train without DP
-    dp_delta: Annotated[float, Field(gt=0, lt=1, alias="dp-delta")] = 1e-5
-    dp_max_grad_norm: Annotated[float, Field(gt=0, alias="dp-max-grad-norm")] = 1.0
-    dp_accountant: Literal["rdp", "prv"] = Field(default="rdp", alias="dp-accountant")
+    #: The server's proposed DP budget; None (on the wire `NO_DP_EPSILON`) proposes no DP. The
+    #: other DP fields are None when the server sent none: the node's defaults then apply
+    #: (`privacy.budget.node_budget`).
+    dp_epsilon: Annotated[float, Field(gt=0)] | None = Field(default=None, alias=DP_EPSILON)
+    dp_delta: Annotated[float, Field(gt=0, lt=1)] | None = Field(default=None, alias=DP_DELTA)
+    dp_max_grad_norm: Annotated[float, Field(gt=0)] | None = Field(
+        default=None, alias="dp-max-grad-norm"
+    )
+    dp_accountant: Accountant | None = Field(default=None, alias="dp-accountant")
 
     @field_validator("model")
     @classmethod
@@ -63,15 +111,31 @@ class RoundSettings(BaseModel):
                 raise ValueError(f"model-config is not valid JSON ({exc})") from None
         return value
 
+    @field_validator("dp_epsilon", mode="before")
+    @classmethod
+    def _no_dp(cls, value: Any) -> Any:
+        return None if value == NO_DP_EPSILON else value
+
     def model_settings(self) -> Any:
         """The validated model config (raises pydantic's error for a bad override)."""
-        return model_config(self.model, self.model_overrides)
+        # Imported here: the registry imports the models, and so torch (a node has it loaded).
+        from shared_models.models.registry import validate_model_config
 
-    def to_config(self) -> dict[str, bool | int | float | str]:
-        """The flat key/value form a Flower ``ConfigRecord`` carries."""
+        return validate_model_config(self.model, self.model_overrides)
+
+    def to_config(self, *, base: bool = False) -> dict[str, bool | int | float | str]:
+        """The flat key/value form a Flower ``ConfigRecord`` carries.
+
+        Args:
+            base: leave out the keys Flower's strategies set per message (`SERVER_ROUND`,
+                `PROXIMAL_MU`): the server's config before the strategy adds them.
+        """
         raw = self.model_dump(by_alias=True)
         raw["model-config"] = json.dumps(raw["model-config"], sort_keys=True)
-        return raw
+        raw[DP_EPSILON] = NO_DP_EPSILON if self.dp_epsilon is None else self.dp_epsilon
+        if base:
+            del raw[SERVER_ROUND], raw[PROXIMAL_MU]
+        return {key: value for key, value in raw.items() if value is not None}
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> RoundSettings:
@@ -84,12 +148,279 @@ class RoundSettings(BaseModel):
             settings = cls.model_validate(dict(config))
             settings.model_settings()
         except ValidationError as exc:
-            problems = "; ".join(
-                f"{'.'.join(str(p) for p in err['loc']) or '(config)'}: {err['msg']}"
-                for err in exc.errors()
-            )
             raise RoundSettingsError(
-                f"the server's round config is not valid for this node ({problems}); "
-                "are server and node running the same edufl version?"
+                f"the server's round config is not valid for this node "
+                f"({_problems(exc, '(config)')}); are server and node running the same edufl "
+                "version?"
             ) from None
         return settings
+
+
+# --- node config --------------------------------------------------------------------------------
+
+DATA_PATH = "data-path"
+INSTITUTION = "institution"  # also the key of the reply's `NODE_RECORD`
+PRIVACY_STATE = "privacy-state"
+PRIVACY_ROOT = "privacy-root"
+PRIVACY_KEY = "privacy-key"
+DP_MODE = "dp"
+#: What Flower's simulation puts in every virtual node's config.
+PARTITION_ID = "partition-id"
+NUM_PARTITIONS = "num-partitions"
+_DP_KEYS = (DP_MODE, DP_EPSILON, DP_DELTA)
+
+
+class NodeConfigError(ProtocolError):
+    """A node config (``--node-config``) with an unknown key or an invalid value."""
+
+
+class NodeConfig(BaseModel):
+    """One node's own settings, from ``flower-supernode --node-config`` or the simulation.
+
+    Without ``dp`` (simulations) the server's proposal decides whether a round trains with DP;
+    ``edufl client start`` sets ``dp="required"`` (every round trains with DP-SGD, whatever the
+    server asks) unless started with ``--no-dp`` (``dp="off"``: a round the server asks without
+    DP trains without it and is recorded as non-private in the signed ledger). ``dp-epsilon`` /
+    ``dp-delta`` are the institution's budget for a run and override the server's proposal.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    data_path: str | None = Field(default=None, alias=DATA_PATH)  # the institution's export
+    institution: str | None = Field(default=None, alias=INSTITUTION)  # else the folder's name
+    spec_path: str | None = Field(default=None, alias=SPEC_PATH)  # else the server's or default
+    #: This institution's DP state folder (accountant, ledger, released updates) ...
+    privacy_state: str | None = Field(default=None, alias=PRIVACY_STATE)
+    #: ... else ROOT/<institution> (a simulation: <out-dir>/privacy).
+    privacy_root: str | None = Field(default=None, alias=PRIVACY_ROOT)
+    privacy_key: str | None = Field(default=None, alias=PRIVACY_KEY)  # signs the ledger entries
+    dp: DPMode | None = Field(default=None, alias=DP_MODE)
+    dp_epsilon: Annotated[float, Field(gt=0)] | None = Field(default=None, alias=DP_EPSILON)
+    dp_delta: Annotated[float, Field(gt=0, lt=1)] | None = Field(default=None, alias=DP_DELTA)
+    partition_id: Annotated[int, Field(ge=0)] | None = Field(default=None, alias=PARTITION_ID)
+    num_partitions: Annotated[int, Field(ge=1)] | None = Field(default=None, alias=NUM_PARTITIONS)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: Any) -> Any:
+        return None if value == "" else value
+
+    @classmethod
+    def parse(cls, node_config: Mapping[str, Any]) -> NodeConfig:
+        """Validate a node's config (Flower's ``context.node_config``).
+
+        Raises:
+            PrivacyConfigError: a DP key (``dp``, ``dp-epsilon``, ``dp-delta``) is invalid.
+            NodeConfigError: another key is unknown or invalid; the message lists them.
+        """
+        try:
+            # Flower's keys only: the field names are for the launcher's constructor.
+            return cls.model_validate(dict(node_config), by_alias=True, by_name=False)
+        except ValidationError as exc:
+            problems = []
+            for err in exc.errors():
+                key = str(err["loc"][0]) if err["loc"] else "(node config)"
+                if err["type"] == "extra_forbidden":
+                    valid = ", ".join(f.alias or n for n, f in cls.model_fields.items())
+                    problems.append(f"{key}: unknown key (a typo?); valid keys: {valid}")
+                elif key == DP_MODE:
+                    problems.append(
+                        f"{DP_MODE}={node_config.get(key)!r} is not valid; use 'required' or 'off'"
+                    )
+                else:
+                    problems.append(f"{key}={node_config.get(key)!r}: {err['msg']}")
+            error = (
+                PrivacyConfigError
+                if all(str(e["loc"][0]) in _DP_KEYS for e in exc.errors() if e["loc"])
+                else NodeConfigError
+            )
+            raise error(f"this node's config is not valid: {'; '.join(problems)}") from None
+
+    def export_path(self) -> str:
+        """``data-path``, which every node must have.
+
+        Raises:
+            DataContractError: it is not set; the message says how to set it.
+        """
+        if not self.data_path:
+            raise DataContractError(
+                f"this node has no {DATA_PATH!r} in its node config; start it with "
+                f"--node-config '{DATA_PATH}=\"/path/to/export\"'"
+            )
+        return self.data_path
+
+    def to_node_config(self) -> dict[str, str | int | float]:
+        """The flat form of Flower's ``context.node_config`` (unset keys left out)."""
+        return self.model_dump(by_alias=True, exclude_none=True)
+
+    def to_flower_arg(self) -> str:
+        """The value of ``flower-supernode --node-config``: ``key="text" key=1.5 ...``.
+
+        Raises:
+            NodeConfigError: a text holds both quote characters (Flower cannot parse it).
+        """
+        parts = []
+        for key, value in self.to_node_config().items():
+            if isinstance(value, str):
+                value = _flower_quoted(key, value)
+            elif isinstance(value, float):
+                value = repr(value)
+            parts.append(f"{key}={value}")
+        return " ".join(parts)
+
+
+def _flower_quoted(key: str, value: str) -> str:
+    # Flower splits on `key="..."` / `key='...'` and reads each value as TOML: a basic string
+    # ("...") unless it holds a quote or a backslash (a TOML escape), then a literal one ('...').
+    if '"' not in value and "\\" not in value:
+        return f'"{value}"'
+    if "'" not in value:
+        return f"'{value}'"
+    raise NodeConfigError(f"node config {key}={value!r}: a value cannot hold both ' and \"")
+
+
+# --- the reply schema ---------------------------------------------------------------------------
+
+#: Record names of a reply's ``RecordDict``.
+ARRAYS_RECORD = "arrays"  # ArrayRecord: the trained weights (train replies only)
+METRICS_RECORD = "metrics"  # MetricRecord: NUM_EXAMPLES and aggregate metrics
+NODE_RECORD = "node"  # ConfigRecord: INSTITUTION (the institution's name, not a student's)
+PRIVACY_RECORD = "privacy"  # ConfigRecord: the signed ledger entries (aggregate DP parameters)
+
+#: The weight of a reply in aggregation (Flower's strategies' default ``weighted_by_key``).
+NUM_EXAMPLES = "num-examples"
+TRAIN_LOSS = "train/loss"  # mean loss of the last local epoch
+TRAIN_SECONDS = "train/seconds"  # local training time
+TRAIN_STEPS = "train/steps"  # optimizer steps taken (the ledger counts them)
+LOSS = "loss"  # the task loss of an evaluation
+VAL_PREFIX = "val/"  # a train reply's metrics on the node's validation split
+#: Aggregate metrics of each head, always sent (NaN when undefined) so every reply of a round
+#: carries the same keys, which Flower's strategies require before they aggregate.
+HEAD_METRICS: dict[str, tuple[str, ...]] = {
+    "risk": ("roc_auc", "accuracy", "precision", "recall", "f1", "average_precision", "brier"),
+    "grade": ("mse", "rmse", "mae", "r2"),
+    "engagement": ("mse", "rmse", "mae", "r2"),
+}
+
+#: The privacy record's keys: the round's signed entry, and the run's earlier entries of the
+#: node's chain (a JSON list), so the server's ledger can fill a gap.
+LEDGER_ENTRY = "privacy-ledger-entry"
+LEDGER_EARLIER = "privacy-ledger-earlier"
+
+
+def metric_key(head: str, name: str, *, validation: bool = False) -> str:
+    """The key of ``head``'s metric ``name`` (e.g. ``risk/roc_auc``), ``val/`` for validation.
+
+    Raises:
+        ProtocolError: the head or metric is not in `HEAD_METRICS`.
+    """
+    if name not in HEAD_METRICS.get(head, ()):
+        raise ProtocolError(f"no metric {name!r} of head {head!r} in the reply schema")
+    return f"{VAL_PREFIX if validation else ''}{head}/{name}"
+
+
+def evaluation_keys(prefix: str = "") -> tuple[str, ...]:
+    """Every key an evaluation (``prefix`` ``""``) or a validation (`VAL_PREFIX`) may report."""
+    keys = [f"{prefix}{LOSS}"]
+    keys += [f"{prefix}{head}/{name}" for head, names in HEAD_METRICS.items() for name in names]
+    return tuple(keys)
+
+
+#: The metrics the run's reports and progress lines quote.
+RISK_ROC_AUC = metric_key("risk", "roc_auc")
+RISK_ACCURACY = metric_key("risk", "accuracy")
+RISK_F1 = metric_key("risk", "f1")
+RISK_RECALL = metric_key("risk", "recall")
+VAL_RISK_ROC_AUC = metric_key("risk", "roc_auc", validation=True)
+
+#: The allow-list of metric keys: nothing else may leave a node in a reply's metrics.
+METRIC_KEYS: frozenset[str] = frozenset(
+    (
+        NUM_EXAMPLES,
+        TRAIN_LOSS,
+        TRAIN_SECONDS,
+        TRAIN_STEPS,
+        *evaluation_keys(),
+        *evaluation_keys(VAL_PREFIX),
+    )
+)
+RecordKind = Literal["ArrayRecord", "MetricRecord", "ConfigRecord"]
+
+
+@dataclass(frozen=True)
+class Reply:
+    """Everything a node's reply may carry; `encode_reply` lays it out on the wire."""
+
+    num_examples: int  # training (or test) records behind the update or the metrics
+    metrics: Mapping[str, float]  # aggregate only, each key in `METRIC_KEYS`
+    institution: str
+    weights: Mapping[str, Any] | None = None  # name -> numpy array; train replies only
+    ledger_entry: str | None = None  # the round's signed ledger entry (text)
+    ledger_earlier: str = ""  # the run's earlier entries of the chain (a JSON list's text)
+
+
+@dataclass(frozen=True)
+class ReplyRecord:
+    """One record of a reply's content, in the order it is added."""
+
+    name: str
+    kind: RecordKind
+    items: dict[str, Any]
+
+
+def encode_reply(reply: Reply) -> tuple[ReplyRecord, ...]:
+    """The records of ``reply``: the one way a node builds a reply's content.
+
+    Raises:
+        ProtocolError: a metric is not in the allow-list `METRIC_KEYS` or not a number.
+    """
+    unknown = sorted(set(reply.metrics) - METRIC_KEYS)
+    if unknown:
+        raise ProtocolError(f"metrics {unknown} are not in the reply schema; they may not leave")
+    metrics: dict[str, int | float] = {NUM_EXAMPLES: int(reply.num_examples)}
+    for key, value in reply.metrics.items():
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ProtocolError(f"metric {key!r} must be a number, got {value!r}")
+        metrics[key] = value
+    records = []
+    if reply.weights is not None:
+        records.append(ReplyRecord(ARRAYS_RECORD, "ArrayRecord", dict(reply.weights)))
+    records.append(ReplyRecord(METRICS_RECORD, "MetricRecord", metrics))
+    records.append(ReplyRecord(NODE_RECORD, "ConfigRecord", {INSTITUTION: reply.institution}))
+    if reply.ledger_entry is not None:
+        privacy = {LEDGER_ENTRY: reply.ledger_entry, LEDGER_EARLIER: reply.ledger_earlier}
+        records.append(ReplyRecord(PRIVACY_RECORD, "ConfigRecord", privacy))
+    return tuple(records)
+
+
+@dataclass(frozen=True)
+class ReceivedReply:
+    """What the server reads from a reply (besides the weights the guard checks)."""
+
+    metrics: dict[str, float]
+    institution: str = ""  # "" if the reply names none
+    ledger_entry: str = ""  # "" if it sent none
+    ledger_earlier: str = ""
+
+
+def reply_institution(config_records: Mapping[str, Mapping[str, Any]]) -> str:
+    """The institution a reply names in its `NODE_RECORD`, or ``""``."""
+    name = config_records.get(NODE_RECORD, {}).get(INSTITUTION)
+    return name if isinstance(name, str) else ""
+
+
+def read_reply(
+    metric_records: Mapping[str, Mapping[str, Any]],
+    config_records: Mapping[str, Mapping[str, Any]],
+) -> ReceivedReply:
+    """Read a reply's records (name -> items): the server's one way to interpret a reply."""
+    metrics: dict[str, float] = {}
+    for record in metric_records.values():
+        metrics |= {k: float(v) for k, v in record.items() if isinstance(v, int | float)}
+    privacy = config_records.get(PRIVACY_RECORD, {})
+    return ReceivedReply(
+        metrics=metrics,
+        institution=reply_institution(config_records),
+        ledger_entry=str(privacy.get(LEDGER_ENTRY, "")),
+        ledger_earlier=str(privacy.get(LEDGER_EARLIER, "")),
+    )

@@ -1,10 +1,10 @@
 """Federated simulations: the real ServerApp and ClientApp logic on Flower's Ray engine.
 
 One virtual node per institution export. Flower's simulation gives each virtual node only a
-``partition-id`` in its node config, so the simulation's ClientApp maps that id to the i-th
-export as ``data-path`` (what ``flower-supernode --node-config`` sets in a deployment) and then
-calls the very handlers of ``client.app``. The ServerApp reads the federation config back from
-its run-config form, as the deployed one does.
+partition id in its node config, so the simulation's ClientApp maps that id to the i-th export
+as the node config's data path (what ``flower-supernode --node-config`` sets in a deployment,
+`shared_models.protocol.NodeConfig`) and then calls the very handlers of ``client.app``. The
+ServerApp reads the federation config back from its run-config form, as the deployed one does.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from server.config import FederationConfig
 from server.federation import FederationResult, check_out_dir, run_federation
 from server.rounds import RoundReport
 from shared_models.errors import EduflError
+from shared_models.protocol import NodeConfig
 
 logger = logging.getLogger(__name__)
 
@@ -118,10 +119,7 @@ def simulation_client_app(data_paths: Sequence[str], privacy_root: str = "") -> 
 
     @app.train()
     def _train(msg: Message, context: Context) -> Message:
-        context = _with_data_path(context, paths)
-        if privacy_root:
-            context.node_config.setdefault(node_app.PRIVACY_ROOT, privacy_root)
-        return node_app.train(msg, context)
+        return node_app.train(msg, _with_data_path(context, paths, privacy_root))
 
     @app.evaluate()
     def _evaluate(msg: Message, context: Context) -> Message:
@@ -130,9 +128,14 @@ def simulation_client_app(data_paths: Sequence[str], privacy_root: str = "") -> 
     return app
 
 
-def _with_data_path(context: Context, paths: Sequence[str]) -> Context:
-    partition = int(context.node_config["partition-id"])
-    context.node_config[node_app.DATA_PATH] = paths[partition]
+def _with_data_path(context: Context, paths: Sequence[str], privacy_root: str = "") -> Context:
+    own = NodeConfig.parse(context.node_config)
+    if own.partition_id is None:
+        raise SimulationError("a virtual node has no partition id in its node config")
+    update = {"data_path": paths[own.partition_id]}
+    if privacy_root and own.privacy_root is None:
+        update["privacy_root"] = privacy_root
+    context.node_config.update(own.model_copy(update=update).to_node_config())
     return context
 
 

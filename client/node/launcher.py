@@ -15,24 +15,13 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from client.app import (
-    DATA_PATH,
-    DP_DELTA,
-    DP_EPSILON,
-    DP_MODE,
-    DP_MODE_OFF,
-    DP_MODE_REQUIRED,
-    INSTITUTION,
-    PRIVACY_KEY,
-    PRIVACY_STATE,
-    SPEC_PATH,
-)
 from privacy.keys import KeyMaterialError, check_name, load_node_private_key
 from shared_models import processes
 from shared_models.data.contract import load_spec
 from shared_models.data.validate import ValidationReport, validate_export
 from shared_models.errors import DataContractError
 from shared_models.processes import Child, DeploymentError
+from shared_models.protocol import NodeConfig
 
 logger = logging.getLogger(__name__)
 
@@ -56,7 +45,8 @@ class NodeOptions:
     runtime_port: int  # this node's local Runtime API port (unique per machine)
     spec: Path | None = None
     insecure: bool = False
-    #: DP-SGD: this institution's own budget for a run; None takes the server's (or 8.0).
+    #: DP-SGD: this institution's own budget for a run; None takes the server's proposal, at
+    #: most `privacy.budget.DEFAULT_EPSILON` / `DEFAULT_DELTA`.
     dp_epsilon: float | None = None
     dp_delta: float | None = None
     #: True only with the explicit --no-dp: rounds the server asks without DP then train
@@ -113,12 +103,6 @@ def check_credentials(
 
 def supernode_argv(options: NodeOptions) -> list[str]:
     """The `flower-supernode` command line for ``options``."""
-    node_config = (
-        f'{DATA_PATH}="{options.data_dir.resolve()}" {INSTITUTION}="{check_name(options.name)}"'
-    )
-    if options.spec is not None:
-        node_config += f' {SPEC_PATH}="{options.spec.resolve()}"'
-    node_config += _privacy_config(options)
     argv = [processes.executable("flower-supernode"), "--superlink", options.superlink]
     if options.insecure:
         argv.append("--insecure")
@@ -133,7 +117,7 @@ def supernode_argv(options: NodeOptions) -> list[str]:
     return [
         *argv,
         "--node-config",
-        node_config,
+        node_config(options).to_flower_arg(),
         # Flower 1.41 replaced --clientappio-api-address by --host/--port; loopback only.
         "--host",
         "127.0.0.1",
@@ -144,18 +128,20 @@ def supernode_argv(options: NodeOptions) -> list[str]:
     ]
 
 
-def _privacy_config(options: NodeOptions) -> str:
-    """The node-config keys that make DP-SGD this node's default (see `client.app`)."""
+def node_config(options: NodeOptions) -> NodeConfig:
+    """The node's config: its export, and DP-SGD as its default (see `client.app`)."""
     state = (options.privacy_state or options.home / "privacy").resolve()
-    config = f' {PRIVACY_STATE}="{state}"'
-    config += f' {DP_MODE}="{DP_MODE_OFF if options.no_dp else DP_MODE_REQUIRED}"'
-    if options.dp_epsilon is not None:
-        config += f" {DP_EPSILON}={float(options.dp_epsilon)!r}"
-    if options.dp_delta is not None:
-        config += f" {DP_DELTA}={float(options.dp_delta)!r}"
-    if options.private_key is not None:  # ledger entries signed with the enrolled node key
-        config += f' {PRIVACY_KEY}="{options.private_key.resolve()}"'
-    return config
+    return NodeConfig(
+        data_path=str(options.data_dir.resolve()),
+        institution=check_name(options.name),
+        spec_path=str(options.spec.resolve()) if options.spec is not None else None,
+        privacy_state=str(state),
+        dp="off" if options.no_dp else "required",
+        dp_epsilon=float(options.dp_epsilon) if options.dp_epsilon is not None else None,
+        dp_delta=float(options.dp_delta) if options.dp_delta is not None else None,
+        # Ledger entries signed with the enrolled node key.
+        privacy_key=str(options.private_key.resolve()) if options.private_key else None,
+    )
 
 
 def node_argv(options: NodeOptions) -> list[str]:

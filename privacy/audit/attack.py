@@ -27,6 +27,7 @@ from sklearn.metrics import roc_auc_score, roc_curve
 from torch import nn
 from torch.nn import functional as F
 
+from privacy.budget import DEFAULT_DELTA
 from shared_models.data.cohort import CohortArrays, ModelInputs, Normalizer
 from shared_models.data.contract import FeatureSpec
 from shared_models.data.splits import split_cohort
@@ -77,7 +78,7 @@ def membership_inference(
     members: ModelInputs,
     non_members: ModelInputs,
     *,
-    delta: float = 1e-5,
+    delta: float = DEFAULT_DELTA,
     claimed_epsilon: float | None = None,
     seed: int = 0,
 ) -> AttackResult:
@@ -186,7 +187,7 @@ def attack_trained_model(
         model,
         normalizer.transform(cohort.subset(part.train)),
         normalizer.transform(cohort.subset(part.test)),
-        delta=float(delta if delta is not None else dp.get("delta", 1e-5)),
+        delta=float(delta if delta is not None else dp.get("delta", DEFAULT_DELTA)),
         claimed_epsilon=None if claimed is None else float(claimed),
         seed=seed,
     )

@@ -2,7 +2,7 @@
 
 The server never writes entries of its own: it appends what institutions signed, after checking
 that each entry is signed by the institution's registered key and extends its chain. Entries
-travel in a reply's ``ConfigRecord`` as text (`encode_entry` / `decode_entry`).
+travel in a reply's privacy record as text (`encode_entry` / `decode_entry`).
 """
 
 from __future__ import annotations
@@ -23,13 +23,14 @@ from privacy.ledger.entries import (
     parse_entries,
     parse_public_key,
 )
+from shared_models.protocol import LEDGER_EARLIER, LEDGER_ENTRY
 
 logger = logging.getLogger(__name__)
 
-#: ConfigRecord key under which a node's reply carries its new ledger entry.
-REPLY_KEY = "privacy-ledger-entry"
-#: ... and the run's earlier entries of its chain (a JSON list), so the server can fill a gap.
-EARLIER_KEY = "privacy-ledger-earlier"
+#: The reply keys of a node's new ledger entry and of the run's earlier entries of its chain
+#: (the wire protocol's names, kept here under their former names).
+REPLY_KEY = LEDGER_ENTRY
+EARLIER_KEY = LEDGER_EARLIER
 
 
 class ConsortiumLedger:

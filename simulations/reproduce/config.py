@@ -15,9 +15,10 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from privacy.budget import DEFAULT_DELTA, DEFAULT_EPSILON, DEFAULT_MAX_GRAD_NORM
 from shared_models.baselines import baseline_names
 from shared_models.errors import EduflError
-from shared_models.models.registry import MODEL_NAMES, model_config
+from shared_models.models.registry import MODEL_NAMES, validate_model_config
 
 EXPERIMENTS_DIR = Path(__file__).resolve().parent / "experiments"
 
@@ -71,7 +72,8 @@ class ModelEntry(_Strict):
     def _known(self) -> ModelEntry:
         if self.model not in MODEL_NAMES:
             raise ValueError(f"unknown model {self.model!r}; valid names: {', '.join(MODEL_NAMES)}")
-        model_config(self.model, self.overrides)  # an unknown or out-of-range override fails here
+        # An unknown or out-of-range override fails here.
+        validate_model_config(self.model, self.overrides)
         return self
 
 
@@ -112,9 +114,9 @@ class Federated(_Strict):
 class DifferentialPrivacy(_Strict):
     """DP-SGD at every institution for the federated-dp runs (epsilon per institution, per run)."""
 
-    epsilon: Annotated[float, Field(gt=0)] = 8.0
-    delta: Annotated[float, Field(gt=0, lt=1)] = 1e-5  # below 1 / students of any institution
-    max_grad_norm: Annotated[float, Field(gt=0)] = 1.0
+    epsilon: Annotated[float, Field(gt=0)] = DEFAULT_EPSILON
+    delta: Annotated[float, Field(gt=0, lt=1)] = DEFAULT_DELTA  # below 1 / students of any one
+    max_grad_norm: Annotated[float, Field(gt=0)] = DEFAULT_MAX_GRAD_NORM
     learning_rate: Annotated[float, Field(gt=0)] | None = None  # None: the federated one
     batch_size: Annotated[int, Field(ge=1)] | None = None  # None: the federated one
 

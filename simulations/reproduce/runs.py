@@ -30,6 +30,7 @@ from shared_models.data.node import NodeSplits, prepare_node_data, split_node
 from shared_models.data.splits import kfold_splits
 from shared_models.evaluation import predict
 from shared_models.metrics import classification_metrics, regression_metrics
+from shared_models.models.checkpoints import checkpoint_model
 from shared_models.models.registry import build_model, config_class
 from shared_models.training import FitConfig, fit, set_seed
 from simulations.reproduce.config import (
@@ -290,19 +291,15 @@ def train_federated(
             "learning_rate": dp.learning_rate or federated.learning_rate,
             "batch_size": dp.batch_size or federated.batch_size,
         }
-    config = FederationConfig.validated(settings, f"the federated run in {run_dir}")
+    config = FederationConfig.from_options(None, settings, source=f"the federated run in {run_dir}")
     result = simulate(config, data.exports, on_round=on_round)
     store = CheckpointStore(run_dir)
     last = store.latest()
     if last is None:
         raise ReproductionError(f"{run_dir}: the federation committed no round")
-    model = build_model(
-        entry.model, data.spec.weeks, len(data.spec.dynamic_names), len(data.spec.static_names),
-        config.model_overrides,
-    )  # fmt: skip
-    store.load(last, model)
+    model = checkpoint_model(last, data.spec)  # what the run committed, hashes checked
     nodes = [prepare_node_data(p, data.spec, seed=seed) for p in data.exports]
-    test = _concat_inputs([n.test for n in nodes])
+    test = ModelInputs.concatenate([n.test for n in nodes])
     pred = predict(model, test)
     details: dict[str, Any] = {"rounds": last.round, "federation_reported": result.evaluate}
     records = store.read_metrics()
@@ -329,10 +326,3 @@ def _grade_scale(spec: FeatureSpec, scaled: np.ndarray) -> np.ndarray:
     return spec.target.grade_min + np.asarray(scaled, dtype=np.float64) * (
         spec.target.grade_max - spec.target.grade_min
     )
-
-
-def _concat_inputs(parts: list[ModelInputs]) -> ModelInputs:
-    return ModelInputs(
-        *(np.concatenate([getattr(p, f) for p in parts]) for f in
-          ("dynamic", "week_mask", "static", "grade", "at_risk"))
-    )  # fmt: skip

@@ -29,6 +29,7 @@ from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
 
 import client.app
+from shared_models.protocol import NodeConfig
 
 
 class InProcessGrid(Grid):
@@ -45,7 +46,7 @@ class InProcessGrid(Grid):
             i + 1: Context(
                 run_id=1,
                 node_id=i + 1,
-                node_config={client.app.DATA_PATH: str(p)},
+                node_config=NodeConfig(data_path=str(p)).to_node_config(),
                 state=RecordDict(),
                 run_config={},
             )

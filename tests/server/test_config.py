@@ -110,3 +110,26 @@ def test_node_refuses_a_round_config_it_does_not_understand() -> None:
     sent = FederationConfig().train_config("abc") | {"privacy-epsilon": 1.0}
     with pytest.raises(RoundSettingsError, match="privacy-epsilon"):
         RoundSettings.from_config(sent)
+
+
+def test_nodes_train_at_the_model_configs_learning_rate_unless_the_federation_sets_one() -> None:
+    default = FederationConfig()
+    assert default.learning_rate is None
+    assert RoundSettings.from_config(default.train_config("")).learning_rate == 1e-3  # as before
+    from_model = FederationConfig(model_overrides={"learning_rate": 5e-3})
+    assert RoundSettings.from_config(from_model.train_config("")).learning_rate == 5e-3
+    own = FederationConfig(model_overrides={"learning_rate": 5e-3}, learning_rate=0.02)
+    assert RoundSettings.from_config(own.train_config("")).learning_rate == 0.02
+    # "" in a run config (what None becomes) means the model config's again.
+    assert FederationConfig.from_run_config(default.to_run_config()).learning_rate is None
+
+
+def test_the_servers_proposal_is_one_privacy_budget_or_none() -> None:
+    from privacy.budget import DEFAULT_DELTA, PrivacyBudget
+
+    assert FederationConfig().privacy_budget is None
+    proposed = FederationConfig(dp_epsilon=3.0, dp_accountant="prv").privacy_budget
+    assert proposed == PrivacyBudget(epsilon=3.0, delta=DEFAULT_DELTA, accountant="prv")
+    sent = RoundSettings.from_config(FederationConfig(dp_epsilon=3.0).train_config("fp", "r1"))
+    assert (sent.dp_epsilon, sent.dp_delta, sent.run_id) == (3.0, DEFAULT_DELTA, "r1")
+    assert RoundSettings.from_config(FederationConfig().train_config("fp")).dp_epsilon is None
