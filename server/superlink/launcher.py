@@ -8,7 +8,12 @@ Everything the server keeps lives in one state folder::
     STATE/app/pyproject.toml  the Flower app submitted as the run (components + run config)
     STATE/enrolled/NAME.pub   public keys as registered with the SuperLink
     STATE/logs/superlink.log  the SuperLink's log
-    STATE/server.json         pid and address while a server runs (`edufl server enrol` reads it)
+    STATE/server.json         pid and addresses while a server runs (`edufl server enrol` reads it)
+    STATE/runtime.secret      the Runtime API's shared secret, new at every start (0600)
+
+The SuperLink is Flower's, run by `server.superlink.serve` with its planes split: the public
+``--address`` answers only the nodes' Fleet API; the Control and Runtime APIs (``flwr``, the
+ServerApp) listen on 127.0.0.1 only, at the port in ``server.json`` and ``flwr-home``.
 
 The app folder holds only a ``pyproject.toml``: its components name ``server.app:app`` and
 ``client.app:app``, which the SuperLink and every SuperNode import from their own installed
@@ -20,6 +25,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 import time
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -28,7 +34,7 @@ from pathlib import Path
 
 import tomli_w
 
-from privacy.keys import ConsortiumKeys, KeyMaterialError, write_public
+from privacy.keys import ConsortiumKeys, KeyMaterialError, write_private, write_public
 from server.institutions import Registry, load_registry, save_registry
 from server.superlink.control import FINISHED, FlowerControl, write_connection
 from shared_models import processes
@@ -39,6 +45,9 @@ logger = logging.getLogger(__name__)
 SERVERAPP = "server.app:app"
 CLIENTAPP = "client.app:app"
 DEFAULT_ADDRESS = "127.0.0.1:8000"  # Flower's own default port for the SuperLink
+#: The control plane (Control and Runtime APIs) listens on loopback only.
+CONTROL_HOST = "127.0.0.1"
+SERVE_MODULE = "server.superlink.serve"
 
 
 @dataclass(frozen=True)
@@ -68,6 +77,10 @@ class ServerLayout:
         return self.state_dir / "logs" / "superlink.log"
 
     @property
+    def runtime_secret(self) -> Path:
+        return self.state_dir / "runtime.secret"
+
+    @property
     def server_file(self) -> Path:
         return self.state_dir / "server.json"
 
@@ -77,10 +90,19 @@ class ServerLayout:
 
 
 def superlink_argv(
-    layout: ServerLayout, host: str, port: int, keys: ConsortiumKeys | None
+    layout: ServerLayout,
+    host: str,
+    port: int,
+    keys: ConsortiumKeys | None,
+    control_port: int | None = None,
 ) -> list[str]:
-    """The `flower-superlink` command line; ``keys=None`` means plaintext (``--insecure``)."""
-    argv = [processes.executable("flower-superlink")]
+    """The SuperLink's command line; ``keys=None`` means plaintext (``--insecure``).
+
+    `server.superlink.serve` runs Flower's SuperLink app with the Fleet API alone on
+    ``host:port`` and the Control and Runtime APIs on 127.0.0.1:``control_port`` (a free port
+    when None); the options it shares with `flower-superlink` keep their names.
+    """
+    argv = [sys.executable, "-m", SERVE_MODULE]
     if keys is None:
         argv.append("--insecure")
     else:
@@ -94,6 +116,8 @@ def superlink_argv(
             # Node authentication needs TLS: only enrolled institutions' nodes are let in.
             "--enable-supernode-auth",
         ]
+    if control_port is None:
+        control_port = processes.free_port(CONTROL_HOST)
     return [
         *argv,
         "--database",
@@ -104,6 +128,11 @@ def superlink_argv(
         host,
         "--port",
         str(port),
+        "--control-port",
+        str(control_port),
+        # The Runtime API lets only a SuperExec holding this secret take the ServerApp's task.
+        "--superexec-auth-secret-file",
+        str(layout.runtime_secret.resolve()),
     ]
 
 
@@ -138,36 +167,71 @@ def start_superlink(
     address: str,
     keys: ConsortiumKeys | None,
     *,
+    control_port: int | None = None,
     ready_timeout: float = 60.0,
 ) -> Child:
-    """Start the SuperLink for ``layout`` on ``address`` and wait until it accepts connections."""
+    """Start the SuperLink for ``layout`` and wait until both its listeners accept connections.
+
+    Args:
+        layout: The server's state folder.
+        address: ``host:port`` of the public listener: the Fleet API alone, for the nodes.
+        keys: Consortium keys for TLS and node authentication; None for plaintext.
+        control_port: Port of the control plane (Control and Runtime APIs) on 127.0.0.1;
+            a free port when None. edufl's `flwr` connection points there.
+        ready_timeout: Seconds to wait for the listeners.
+    """
     host, port = processes.split_address(address)
     if running_server(layout) is not None:
         raise DeploymentError(
             f"a server from {layout.state_dir} is running already "
             f"(see {layout.server_file}); stop it first"
         )
-    client_host = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+    client_host = CONTROL_HOST if host in ("0.0.0.0", "::", "") else host
     if processes.port_open(client_host, port):
         raise DeploymentError(f"port {port} on {client_host} is in use; choose another --address")
+    if control_port is None:
+        control_port = processes.free_port(CONTROL_HOST)
+    elif processes.port_open(CONTROL_HOST, control_port):
+        raise DeploymentError(
+            f"control port {control_port} on {CONTROL_HOST} is in use; choose another"
+        )
     layout.state_dir.mkdir(parents=True, exist_ok=True)
-    write_connection(layout.flwr_home, f"{client_host}:{port}", keys and keys.ca_cert)
+    # A new Runtime API secret at every start; only this SuperLink's SuperExec reads it.
+    write_private(layout.runtime_secret, os.urandom(32))
+    # Loopback only, so plaintext: a local user who could read it could connect anyway.
+    write_connection(layout.flwr_home, f"{CONTROL_HOST}:{control_port}", None)
     env = processes.flower_env(layout.flwr_home)
     child = processes.start(
         "SuperLink",
-        superlink_argv(layout, host, port, keys),
+        superlink_argv(layout, host, port, keys, control_port),
         log_path=layout.superlink_log,
         env=env,
         cwd=layout.state_dir,
     )
     try:
+        # The public listener opens after the control one: when it answers, both do.
         processes.wait_until_listening(child, client_host, port, timeout=ready_timeout)
     except BaseException:
         processes.stop(child)
         raise
-    info = {"pid": child.pid, "address": f"{client_host}:{port}", "tls": keys is not None}
+    info = {
+        "pid": child.pid,
+        "address": f"{client_host}:{port}",
+        "control": f"{CONTROL_HOST}:{control_port}",
+        "tls": keys is not None,
+    }
     write_public(layout.server_file, json.dumps(info).encode())
     return child
+
+
+def control_address(layout: ServerLayout) -> str:
+    """``127.0.0.1:PORT`` of the control plane of the server running from ``layout``."""
+    try:
+        return str(json.loads(layout.server_file.read_text("utf-8"))["control"])
+    except (OSError, ValueError, KeyError) as error:
+        raise DeploymentError(
+            f"no running server in {layout.state_dir} ({layout.server_file}: {error})"
+        ) from None
 
 
 def stop_superlink(layout: ServerLayout, child: Child) -> None:

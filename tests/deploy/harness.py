@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -25,6 +26,7 @@ import pytest
 from typer.testing import CliRunner
 
 from server.checkpoints import CheckpointStore
+from server.superlink.launcher import SERVE_MODULE
 from shared_models import processes
 from shared_models.processes import Child
 from simulations.cli import app
@@ -102,21 +104,22 @@ class Deployment:
     def leftovers(self) -> list[str]:
         """`ps` lines of Flower processes that belong to this deployment."""
         ps = subprocess.run(["ps", "-ww", "-eo", "pid,args"], capture_output=True, text=True)
-        marks = [f"127.0.0.1:{self.port}", str(self.root)]
+        marks = [self.address, str(self.root)]
         marks += [f"127.0.0.1:{p}" for p in self._runtime_ports()]
         return [
             line
             for line in ps.stdout.splitlines()
-            if ("flower-" in line or "flwr-" in line) and any(m in line for m in marks)
+            if ("flower-" in line or "flwr-" in line or SERVE_MODULE in line)
+            and any(m in line for m in marks)
         ]
 
     def _runtime_ports(self) -> list[int]:
         ports = []
-        for child in self.children:
-            text = child.log_path.read_text(errors="replace") if child.log_path.exists() else ""
-            for token in text.split():
-                if token.startswith("http://127.0.0.1:"):
-                    ports.append(int(token.rsplit(":", 1)[1].strip(")")))
+        # The SuperLink's own log names its control plane, where the ServerApp connects.
+        logs = [c.log_path for c in self.children] + [self.state / "logs" / "superlink.log"]
+        for log in logs:
+            text = log.read_text(errors="replace") if log.exists() else ""
+            ports += [int(port) for port in re.findall(r"http://127\.0\.0\.1:(\d+)", text)]
         return ports
 
 
@@ -150,13 +153,22 @@ def output(child: Child) -> str:
     return child.log_path.read_text(errors="replace")
 
 
-def consortium(dep: Deployment, nodes: dict[str, str], strangers: tuple[str, ...] = ()) -> Path:
-    """Synthetic exports, consortium keys, node keys; ``nodes`` (name → export) enrolled."""
+def consortium(
+    dep: Deployment,
+    nodes: dict[str, str],
+    strangers: tuple[str, ...] = (),
+    cert_addresses: tuple[str, ...] = (),
+) -> Path:
+    """Synthetic exports, consortium keys, node keys; ``nodes`` (name → export) enrolled.
+
+    ``cert_addresses`` replace the server certificate's default addresses (127.0.0.1).
+    """
     data = dep.root / "data"
     write_consortium(data, institutions=2, students=120, seed=1)
     for folder in set(nodes.values()) - {"institution_01", "institution_02"}:
         shutil.copytree(data / "institution_02", data / folder)  # a spare node's copy
-    edufl("server", "keys", "init", "--dir", str(dep.keys))
+    addresses = [arg for address in cert_addresses for arg in ("--address", address)]
+    edufl("server", "keys", "init", "--dir", str(dep.keys), *addresses)
     for name in [*nodes, *strangers]:
         edufl("client", "keys", "init", "--dir", str(dep.root / name), "--name", name)
     for name in nodes:

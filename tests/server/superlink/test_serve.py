@@ -1,0 +1,146 @@
+"""The public listener's path filter: only the Fleet API (and the health check) gets through."""
+
+from __future__ import annotations
+
+import re
+import socket
+from pathlib import Path
+from typing import Any
+
+import flwr.supernode.fleet_http_client as fleet_http_client
+import pytest
+from fastapi.routing import iter_route_contexts
+from starlette.testclient import TestClient
+
+from server.superlink.launcher import ServerLayout, start_superlink, superlink_argv
+from server.superlink.serve import PublicPlane, build_app, parse_args, public_routes
+from shared_models import processes
+from shared_models.processes import DeploymentError
+
+
+@pytest.fixture(scope="module")
+def flower_app(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    root = tmp_path_factory.mktemp("serve")
+    secret = root / "runtime.secret"
+    secret.write_bytes(b"s" * 32)
+    listeners = ["--insecure", "--host", "127.0.0.1", "--port", "1", "--control-port", "2"]
+    files = ["--database", str(root / "superlink.db"), "--superexec-auth-secret-file", str(secret)]
+    args = parse_args([*listeners, *files])
+    return build_app(args)
+
+
+def _supernode_paths() -> set[str]:
+    source = Path(fleet_http_client.__file__).read_text()
+    return set(re.findall(r'path="(/[^"]+)"', source))
+
+
+def test_the_public_routes_are_exactly_flowers_fleet_routes_and_cover_the_supernode(
+    flower_app: Any,
+) -> None:
+    allowed = public_routes(flower_app)
+    fleet = {path for _, path in allowed if path != "/health"}
+    assert all(path.startswith("/v1/fleet/") for path in fleet)
+    # Every path a SuperNode calls is let through; nothing of Control or Runtime is.
+    assert _supernode_paths() and _supernode_paths() <= fleet
+    all_paths = {r.path for r in iter_route_contexts(flower_app.routes)}
+    assert any(p.startswith("/v1/control/") for p in all_paths)
+    assert any(p.startswith("/v1/runtime/") for p in all_paths)
+
+
+def _recording_app(calls: list[str]) -> Any:
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        calls.append(scope["path"])
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    return app
+
+
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [
+        ("POST", "/v1/control/start-run"),
+        ("POST", "/v1/control/register-node"),
+        ("POST", "/v1/control/list-runs"),
+        ("POST", "/v1/runtime/acquire-task"),
+        ("POST", "/v1/runtime/pull-task-input"),
+        ("GET", "/docs"),
+        ("GET", "/openapi.json"),
+        ("GET", "/"),
+        ("GET", "/v1/fleet/pull-messages"),  # right path, wrong method
+        ("POST", "/v1/fleet/pull-messages/"),
+        ("POST", "/v1/fleet//pull-messages"),
+        ("POST", "/v1/fleet/../control/start-run"),
+        ("POST", "/v1/fleet/%2e%2e/control/start-run"),
+        ("POST", "/V1/FLEET/pull-messages"),
+        ("POST", "/health"),
+    ],
+)
+def test_the_filter_answers_404_to_anything_but_a_fleet_route_and_passes_nothing_on(
+    method: str, path: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    calls: list[str] = []
+    allowed = frozenset({("POST", "/v1/fleet/pull-messages"), ("GET", "/health")})
+    client = TestClient(PublicPlane(_recording_app(calls), allowed))
+    # Whatever spelling reaches the app (httpx removes plain dot segments, not encoded ones).
+    reply = client.request(method, "http://testserver" + path)
+    assert reply.status_code == 404
+    assert calls == []
+    assert "refused" in caplog.text and "only the Fleet API is public" in caplog.text
+
+
+def test_the_filter_passes_fleet_routes_and_the_health_check() -> None:
+    calls: list[str] = []
+    allowed = frozenset({("POST", "/v1/fleet/pull-messages"), ("GET", "/health")})
+    client = TestClient(PublicPlane(_recording_app(calls), allowed))
+    assert client.post("/v1/fleet/pull-messages").status_code == 200
+    assert client.get("/health").status_code == 200
+    assert calls == ["/v1/fleet/pull-messages", "/health"]
+
+
+def test_a_fleet_route_reaches_flower_through_the_filter_and_control_does_not(
+    flower_app: Any,
+) -> None:
+    client = TestClient(PublicPlane(flower_app, public_routes(flower_app)))
+    assert client.get("/health").status_code == 200
+    # Flower answers (an error about the empty body), not the filter's 404.
+    assert client.post("/v1/fleet/get-run", content=b"").status_code != 404
+    assert client.post("/v1/control/list-runs", content=b"").status_code == 404
+
+
+def test_the_superlink_command_line_splits_the_planes_and_sets_the_runtime_secret(
+    tmp_path: Path,
+) -> None:
+    layout = ServerLayout(tmp_path)
+    argv = superlink_argv(layout, "0.0.0.0", 9999, None, 9100)
+    joined = " ".join(argv)
+    assert "-m server.superlink.serve" in joined
+    assert "--host 0.0.0.0 --port 9999 --control-port 9100" in joined
+    assert f"--superexec-auth-secret-file {layout.runtime_secret}" in joined
+    args = parse_args(argv[3:])
+    assert (args.host, args.port, args.control_port) == ("0.0.0.0", 9999, 9100)
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        ["--insecure", "--enable-supernode-auth"],
+        ["--ssl-certfile", "x.pem"],
+        ["--insecure", "--ssl-certfile", "x.pem"],
+    ],
+)
+def test_the_entry_point_refuses_inconsistent_tls_options(extra: list[str]) -> None:
+    base = ["--host", "127.0.0.2", "--port", "1", "--control-port", "2", "--database", "db"]
+    with pytest.raises(SystemExit):
+        parse_args([*base, "--superexec-auth-secret-file", "s", *extra])
+
+
+def test_a_taken_control_port_is_a_user_error_before_anything_starts(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        public = f"127.0.0.1:{processes.free_port()}"
+        with pytest.raises(DeploymentError, match=f"control port {port} on 127.0.0.1 is in use"):
+            start_superlink(ServerLayout(tmp_path), public, None, control_port=port)
+    assert not (tmp_path / "server.json").exists()
