@@ -1,24 +1,21 @@
-"""`edufl audit ...`: what an auditor runs on a ledger or a trained model."""
+"""`edufl audit ...`: what an auditor runs on a ledger or a trained model.
+
+`verify` and `budget` run without torch: commands import what they run in their bodies.
+"""
 
 from __future__ import annotations
 
 import json
 from dataclasses import asdict
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 
-from privacy.audit.attack import attack_trained_model, render_attack
-from privacy.audit.budget import recompute_budget
-from privacy.audit.report import budget_markdown, write_budget_report
-from privacy.audit.verify import VerifyReport, load_heads, load_keys, verify_ledger
-from privacy.ledger.entries import parse_entries
 from shared_models.cli_support import new_app, user_errors
-from shared_models.data.cohort import CohortArrays
-from shared_models.data.contract import load_spec
-from shared_models.data.loader import load_cohort
-from shared_models.errors import DataContractError
-from shared_models.models.artifact import CARD_FILE
+
+if TYPE_CHECKING:
+    from privacy.audit.verify import VerifyReport
 
 app = new_app(
     "Auditor's tools: verify the privacy ledger, recompute every epsilon, attack a model.\n\n"
@@ -41,21 +38,38 @@ def verify(
         help="Chain ends to expect (an institution's own ledger.jsonl or a heads JSON); "
         "repeat. Without them, entries cut from the end of a chain cannot be noticed.",
     ),
+    absent: list[str] = typer.Option(
+        [], "--absent", help="A registered institution that took no part in this run; repeat."
+    ),
+    unauthenticated: bool = typer.Option(
+        False,
+        "--unauthenticated",
+        help="Without a key registry, check only that each chain is consistent with its own key.",
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
 ) -> None:
-    """Check every entry's signature and its place in its institution's chain.
+    """Check every signature against the registered keys, every chain, and every chain's end.
 
-    Exit 0 when intact, 1 naming the first bad entry and why, 2 for unusable input.
+    Keys and chain ends are found next to a simulation's run folder (privacy/NAME/keys and
+    privacy/NAME/ledger.jsonl) or the server's institutions.toml; give them otherwise. Exit 0
+    when intact, 1 naming the first bad entry and why, 2 for unusable input (or no key registry
+    without --unauthenticated), 3 when nothing wrong was found but the check was incomplete
+    (UNAUTHENTICATED, or TAIL UNCHECKED without heads).
 
     Example:
 
       edufl audit verify runs/fed/ledger.jsonl --keys server-state/institutions.toml
     """
-    report = verify_ledger(
-        ledger, load_keys(keys) if keys else None, load_heads(heads) if heads else None
+    from privacy.audit.verify import audit_ledger, exit_code, render_report, report_json
+
+    report, evidence = audit_ledger(
+        ledger, keys, heads, absent=absent, unauthenticated=unauthenticated
     )
-    typer.echo(json.dumps(_verify_json(report), indent=2) if as_json else _render(report))
-    raise typer.Exit(0 if report.ok else 1)
+    if as_json:
+        typer.echo(json.dumps(report_json(report), indent=2))
+    else:
+        typer.echo(render_report(report, evidence))
+    raise typer.Exit(exit_code(report))
 
 
 @app.command()
@@ -65,17 +79,45 @@ def budget(
     out: Path | None = typer.Option(
         None, "--out", help="Write budget.md, budget.json and epsilon.png into this folder."
     ),
+    keys: Path | None = typer.Option(
+        None, "--keys", help="Registered public keys, as for `edufl audit verify`."
+    ),
+    heads: list[Path] = typer.Option(
+        [], "--heads", help="Chain ends to expect, as for `edufl audit verify`; repeat."
+    ),
+    absent: list[str] = typer.Option(
+        [], "--absent", help="A registered institution that took no part in this run; repeat."
+    ),
+    unauthenticated: bool = typer.Option(
+        False, "--unauthenticated", help="Recompute without a key registry (says so)."
+    ),
 ) -> None:
-    """Recompute every claimed epsilon with an independent accountant (dp-accounting).
+    """Verify the ledger, then recompute every claimed epsilon with dp-accounting.
 
+    The ledger is verified first, as `edufl audit verify` does (keys and chain ends found
+    next to a run folder's ledger, or given); a ledger that fails is not recomputed (exit 1).
     Per institution and round: claimed vs recomputed epsilon, budget and what remains. Exit 1
-    if a claim is understated by more than 1 % or a budget is exceeded. Check the ledger's
-    integrity with `edufl audit verify` first.
+    if a claim is understated by more than 1 %, any epsilon is above its budget, delta is not
+    below 1/n, or a sample rate does not fit n students.
 
     Example:
 
       edufl audit budget runs/fed/ledger.jsonl --out runs/fed/audit
     """
+    from privacy.audit.budget import recompute_budget
+    from privacy.audit.report import budget_markdown, write_budget_report
+    from privacy.audit.verify import audit_ledger
+    from privacy.ledger.entries import parse_entries
+
+    verified, _ = audit_ledger(ledger, keys, heads, absent=absent, unauthenticated=unauthenticated)
+    if not verified.ok:
+        typer.echo(
+            f"{ledger}: not recomputed: the ledger fails verification; first bad entry: "
+            f"{verified.problems[0]} (details: edufl audit verify {ledger})"
+        )
+        raise typer.Exit(1)
+    if not verified.intact:
+        typer.echo(f"{verified.verdict}: see edufl audit verify {ledger}")
     report = recompute_budget(parse_entries(ledger))
     if not report.rows:
         typer.echo(f"{ledger}: no entries")
@@ -123,6 +165,13 @@ def attack(
       edufl audit attack runs/demo/federated --data runs/demo/consortium/institution_01 \
         --data runs/demo/consortium/institution_02
     """
+    from privacy.audit.attack import attack_trained_model, render_attack
+    from shared_models.data.cohort import CohortArrays
+    from shared_models.data.contract import load_spec
+    from shared_models.data.loader import load_cohort
+    from shared_models.errors import DataContractError
+    from shared_models.models.artifact import CARD_FILE
+
     feature_spec = load_spec(spec)
     if (model_dir / "checkpoints").is_dir() and not (model_dir / CARD_FILE).is_file():
         from privacy.audit.federated import attack_federated_run

@@ -13,14 +13,8 @@ from pathlib import Path
 
 import typer
 
-from client.early_warning.report import score_and_report
-from client.global_model import adopt_global_model
-from shared_models.atomic import write_text_atomic
+from privacy.budget import DEFAULT_EPSILON
 from shared_models.cli_support import user_errors
-from shared_models.data.contract import default_spec
-from shared_models.data.validate import validate_export
-from shared_models.errors import DataContractError, EduflError
-from simulations.synthetic import write_consortium
 
 
 @user_errors
@@ -28,7 +22,9 @@ def demo(
     out: Path = typer.Option(Path("runs/demo"), help="Folder for everything the demo writes."),
     rounds: int = typer.Option(5, min=1, help="Federated rounds."),
     dp_epsilon: float = typer.Option(
-        8.0, min=0.0, help="Each institution's privacy budget for the run; 0 turns DP off."
+        DEFAULT_EPSILON,
+        min=0.0,
+        help="Each institution's privacy budget for the run; 0 turns DP off.",
     ),
     seed: int = typer.Option(0, help="Seed of the synthetic consortium and of training."),
 ) -> None:
@@ -45,9 +41,16 @@ def demo(
 
       edufl demo --out runs/demo
     """
+    from client.early_warning.report import score_and_report
+    from client.global_model import adopt_global_model
     from server.config import FederationConfig
     from server.federation import progress_line
+    from shared_models.data.contract import default_spec
+    from shared_models.data.validate import validate_export
+    from shared_models.errors import DataContractError
+    from shared_models.protocol import RISK_ROC_AUC
     from simulations.runner import simulate
+    from simulations.synthetic import write_consortium
 
     spec = default_spec()
     if out.exists():
@@ -70,22 +73,21 @@ def demo(
     run_dir = out / "federated"
     dp = f"DP-SGD at epsilon {dp_epsilon:g} per institution" if dp_epsilon > 0 else "no DP"
     typer.echo(f"[3/5] federated LSTM, FedAvg, {rounds} rounds on Ray, {dp} -> {run_dir}")
-    settings: dict[str, object] = {
+    settings = {
         "model": "lstm",
         "strategy": "fedavg",
         "rounds": rounds,
         "seed": seed,
         "min_nodes": len(folders),
         "out_dir": run_dir,
+        "dp_epsilon": dp_epsilon if dp_epsilon > 0 else None,
     }
-    if dp_epsilon > 0:
-        settings["dp_epsilon"] = dp_epsilon
-    federation = FederationConfig.validated(settings, "demo")
+    federation = FederationConfig.from_options(None, settings, source="demo")
     started = time.monotonic()
     result = simulate(
         federation, folders, on_round=lambda r: typer.echo("      " + progress_line(r, rounds))
     )
-    auc = result.evaluate.get("risk/roc_auc")
+    auc = result.evaluate.get(RISK_ROC_AUC)
     typer.echo(
         f"      done in {time.monotonic() - started:.0f} s; federated test ROC-AUC "
         + ("n/a" if auc is None else f"{auc:.3f}")
@@ -125,11 +127,14 @@ def _audit(ledger: Path, run_dir: Path) -> None:
     """Verify signatures and chain, recompute every epsilon independently, print a summary."""
     from privacy.audit.budget import recompute_budget
     from privacy.audit.report import budget_markdown, plot_epsilon
-    from privacy.audit.verify import verify_ledger
+    from privacy.audit.verify import audit_ledger
     from privacy.ledger.entries import parse_entries
+    from shared_models.atomic import write_text_atomic
+    from shared_models.errors import EduflError
 
-    verified = verify_ledger(ledger)
-    typer.echo(f"      chain and signatures: {'intact' if not verified.problems else 'BROKEN'}")
+    # The run folder keeps every institution's key and own ledger: the full check applies.
+    verified, _ = audit_ledger(ledger)
+    typer.echo(f"      chain and signatures: {verified.verdict.lower()}")
     report = recompute_budget(parse_entries(ledger))
     write_text_atomic(run_dir / "privacy_audit.md", budget_markdown(report))
     plot_epsilon(report, run_dir / "privacy_epsilon.png")
@@ -139,5 +144,5 @@ def _audit(ledger: Path, run_dir: Path) -> None:
             f"{s.recomputed:.3f} recomputed, budget {s.budget:g}, "
             f"{'ok' if s.ok else 'MISMATCH'}"
         )
-    if verified.problems or not report.ok:
+    if not verified.intact or not report.ok:
         raise EduflError(f"{ledger}: the privacy audit failed; see privacy_audit.md")

@@ -5,6 +5,11 @@ rate, steps, delta) with Google's ``dp-accounting``, an implementation independe
 accountants that produced the claims: its RDP accountant for ``rdp`` claims, its
 privacy-loss-distribution (PLD) accountant for ``prv`` claims (PLD and PRV are both numerically
 tight accountants of the same subsampled Gaussian mechanism).
+
+Besides the claims it checks what the accounting assumes of each entry: no epsilon above the
+institution's budget (no tolerance: the tolerance is for claimed vs recomputed), delta below
+1/n, a sample rate that a batch size gives for n students (Opacus' Poisson rate is
+1 / ceil(n / batch size)), and each round counted once.
 """
 
 from __future__ import annotations
@@ -25,7 +30,10 @@ from privacy.ledger.entries import LedgerEntry
 logger = logging.getLogger(__name__)
 
 #: Claimed and recomputed epsilon must agree to 1 % (PRV claims: plus Opacus' error window).
+#: It is not a tolerance on the budget: a claim above the budget fails however small the excess.
 TOLERANCE = 0.01
+#: Relative float error allowed when reading a batch count back from a sample rate.
+_RATE_REL_TOL = 1e-9
 #: PLD grid for PRV claims; 1e-3 agrees with 1e-4 to 0.01 % here at a tenth of the cost.
 PLD_DISCRETIZATION = 1e-3
 
@@ -46,7 +54,8 @@ class BudgetRow:
     claimed: float | None  # None: DP was off (unbounded)
     recomputed: float  # math.inf once DP was off
     budget: float | None
-    # ok | overstated (conservative) | UNDERSTATED | OVER BUDGET | NOT PRIVATE, or, for an
+    # ok | overstated (conservative) | UNDERSTATED | OVER BUDGET | NOT PRIVATE | DELTA NOT
+    # BELOW 1/N | SAMPLE RATE INCONSISTENT | DUPLICATE (a round already counted), or, for an
     # entry without its DP parameters or with ones no accountant can evaluate (and every later
     # entry of its chain): INCOMPLETE | UNVERIFIABLE
     status: str
@@ -110,7 +119,13 @@ def _recompute_chain(chain: Sequence[LedgerEntry]) -> Iterator[BudgetRow]:
     mechanism = None
     voided = False
     unverifiable = False  # once one round cannot be recomputed, no later total can be
+    counted: set[int] = set()
     for entry in chain:
+        if entry.seq in counted:
+            # `edufl audit verify` refuses such a ledger; never count a round twice.
+            yield _row(entry, math.inf, "DUPLICATE")
+            continue
+        counted.add(entry.seq)
         voided = voided or not entry.private
         if voided:
             yield _row(entry, math.inf, "NOT PRIVATE")
@@ -150,7 +165,33 @@ def _recompute_chain(chain: Sequence[LedgerEntry]) -> Iterator[BudgetRow]:
             unverifiable = True
             yield _row(entry, math.inf, "UNVERIFIABLE")
             continue
-        yield _row(entry, recomputed, _status(entry, recomputed))
+        yield _row(entry, recomputed, _assumption_problem(entry) or _status(entry, recomputed))
+
+
+def _assumption_problem(entry: LedgerEntry) -> str | None:
+    """A failed status when the entry breaks what its accounting assumes; None if it holds."""
+    assert entry.delta is not None
+    if entry.delta * entry.n_students >= 1:
+        return "DELTA NOT BELOW 1/N"
+    if not sample_rate_fits(entry.sample_rate, entry.n_students):
+        return "SAMPLE RATE INCONSISTENT"
+    return None
+
+
+def sample_rate_fits(sample_rate: float, n_students: int) -> bool:
+    """Whether some batch size b gives Opacus' Poisson rate ``1 / ceil(n / b)`` for n students.
+
+    A rate that no batch size gives means the recorded (q, n) are not what trained: e.g. a
+    smaller q understates epsilon.
+    """
+    batches = round(1.0 / sample_rate)
+    if batches < 1 or batches > n_students:
+        return False
+    if not math.isclose(1.0 / batches, sample_rate, rel_tol=_RATE_REL_TOL):
+        return False
+    # The smallest batch size with at most `batches` batches; larger ones give fewer.
+    batch_size = math.ceil(n_students / batches)
+    return math.ceil(n_students / batch_size) == batches
 
 
 def _accountant(mechanism: str) -> Any:
@@ -162,10 +203,11 @@ def _accountant(mechanism: str) -> Any:
 def _status(entry: LedgerEntry, recomputed: float) -> str:
     claimed = entry.epsilon_after
     assert claimed is not None and entry.epsilon_budget is not None
-    if claimed < recomputed * (1 - TOLERANCE):
-        return "UNDERSTATED"
-    if max(claimed, recomputed) > entry.epsilon_budget * (1 + TOLERANCE):
+    if claimed > entry.epsilon_budget:
         return "OVER BUDGET"
+    if claimed < recomputed * (1 - TOLERANCE):
+        # An understated claim may also hide an epsilon above the budget.
+        return "OVER BUDGET" if recomputed > entry.epsilon_budget else "UNDERSTATED"
     # Opacus' PRV reports the upper end of its error window: compare with that end.
     expected = recomputed + (PRV_EPS_ERROR if entry.accountant == "prv" else 0.0)
     if claimed > expected * (1 + TOLERANCE):

@@ -73,7 +73,9 @@ def test_tls_federation_with_node_keys_trains_two_rounds_and_refuses_an_unenroll
     # DP-SGD is the default: every round's spend is in the consortium ledger, signed with the
     # enrolled node keys, and each institution's own copy sits in its node's home.
     ledger = out / "ledger.jsonl"
-    verified = edufl("audit", "verify", str(ledger), "--keys", str(dep.state / "institutions.toml"))
+    heads = [a for n in nodes for a in ("--heads", str(dep.home(n) / "privacy" / "ledger.jsonl"))]
+    keys = ("--keys", str(dep.state / "institutions.toml"), "--absent", "uni-late")
+    verified = edufl("audit", "verify", str(ledger), *keys, *heads)
     assert "=> INTACT" in verified and "registered keys" in verified
     entries = [json.loads(line) for line in ledger.read_text().splitlines()]
     assert sorted((e["institution"], e["round"]) for e in entries) == [

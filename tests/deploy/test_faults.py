@@ -10,6 +10,7 @@ node's PYTHONPATH only; everything else is the code an institution runs.
 from __future__ import annotations
 
 import math
+import tomllib
 from pathlib import Path
 
 import numpy as np
@@ -48,8 +49,18 @@ def _faulty(fault: str, state: Path) -> dict[str, str]:
     return {"PYTHONPATH": str(FAULTS), "EDUFL_FAULT": fault, "EDUFL_FAULT_STATE": str(state)}
 
 
-def _verify(dep: Deployment, ledger: Path) -> None:
-    report = edufl("audit", "verify", str(ledger), "--keys", str(dep.state / "institutions.toml"))
+def _verify(dep: Deployment, ledger: Path, *, absent: tuple[str, ...] = ()) -> None:
+    """The default audit: registered keys, and each taking part institution's own chain end
+    (its node's ledger) as the head; ``absent`` enrolled institutions took no part in the run."""
+    registry = dep.state / "institutions.toml"
+    enrolled = tomllib.loads(registry.read_text("utf-8"))["institutions"]
+    heads = [
+        arg
+        for name in sorted(set(enrolled) - set(absent))
+        for arg in ("--heads", str(dep.home(name) / "privacy" / "ledger.jsonl"))
+    ]
+    absents = [arg for name in absent for arg in ("--absent", name)]
+    report = edufl("audit", "verify", str(ledger), "--keys", str(registry), *heads, *absents)
     assert "=> INTACT" in report, report
 
 
@@ -162,7 +173,7 @@ def test_node_back_with_its_key_keeps_its_budget_and_a_spent_node_declines_while
         assert any("takes no further DP rounds" in str(f["error"]) for f in failures)
     assert "uni-c" not in {e["institution"] for e in ledger_entries(out / "ledger.jsonl")}
     assert ledger_rounds(out / "ledger.jsonl", "uni-b") == [1, 2, 3]
-    _verify(dep, out / "ledger.jsonl")
+    _verify(dep, out / "ledger.jsonl", absent=("uni-c",))
 
 
 def test_server_killed_mid_round_resumes_from_its_checkpoint_and_counts_no_round_twice(

@@ -1,8 +1,10 @@
 """Hostile privacy ledgers (signed JSON lines), key registries and heads files.
 
 Through `edufl audit verify` (0 intact, 1 tampered naming the first bad line, 2 unusable
-input), `edufl audit budget` (whose existing report must survive a refused ledger) and the
-library functions they call. Entries are damaged as bytes, as JSON that is well formed but
+input, 3 nothing wrong found but not all checked), `edufl audit budget` (which verifies first;
+its existing report must survive a refused ledger) and the library functions they call. A
+hostile ledger must be refused (exit 1 or 2 with a message, or a report that is not ok):
+never accepted, never a traceback. Entries are damaged as bytes, as JSON that is well formed but
 wrong, and as wrong entries *re-signed with the institution's real key*, so that only the
 schema and accounting checks stand between them and the auditor's tables.
 """
@@ -21,10 +23,10 @@ import pytest
 import tomli_w
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
-from hypothesis import given
+from hypothesis import assume, given
 from hypothesis import strategies as st
 
-from privacy.audit.verify import load_heads, load_keys, verify_ledger
+from privacy.audit.verify import VerifyReport, load_heads, load_keys, verify_ledger
 from privacy.keys import load_node_private_key
 from privacy.ledger.entries import parse_entries
 from tests.fuzz.conftest import INSTITUTIONS
@@ -85,47 +87,68 @@ def hostile_ledger(
     return b"\n".join(lines) + b"\n"
 
 
+def _heads_args(ledger_path: Path) -> list[str]:
+    """Each institution's own ledger (next to the consortium's, see conftest) as its head."""
+    return [a for n in INSTITUTIONS for a in ("--heads", str(ledger_path.parent / n / LEDGER))]
+
+
+LEDGER = "ledger.jsonl"
+
+
 @fuzz(100)
 @given(data=st.data())
 def test_hostile_ledgers_are_reported_as_tampered_or_refused(
     ledger_path: Path, keys_dir: Path, signing_keys: dict[str, Any], data: st.DataObject
 ) -> None:
     valid = ledger_path.read_bytes()
+    hostile = data.draw(hostile_ledger(valid, signing_keys), label="ledger")
+    assume(hostile != valid)
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "ledger.jsonl"
-        path.write_bytes(data.draw(hostile_ledger(valid, signing_keys), label="ledger"))
-        entry = data.draw(st.sampled_from(("verify", "verify --keys", "library")), label="entry")
+        path.write_bytes(hostile)
+        entry = data.draw(
+            st.sampled_from(("verify --keys", "verify --unauthenticated", "library")),
+            label="entry",
+        )
         if entry == "library":
             keys = load_keys(keys_dir)
-            call("ledger JSONL", lambda: verify_ledger(path, keys), names=[str(path)])
+            heads = load_heads([ledger_path.parent / n / LEDGER for n in INSTITUTIONS])
+            report = call(
+                "ledger JSONL", lambda: verify_ledger(path, keys, heads), names=[str(path)]
+            )
+            assert not isinstance(report, VerifyReport) or not report.ok, "hostile ledger passed"
             call("ledger JSONL", lambda: parse_entries(path), names=[str(path)], count=False)
             return
-        args = ["audit", "verify", str(path)]
-        args += ["--keys", str(keys_dir)] if entry == "verify --keys" else []
-        cli("ledger JSONL", args, names=[path.name], codes=(0, 1, 2))
+        args = ["audit", "verify", str(path), *_heads_args(ledger_path)]
+        args += ["--keys", str(keys_dir)] if entry == "verify --keys" else ["--unauthenticated"]
+        cli("ledger JSONL", args, names=[path.name], codes=(1, 2))
 
 
 @fuzz(12)
 @given(write_report=st.booleans(), data=st.data())
 def test_audit_budget_keeps_the_previous_report_when_it_refuses_a_ledger(
-    ledger_path: Path, signing_keys: dict[str, Any], write_report: bool, data: st.DataObject
+    ledger_path: Path,
+    keys_dir: Path,
+    signing_keys: dict[str, Any],
+    write_report: bool,
+    data: st.DataObject,
 ) -> None:
     valid = ledger_path.read_bytes()
+    hostile = data.draw(hostile_ledger(valid, signing_keys), label="ledger")
+    assume(hostile != valid)
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "ledger.jsonl"
-        path.write_bytes(data.draw(hostile_ledger(valid, signing_keys), label="ledger"))
+        path.write_bytes(hostile)
         out = Path(tmp) / "audit"
         out.mkdir()
         for name in ("budget.md", "budget.json", "epsilon.png"):
             (out / name).write_text(f"last audit's {name}", "utf-8")
         before = digests(out)
-        args = ["audit", "budget", str(path)] + (["--out", str(out)] if write_report else [])
-        # Exit 1 prints the audit table: the failed institution is marked FAILED there.
-        result = cli("ledger JSONL", args, names=[path.name, "FAILED"], codes=(0, 1, 2))
-        if result.exit_code == 2 or not write_report:
-            assert_unchanged("ledger JSONL", before, out)
-        else:
-            assert not [p for p in out.iterdir() if p.name.startswith(".")], "temporary left"
+        args = ["audit", "budget", str(path), "--keys", str(keys_dir), *_heads_args(ledger_path)]
+        args += ["--out", str(out)] if write_report else []
+        # The ledger is verified first: a hostile one is refused before any recomputation.
+        cli("ledger JSONL", args, names=[path.name], codes=(1, 2))
+        assert_unchanged("ledger JSONL", before, out)
 
 
 @pytest.fixture(scope="module")
@@ -154,7 +177,8 @@ def test_hostile_key_registries_fail_with_the_file_named(
         if data.draw(st.booleans(), label="through the CLI"):
             args = ["audit", "verify", str(ledger_path), "--keys", str(path)]
             names = [str(path), str(ledger_path)]
-            cli("key registry TOML", args, names=names, codes=(0, 1, 2))
+            # Without heads the ledger is never called intact (3: its tails unchecked).
+            cli("key registry TOML", args, names=names, codes=(1, 2, 3))
         else:
             call("key registry TOML", lambda: load_keys(path), names=[str(path)])
 
@@ -185,14 +209,16 @@ def hostile_heads(draw: st.DrawFn) -> bytes:
 @fuzz(60)
 @given(data=st.data())
 def test_hostile_heads_files_fail_with_the_file_named(
-    ledger_path: Path, data: st.DataObject
+    ledger_path: Path, keys_dir: Path, data: st.DataObject
 ) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "heads.json"
         path.write_bytes(data.draw(hostile_heads(), label="heads"))
         if data.draw(st.booleans(), label="through the CLI"):
             args = ["audit", "verify", str(ledger_path), "--heads", str(path)]
+            args += ["--keys", str(keys_dir)]
             # Exit 1: the heads loaded but do not match; the report names the ledger's line.
-            cli("heads JSON", args, names=[str(path), str(ledger_path)], codes=(0, 1, 2))
+            # Exit 3: they name no registered institution, so the tails stay unchecked.
+            cli("heads JSON", args, names=[str(path), str(ledger_path)], codes=(1, 2, 3))
         else:
             call("heads JSON", lambda: load_heads([path]), names=[str(path)])

@@ -57,12 +57,15 @@ def test_pseudonymize_command_has_help_with_an_example() -> None:
 
 def test_verify_passes_an_intact_ledger_and_names_the_first_bad_entry(ledger_dir: Path) -> None:
     ledger, keys = ledger_dir / LEDGER_FILE, ledger_dir / "keys"
-    code, out = _invoke("audit", "verify", str(ledger), "--keys", str(keys))
+    received = ledger_dir / "received.jsonl"  # the server's copy: where the chain must end
+    received.write_bytes(ledger.read_bytes())
+    heads = ("--heads", str(received))
+    code, out = _invoke("audit", "verify", str(ledger), "--keys", str(keys), *heads)
     assert code == 0 and "=> INTACT" in out and "registered keys" in out
 
     lines = ledger.read_text().splitlines(keepends=True)
     ledger.write_text(lines[0] + lines[1].replace('"round":2', '"round":3'))
-    code, out = _invoke("audit", "verify", str(ledger), "--keys", str(keys))
+    code, out = _invoke("audit", "verify", str(ledger), "--keys", str(keys), *heads)
 
     assert code == 1
     assert "first bad entry: line 2 (uni_a seq 1): signature does not match" in out

@@ -88,3 +88,51 @@ def test_budget_report_has_a_row_per_round_and_a_plot(
     assert len(data["rounds"]) == 4 and data["ok"] is True
     assert "| uni_b | run-1 | 2 |" in written["markdown"].read_text()
     assert written["plot"].read_bytes().startswith(b"\x89PNG")
+
+
+@pytest.mark.parametrize(
+    ("change", "status"),
+    [
+        ({"epsilon_budget": 0.999999}, "OVER BUDGET"),  # no tolerance on the budget
+        ({"delta": 1 / 64}, "DELTA NOT BELOW 1/N"),  # n_students is 64
+        ({"sample_rate": 0.3}, "SAMPLE RATE INCONSISTENT"),  # not 1 / a number of batches
+        ({"sample_rate": 1 / 60}, "SAMPLE RATE INCONSISTENT"),  # 64 students: never 60 batches
+        ({"sample_rate": 1 / 100}, "SAMPLE RATE INCONSISTENT"),  # more batches than students
+    ],
+    ids=[
+        "epsilon-above-budget",
+        "delta-not-below-1-over-n",
+        "rate-not-1-over-k",
+        "rate-no-batch-size-gives",
+        "rate-below-1-over-n",
+    ],
+)
+def test_an_entry_breaking_what_its_accounting_assumes_fails(
+    tmp_path: Path,
+    budget: PrivacyBudget,
+    plan: DPPlan,
+    run_round: RunRound,
+    change: dict[str, float],
+    status: str,
+) -> None:
+    run_round(tmp_path, budget, plan, 1)
+    (entry,) = parse_entries(tmp_path / LEDGER_FILE)
+    if "epsilon_budget" in change:  # just below what the round claims spent
+        assert entry.epsilon_after is not None
+        change = {"epsilon_budget": entry.epsilon_after * change["epsilon_budget"]}
+
+    report = recompute_budget([entry.model_copy(update=change)])
+
+    assert [row.status for row in report.rows] == [status] and not report.ok
+
+
+def test_a_duplicated_entry_is_never_counted_twice(
+    tmp_path: Path, budget: PrivacyBudget, plan: DPPlan, run_round: RunRound
+) -> None:
+    run_round(tmp_path, budget, plan, 1)
+    entries = parse_entries(tmp_path / LEDGER_FILE)
+
+    report = recompute_budget([*entries, *entries])
+
+    assert [row.status for row in report.rows] == ["ok", "DUPLICATE"] and not report.ok
+    assert report.rows[0].recomputed == pytest.approx(report.rows[0].claimed, rel=0.01)
