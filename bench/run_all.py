@@ -26,7 +26,7 @@ from bench.common import RESULTS, Stats, log, machine, markdown
 
 REPO = Path(__file__).resolve().parents[1]
 #: The issue's question order; scripts not listed run after these, by name.
-ORDER = ("federation", "dp", "scale", "deploy", "data")
+ORDER = ("federation", "dp", "scale", "deploy", "data", "startup")
 #: ``--quick`` for scripts that do not take it.
 QUICK_ARGS: dict[str, list[str]] = {"deploy": ["--modes", "warm", "--rounds", "3"]}
 DOCS = REPO / "docs" / "benchmarks.md"

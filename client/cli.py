@@ -1,18 +1,22 @@
-"""`edufl client ...`: what a university runs next to its own data."""
+"""`edufl client ...`: what a university runs next to its own data.
+
+Commands import what they run in their bodies: `client validate` and `client spec` need pandas
+and the contract, never torch or Flower (tests/test_startup.py).
+"""
 
 from __future__ import annotations
 
 import json
 from dataclasses import asdict
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 
-from shared_models.atomic import write_text_atomic
 from shared_models.cli_support import new_app, user_errors
-from shared_models.data.contract import load_spec
-from shared_models.data.validate import ValidationReport, validate_export
-from shared_models.errors import DataContractError
+
+if TYPE_CHECKING:
+    from shared_models.data.validate import ValidationReport
 
 app = new_app(
     "University side: check exports against the consortium contract, train, score.\n\n"
@@ -50,6 +54,9 @@ def validate(
 
       edufl client validate demo/consortium/institution_01
     """
+    from shared_models.data.contract import load_spec
+    from shared_models.data.validate import validate_export
+
     feature_spec = load_spec(spec)
     report, _ = validate_export(data_dir, feature_spec, mapping)
     if as_json:
@@ -73,6 +80,8 @@ def spec_show(
 
       edufl client spec show --fingerprint
     """
+    from shared_models.data.contract import load_spec
+
     feature_spec = load_spec(spec)
     if fingerprint_only:
         typer.echo(feature_spec.fingerprint)
@@ -90,6 +99,10 @@ def spec_init(path: Path = typer.Argument(..., help="Where to write the editable
 
       edufl client spec init consortium.toml
     """
+    from shared_models.atomic import write_text_atomic
+    from shared_models.data.contract import load_spec
+    from shared_models.errors import DataContractError
+
     if path.exists():
         raise DataContractError(f"{path} exists; choose another path or delete it first")
     text = load_spec(None).to_toml()

@@ -6,9 +6,7 @@ from pathlib import Path
 
 import typer
 
-from privacy.pseudonymize import load_or_create_secret, pseudonymize_export, render_report
 from shared_models.cli_support import user_errors
-from shared_models.data.contract import load_spec
 
 
 @user_errors
@@ -44,6 +42,9 @@ def pseudonymize(
 
       edufl client pseudonymize exports/raw exports/pseudonymised --secret ~/.edufl/secret --k 5
     """
+    from privacy.pseudonymize import load_or_create_secret, pseudonymize_export, render_report
+    from shared_models.data.contract import load_spec
+
     feature_spec = load_spec(spec)
     key = load_or_create_secret(secret)
     report = pseudonymize_export(

@@ -14,6 +14,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from server.config import FederationConfig
 from server.federation import run_federation
+from shared_models.cli_support import show_each_record_once
 
 logger = logging.getLogger(__name__)
 
@@ -23,6 +24,7 @@ app = ServerApp()
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     """Run the federation described by the run config."""
+    show_each_record_once()  # this process's root handler is Opacus' basicConfig
     config = FederationConfig.from_run_config(context.run_config)
     result = run_federation(grid, config)
     logger.info("federation finished after round %d: %s", result.last_round, result.evaluate)

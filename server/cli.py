@@ -1,25 +1,17 @@
-"""`edufl server ...`: what the consortium operator runs — keys, enrolment, the server."""
+"""`edufl server ...`: what the consortium operator runs — keys, enrolment, the server.
+
+Commands import what they run in their bodies, so `edufl --help` starts without Flower.
+"""
 
 from __future__ import annotations
 
 import contextlib
 from pathlib import Path
-from typing import Any
 
 import typer
 
-from privacy.keys import (
-    DEFAULT_ADDRESSES,
-    init_consortium_keys,
-    load_node_public_key,
-    public_key_line,
-)
-from server.config import FederationConfig
-from server.institutions import load_registry, save_registry
-from server.superlink import launcher as deploy
-from server.superlink.control import FINISHED
+from privacy.budget import DEFAULT_EPSILON
 from shared_models.cli_support import new_app, user_errors
-from shared_models.processes import DeploymentError, split_address, terminate_on_sigterm
 
 app = new_app(
     "Consortium operator: TLS keys, institution enrolment, the federation server.\n\n"
@@ -31,9 +23,15 @@ keys_app = new_app(
 )
 app.add_typer(keys_app, name="keys")
 
+# Defaults shown in --help, spelled here so that help needs neither `privacy.keys` nor the
+# launcher; tests/test_startup.py checks they equal `privacy.keys.DEFAULT_ADDRESSES` and
+# `server.superlink.launcher.DEFAULT_ADDRESS`.
+DEFAULT_CERT_ADDRESSES = ("127.0.0.1", "localhost")
+DEFAULT_ADDRESS = "127.0.0.1:8000"
+
 #: What `edufl server start` proposes to every institution when neither the config nor
 #: --dp-epsilon sets it (the demo's and the seed papers' usual budget).
-DEFAULT_DEPLOY_EPSILON = 8.0
+DEFAULT_DEPLOY_EPSILON = DEFAULT_EPSILON
 
 KEYS_DIR = Path("consortium/keys")
 STATE_DIR = Path("consortium/state")
@@ -47,7 +45,7 @@ STATE_OPTION = typer.Option(
 def keys_init(
     keys_dir: Path = typer.Option(KEYS_DIR, "--dir", help="Folder to write the key files into."),
     addresses: list[str] = typer.Option(
-        list(DEFAULT_ADDRESSES),
+        list(DEFAULT_CERT_ADDRESSES),
         "--address",
         help="Host name or IP address nodes reach the server at (repeat for several).",
     ),
@@ -66,6 +64,8 @@ def keys_init(
     \b
       edufl server keys init --dir consortium/keys --address 127.0.0.1 --address localhost
     """
+    from privacy.keys import init_consortium_keys
+
     paths = init_consortium_keys(keys_dir, addresses, valid_days=valid_days, force=force)
     typer.echo(f"wrote {paths.ca_cert}  (consortium CA: give it to every institution)")
     typer.echo(f"wrote {paths.ca_key}  (CA private key, 0600: keep it offline)")
@@ -92,6 +92,10 @@ def enrol(
     \b
       edufl server enrol uni-a.pub --name uni-a --state consortium/state
     """
+    from privacy.keys import load_node_public_key, public_key_line
+    from server.institutions import load_registry, save_registry
+    from server.superlink import launcher as deploy
+
     line = public_key_line(load_node_public_key(public_key))
     layout = deploy.ServerLayout(state)
     registry = load_registry(state).with_institution(name, line)
@@ -125,6 +129,8 @@ def revoke(
     \b
       edufl server revoke uni-c --state consortium/state
     """
+    from server.superlink import launcher as deploy
+
     layout = deploy.ServerLayout(state)
     registry, at_once = deploy.revoke_institution(layout, name)
     node_id = registry.revoked[name].node_id
@@ -141,7 +147,7 @@ def start(
     keys: Path = typer.Option(KEYS_DIR, "--keys", help="Folder from `edufl server keys init`."),
     state: Path = STATE_OPTION,
     address: str = typer.Option(
-        deploy.DEFAULT_ADDRESS,
+        DEFAULT_ADDRESS,
         "--address",
         help="HOST:PORT the SuperLink listens on; HOST must be in the certificate.",
     ),
@@ -160,6 +166,14 @@ def start(
     resume: bool = typer.Option(False, "--resume", help="Continue from the last checkpoint."),
     timeout: float | None = typer.Option(
         None, min=1, help="Stop the run if it has not finished after this many seconds."
+    ),
+    control_port: int | None = typer.Option(
+        None,
+        "--control-port",
+        min=1,
+        max=65535,
+        help="Port of the control plane (Flower's Control and Runtime APIs) on 127.0.0.1 "
+        "only; default: a free one. Never open it to the network.",
     ),
     keep_running: bool = typer.Option(
         False, "--keep-running", help="Keep the SuperLink up after the run (Ctrl-C stops it)."
@@ -197,11 +211,16 @@ def start(
       edufl server start --keys consortium/keys --state consortium/state \\
         --address 127.0.0.1:8000 --rounds 3 --min-nodes 3
     """
+    from server.config import FederationConfig
+    from server.superlink import launcher as deploy
+    from server.superlink.control import FINISHED
+    from shared_models.processes import DeploymentError, split_address, terminate_on_sigterm
+
     if no_dp and dp_epsilon is not None:
         raise typer.BadParameter(
             "--no-dp and --dp-epsilon exclude each other", param_hint="--no-dp"
         )
-    overrides: dict[str, Any] = {
+    options = {
         "dp_epsilon": dp_epsilon,
         "rounds": rounds,
         "min_nodes": min_nodes,
@@ -209,11 +228,7 @@ def start(
         "model": model,
         "resume": resume or None,
     }
-    overrides = {k: v for k, v in overrides.items() if v is not None}
-    if config is not None:
-        federation = FederationConfig.from_toml(config, **overrides)
-    else:
-        federation = FederationConfig.validated(overrides, "command-line options")
+    federation = FederationConfig.from_options(config, options)
     if no_dp:
         federation = federation.model_copy(update={"dp_epsilon": None})
         typer.secho(
@@ -249,10 +264,16 @@ def start(
 
     run_id, status = None, "not started"
     with terminate_on_sigterm():
-        superlink = deploy.start_superlink(layout, address, consortium_keys)
+        superlink = deploy.start_superlink(
+            layout, address, consortium_keys, control_port=control_port
+        )
         try:
             mode = "plaintext, no node authentication" if insecure else "TLS, node authentication"
             typer.echo(f"SuperLink listening on {address} ({mode}); state in {state}")
+            typer.echo(
+                f"control plane on {deploy.control_address(layout)} (loopback only); "
+                f"{address} answers the Fleet API alone"
+            )
             stale = deploy.stop_unfinished_runs(layout)
             if stale:
                 typer.echo(f"stopped {len(stale)} run(s) an earlier server left unfinished")

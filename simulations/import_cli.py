@@ -8,8 +8,6 @@ from pathlib import Path
 import typer
 
 from shared_models.cli_support import user_errors
-from simulations.datasets import registry as datasets
-from simulations.partition import MANIFEST, SPEC_FILE, SYNTHETIC_PARTITIONS
 
 
 @user_errors
@@ -52,6 +50,9 @@ def import_dataset(
 
       edufl simulate import uci ~/data/student.zip data/uci --partition dirichlet --clients 4
     """
+    from simulations.datasets import registry as datasets
+    from simulations.partition import MANIFEST, SPEC_FILE, SYNTHETIC_PARTITIONS
+
     module = datasets.get(dataset)
     chosen = partition or module.DEFAULT_PARTITION
     offered = datasets.partitions(dataset)

@@ -1,20 +1,19 @@
-"""`edufl simulate ...`: researchers' federated simulations and the synthetic consortium."""
+"""`edufl simulate ...`: researchers' federated simulations and the synthetic consortium.
+
+Commands import what they run in their bodies, so `edufl --help` starts without Flower, Ray
+and torch.
+"""
 
 from __future__ import annotations
 
 import json
 import time
 from pathlib import Path
-from typing import Any
 
 import typer
 
-from shared_models.atomic import write_text_atomic
 from shared_models.cli_support import new_app, user_errors
-from shared_models.data.contract import load_spec
-from shared_models.errors import DataContractError
 from simulations.import_cli import import_dataset
-from simulations.synthetic import write_consortium
 
 app = new_app(
     "Researcher side: synthetic consortia and federated simulations.\n\n"
@@ -46,6 +45,10 @@ def synth(
 
       edufl simulate synth demo/consortium --institutions 4 --students 1200 --weeks 15 --seed 0
     """
+    from shared_models.data.contract import load_spec
+    from shared_models.errors import DataContractError
+    from simulations.synthetic import write_consortium
+
     if file_format not in ("csv", "parquet"):
         raise DataContractError(f"--format must be csv or parquet, not {file_format!r}")
     if students < 20 * institutions:
@@ -126,7 +129,12 @@ def run(
     """
     from server.config import FederationConfig
     from server.federation import progress_line
+    from shared_models.atomic import write_text_atomic
+    from shared_models.data.contract import load_spec
+    from shared_models.errors import DataContractError
+    from shared_models.protocol import RISK_ROC_AUC
     from simulations.runner import simulate
+    from simulations.synthetic import write_consortium
 
     if bool(data) == (synthetic is not None):
         raise typer.BadParameter("give either --data DIR (repeatable) or --synthetic N")
@@ -142,7 +150,10 @@ def run(
             seed=0 if seed is None else seed,
             spec=load_spec(spec),
         )
-    options: dict[str, Any] = {
+    # Without a config file a round waits for every export's node, unless --min-nodes says.
+    if min_nodes is None and config is None:
+        min_nodes = len(data)
+    options = {
         "model": model,
         "strategy": strategy,
         "strategy_params": _strategy_params(strategy_param) or None,
@@ -161,11 +172,7 @@ def run(
         "dp_delta": dp_delta,
         "dp_max_grad_norm": dp_max_grad_norm,
     }
-    given = {k: v for k, v in options.items() if v is not None}
-    if config is not None:
-        federation = FederationConfig.from_toml(config, **given)
-    else:
-        federation = FederationConfig.validated({"min_nodes": len(data), **given}, "options")
+    federation = FederationConfig.from_options(config, options, source="options")
     started = time.monotonic()
     result = simulate(
         federation,
@@ -173,7 +180,7 @@ def run(
         cpus_per_node=cpus_per_node,
         on_round=lambda report: typer.echo(progress_line(report, federation.rounds)),
     )
-    final = result.evaluate.get("risk/roc_auc")
+    final = result.evaluate.get(RISK_ROC_AUC)
     typer.echo(
         f"done in {time.monotonic() - started:.1f} s; final federated ROC-AUC: "
         + ("n/a" if final is None else f"{final:.4f}")

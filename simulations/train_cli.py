@@ -3,18 +3,15 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
-from tqdm import tqdm
 
 from shared_models.cli_support import user_errors
-from shared_models.data.cohort import CohortArrays
-from shared_models.data.contract import load_spec
-from shared_models.data.loader import load_cohort
-from shared_models.errors import DataContractError
-from shared_models.models.registry import MODEL_NAMES
-from shared_models.training import EpochRecord, FitConfig
-from simulations.centralized import run_centralized
+from shared_models.model_names import MODEL_NAMES
+
+if TYPE_CHECKING:
+    from shared_models.training import EpochRecord
 
 
 @user_errors
@@ -40,6 +37,15 @@ def train(
 
       edufl train demo/consortium/institution_0* --model cnn-lstm --target risk --out runs/central
     """
+    from tqdm import tqdm
+
+    from shared_models.data.cohort import CohortArrays
+    from shared_models.data.contract import load_spec
+    from shared_models.data.loader import load_cohort
+    from shared_models.errors import DataContractError
+    from shared_models.training import FitConfig
+    from simulations.centralized import run_centralized
+
     if model not in MODEL_NAMES:
         raise DataContractError(f"unknown model {model!r}; choose one of {', '.join(MODEL_NAMES)}")
     if target not in ("risk", "grade", "both"):

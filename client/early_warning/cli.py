@@ -1,4 +1,7 @@
-"""`edufl client score | report | actions | rules`: local early warning for advisors."""
+"""`edufl client score | report | actions | rules`: local early warning for advisors.
+
+`actions` and `rules` run without torch: commands import what they run in their bodies.
+"""
 
 from __future__ import annotations
 
@@ -6,14 +9,8 @@ from pathlib import Path
 
 import typer
 
-from client.early_warning.indicators import vocabulary
-from client.early_warning.pipeline import run_early_warning, save_to_store
-from client.early_warning.report import score_and_report
-from client.early_warning.rules import load_rules
-from client.early_warning.scoring import RiskThresholds, tier_outcomes
-from client.early_warning.store import ACTIONS, Store
+from client.early_warning.store import ACTIONS
 from shared_models.cli_support import new_app, user_errors
-from shared_models.data.contract import load_spec
 
 DEFAULT_DB = Path("edufl-client.sqlite")
 
@@ -63,6 +60,10 @@ def score(
       edufl client score --data demo/consortium/institution_01 \\
           --model runs/demo/centralized --week 6
     """
+    from client.early_warning.pipeline import run_early_warning, save_to_store
+    from client.early_warning.scoring import RiskThresholds, tier_outcomes
+    from shared_models.data.contract import load_spec
+
     cut = RiskThresholds.parse(thresholds)
     warning = run_early_warning(
         data, model, observed_weeks=week, thresholds=cut, rules_path=rules, spec=load_spec(spec)
@@ -119,6 +120,10 @@ def report(
       edufl client report --data demo/consortium/institution_01 \\
           --model runs/demo/centralized --out runs/report --week 6
     """
+    from client.early_warning.report import score_and_report
+    from client.early_warning.scoring import RiskThresholds
+    from shared_models.data.contract import load_spec
+
     result = score_and_report(
         data,
         model,
@@ -151,6 +156,8 @@ def actions_record(
     \b
       edufl client actions record s1a2b3c4d5e6 --action dismissed-incorrect --note 'on leave'
     """
+    from client.early_warning.store import Store
+
     with Store(db, create=False) as store:
         record = store.record_action(student_id, action, note, term)
     typer.echo(
@@ -172,6 +179,8 @@ def actions_list(
     \b
       edufl client actions list --db edufl-client.sqlite
     """
+    from client.early_warning.store import Store
+
     with Store(db, create=False) as store:
         records = store.actions(student)
     if not records:
@@ -197,6 +206,9 @@ def rules_check(
     \b
       edufl client rules check my_rules.toml
     """
+    from client.early_warning.rules import load_rules
+    from shared_models.data.contract import load_spec
+
     ruleset = load_rules(path, load_spec(spec))
     typer.echo(f"{path}: {len(ruleset.rules)} rule(s), valid")
 
@@ -211,5 +223,8 @@ def rules_indicators(spec: Path | None = SPEC) -> None:
     \b
       edufl client rules indicators
     """
+    from client.early_warning.indicators import vocabulary
+    from shared_models.data.contract import load_spec
+
     for info in vocabulary(load_spec(spec)).values():
         typer.echo(f"{info.name:<26} [{info.low:g}, {info.high:g}]  {info.description}")

@@ -45,7 +45,7 @@ from pydantic import (
 )
 
 from client.early_warning.indicators import IndicatorInfo, vocabulary
-from client.early_warning.scoring import TIERS
+from client.early_warning.tiers import TIERS
 from shared_models.data.contract import FeatureSpec, default_spec
 from shared_models.errors import EduflError
 from shared_models.user_files import describe_read_error, loads_toml, read_text

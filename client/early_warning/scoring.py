@@ -19,6 +19,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from torch import nn
 
+from client.early_warning.tiers import TIERS
 from shared_models.data.cohort import CohortArrays, Normalizer
 from shared_models.data.contract import FeatureSpec
 from shared_models.data.loader import completeness, load_cohort
@@ -27,9 +28,6 @@ from shared_models.evaluation import predict
 from shared_models.models.artifact import ModelCard, load_trained
 
 logger = logging.getLogger(__name__)
-
-#: Tier names, from least to most at risk.
-TIERS: tuple[str, ...] = ("low", "moderate", "high")
 
 
 class ScoringError(EduflError, ValueError):

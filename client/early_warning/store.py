@@ -16,12 +16,14 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from client.early_warning.reasons import Reason
-from client.early_warning.rules import Recommendation
-from client.early_warning.scoring import Scores
 from shared_models.errors import EduflError
+
+if TYPE_CHECKING:  # annotations only: `edufl client actions` runs without torch
+    from client.early_warning.reasons import Reason
+    from client.early_warning.rules import Recommendation
+    from client.early_warning.scoring import Scores
 
 logger = logging.getLogger(__name__)
 

@@ -7,16 +7,6 @@ from pathlib import Path
 
 import typer
 
-from client.node.launcher import (
-    NodeOptions,
-    NodeRefused,
-    check_credentials,
-    check_export,
-    follow,
-    start_supernode,
-)
-from privacy.keys import check_name, init_institution_keys
-from shared_models import processes
 from shared_models.cli_support import new_app, user_errors
 
 #: Pause between activation attempts; Flower 1.41 frees a crashed session's key after missing
@@ -47,6 +37,8 @@ def keys_init(
     \b
       edufl client keys init --dir uni-a/keys --name uni-a
     """
+    from privacy.keys import init_institution_keys
+
     paths = init_institution_keys(keys_dir, name, force=force)
     typer.echo(f"wrote {paths.private_key}  (private key, 0600: keep it here)")
     typer.echo(f"wrote {paths.public_key}  (send it to the consortium operator)")
@@ -137,6 +129,17 @@ def start(
       edufl client start --data demo/consortium/institution_01 --superlink 127.0.0.1:8000 \\
         --root-cert ca.pem --key uni-a/keys/uni-a
     """
+    from client.node.launcher import (
+        NodeOptions,
+        NodeRefused,
+        check_credentials,
+        check_export,
+        follow,
+        start_supernode,
+    )
+    from privacy.keys import check_name
+    from shared_models import processes
+
     root_cert, key = check_credentials(root_cert, key, insecure)
     name = check_name(name or (key.name if key is not None else data.resolve().name))
     report = check_export(data, spec)

@@ -1,52 +1,61 @@
-"""`edufl reproduce`: run a seed paper's experiment and write its table, JSON and plots."""
+"""`edufl reproduce`: run a seed paper's experiment and write its table, JSON and plots.
+
+The command imports what it runs in its body, so `edufl --help` starts without torch.
+"""
 
 from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
-from tqdm import tqdm
 
-from server.rounds import RoundReport
 from shared_models.cli_support import user_errors
-from simulations.reproduce.config import (
-    MODES,
-    ReproductionError,
-    experiment_names,
-    load_experiment,
-)
-from simulations.reproduce.data import DATASETS
-from simulations.reproduce.pipeline import Progress, command_line, new_reproduction, run_jobs
-from simulations.reproduce.report import write_report
+
+if TYPE_CHECKING:
+    from server.rounds import RoundReport
+    from simulations.reproduce.pipeline import Progress
+
+# The choices --help lists, spelled here so that help needs neither torch nor pandas;
+# tests/test_startup.py checks they equal `simulations.reproduce.data.DATASETS` and
+# `simulations.reproduce.config.MODES`.
+DATASET_NAMES = ("synthetic", "oulad", "uci", "uci-por", "uci-mat")
+MODE_NAMES = ("centralized", "federated", "federated-dp")
 
 
-class _TerminalProgress(Progress):
+def _terminal_progress() -> Progress:
     """A bar over the planned jobs on a terminal; one line per finished job everywhere."""
+    from tqdm import tqdm
 
-    def __init__(self) -> None:
-        self.bar: tqdm[None] | None = None
+    from simulations.reproduce.pipeline import Progress
 
-    def start(self, total: int) -> None:
-        self.bar = tqdm(total=total, unit="job", leave=False, disable=None, file=sys.stderr)
+    class TerminalProgress(Progress):
+        def __init__(self) -> None:
+            self.bar: tqdm[None] | None = None
 
-    def job(self, text: str) -> None:
-        if self.bar is not None:
-            self.bar.set_description_str(text)
+        def start(self, total: int) -> None:
+            self.bar = tqdm(total=total, unit="job", leave=False, disable=None, file=sys.stderr)
 
-    def round(self, report: RoundReport, rounds: int) -> None:
-        if self.bar is not None:
-            self.bar.set_postfix_str(f"round {report.server_round}/{rounds}")
+        def job(self, text: str) -> None:
+            if self.bar is not None:
+                self.bar.set_description_str(text)
 
-    def done(self, text: str) -> None:
-        tqdm.write(f"  {text}", file=sys.stderr)
-        if self.bar is not None:
-            self.bar.set_postfix_str("")
-            self.bar.update(1)
+        def round(self, report: RoundReport, rounds: int) -> None:
+            if self.bar is not None:
+                self.bar.set_postfix_str(f"round {report.server_round}/{rounds}")
 
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
+        def done(self, text: str) -> None:
+            tqdm.write(f"  {text}", file=sys.stderr)
+            if self.bar is not None:
+                self.bar.set_postfix_str("")
+                self.bar.update(1)
+
+        def close(self) -> None:
+            if self.bar is not None:
+                self.bar.close()
+
+    return TerminalProgress()
 
 
 @user_errors
@@ -55,7 +64,7 @@ def reproduce(
         None, help="An experiment (see --list), or an experiment .toml file.", show_default=False
     ),
     dataset: str | None = typer.Option(
-        None, help=f"One of {', '.join(DATASETS)}; the experiment's default if omitted."
+        None, help=f"One of {', '.join(DATASET_NAMES)}; the experiment's default if omitted."
     ),
     data: Path | None = typer.Option(
         None,
@@ -66,7 +75,7 @@ def reproduce(
         None, help="Output folder (replaced); default runs/reproduce/EXPERIMENT-DATASET."
     ),
     modes: str | None = typer.Option(
-        None, help=f"Comma-separated subset of {','.join(MODES)}; the experiment's if omitted."
+        None, help=f"Comma-separated subset of {','.join(MODE_NAMES)}; the experiment's if omitted."
     ),
     quick: bool = typer.Option(
         False, "--quick", help="Smoke test: 2 repeats, 2 epochs, 1 federated round."
@@ -89,6 +98,15 @@ def reproduce(
 
       edufl reproduce at-risk-lstm --quick --modes centralized
     """
+    from simulations.reproduce.config import (
+        MODES,
+        ReproductionError,
+        experiment_names,
+        load_experiment,
+    )
+    from simulations.reproduce.pipeline import command_line, new_reproduction, run_jobs
+    from simulations.reproduce.report import write_report
+
     if list_:
         for name in experiment_names():
             cfg = load_experiment(name)
@@ -117,7 +135,7 @@ def reproduce(
         command=command_line(experiment, name, data, out_dir, chosen, quick),
     )
     typer.echo(f"{config.name} on {name}: {len(rep.jobs)} jobs; {config.title}", err=True)
-    progress = _TerminalProgress()
+    progress = _terminal_progress()
     try:
         run_jobs(rep, progress)
     finally:
