@@ -30,9 +30,11 @@ test-slow: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python -m bench
 
+# Style (ruff) and the import layers of pyproject.toml's contracts (import-linter).
 lint: $(STAMP)
-	$(BIN)/python -m pip install -q ruff
-	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/lint-imports
 
 clean:
 	rm -rf $(VENV) runs
