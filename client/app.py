@@ -161,7 +161,7 @@ def _reply(
 
 def _node(own: NodeConfig, settings: RoundSettings) -> NodeData:
     data_path = own.export_path()
-    spec_path = own.spec_path or settings.spec_path or None
+    spec_path = own.spec_path or None  # the node's own: the server cannot name its files
     spec = _spec(spec_path)
     if settings.spec_fingerprint and settings.spec_fingerprint != spec.fingerprint:
         raise DataContractError(

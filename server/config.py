@@ -187,7 +187,6 @@ class FederationConfig(BaseModel):
             learning_rate=self.local_learning_rate,
             seed=self.seed,
             spec_fingerprint=spec_fingerprint,
-            spec_path=str(self.spec_path) if self.spec_path else "",
             run_id=run_id,
             planned_rounds=self.rounds,
             dp_epsilon=budget.epsilon if budget is not None else None,

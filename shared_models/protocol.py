@@ -34,7 +34,7 @@ DPMode = Literal["required", "off"]
 
 # --- keys shared by several vocabularies ---------------------------------------------------------
 
-SPEC_PATH = "spec-path"  # round config (the server's spec) and node config (the node's own)
+SPEC_PATH = "spec-path"  # node config only: the server cannot name files on a node
 DP_EPSILON = "dp-epsilon"  # round config (the server's proposal) and node config (the budget)
 DP_DELTA = "dp-delta"
 #: How the round config says "no DP": an epsilon of 0 (a ``ConfigRecord`` cannot hold None).
@@ -78,7 +78,6 @@ class RoundSettings(BaseModel):
     proximal_mu: Annotated[float, Field(ge=0, alias=PROXIMAL_MU)] = 0.0  # sent by FedProx only
     seed: int = 0  # the node's split and its per-round shuffling/dropout seeds derive from it
     spec_fingerprint: str = Field(default="", alias="spec-fingerprint")  # "" = do not check
-    spec_path: str = Field(default="", alias=SPEC_PATH)  # "" = the node's own or the default
     #: The federation run's own id, stable across server restarts and resumes (the ledger's
     #: ``run_id``); "" = Flower's run id of this message.
     run_id: str = Field(default="", alias=RUN_ID, max_length=64)
@@ -164,6 +163,8 @@ PRIVACY_STATE = "privacy-state"
 PRIVACY_ROOT = "privacy-root"
 PRIVACY_KEY = "privacy-key"
 DP_MODE = "dp"
+#: The most parameters a message's weights may have on this node (`client.node.own_code`).
+MAX_MODEL_PARAMS = "max-model-params"
 #: What Flower's simulation puts in every virtual node's config.
 PARTITION_ID = "partition-id"
 NUM_PARTITIONS = "num-partitions"
@@ -188,7 +189,7 @@ class NodeConfig(BaseModel):
 
     data_path: str | None = Field(default=None, alias=DATA_PATH)  # the institution's export
     institution: str | None = Field(default=None, alias=INSTITUTION)  # else the folder's name
-    spec_path: str | None = Field(default=None, alias=SPEC_PATH)  # else the server's or default
+    spec_path: str | None = Field(default=None, alias=SPEC_PATH)  # else the default spec
     #: This institution's DP state folder (accountant, ledger, released updates) ...
     privacy_state: str | None = Field(default=None, alias=PRIVACY_STATE)
     #: ... else ROOT/<institution> (a simulation: <out-dir>/privacy).
@@ -199,6 +200,10 @@ class NodeConfig(BaseModel):
     dp_delta: Annotated[float, Field(gt=0, lt=1)] | None = Field(default=None, alias=DP_DELTA)
     partition_id: Annotated[int, Field(ge=0)] | None = Field(default=None, alias=PARTITION_ID)
     num_partitions: Annotated[int, Field(ge=1)] | None = Field(default=None, alias=NUM_PARTITIONS)
+    #: A deployed node refuses larger weights before building anything; None: no bound.
+    max_model_params: Annotated[int, Field(ge=1)] | None = Field(
+        default=None, alias=MAX_MODEL_PARAMS
+    )
 
     @field_validator("*", mode="before")
     @classmethod

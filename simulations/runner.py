@@ -98,7 +98,9 @@ def simulate(
         run_simulation(
             server_app=server,
             client_app=simulation_client_app(
-                paths, privacy_root=str((Path(config.out_dir) / "privacy").resolve())
+                paths,
+                privacy_root=str((Path(config.out_dir) / "privacy").resolve()),
+                spec_path=str(config.spec_path.resolve()) if config.spec_path else "",
             ),
             num_supernodes=len(paths),
             backend_config=backend_config,  # type: ignore[arg-type]
@@ -108,33 +110,40 @@ def simulate(
     return outcome[0]
 
 
-def simulation_client_app(data_paths: Sequence[str], privacy_root: str = "") -> ClientApp:
+def simulation_client_app(
+    data_paths: Sequence[str], privacy_root: str = "", spec_path: str = ""
+) -> ClientApp:
     """A ClientApp that gives virtual node ``i`` the i-th export, then runs `client.app`'s.
 
     ``privacy_root`` holds each institution's DP state in its own folder (``ROOT/<institution>``,
-    under the run directory so a resumed run keeps counting).
+    under the run directory so a resumed run keeps counting). ``spec_path``, the federation's
+    spec, is every virtual node's own (a server's message cannot name a node's files).
     """
     paths = tuple(data_paths)
     app = ClientApp()
 
     @app.train()
     def _train(msg: Message, context: Context) -> Message:
-        return node_app.train(msg, _with_data_path(context, paths, privacy_root))
+        return node_app.train(msg, _with_data_path(context, paths, privacy_root, spec_path))
 
     @app.evaluate()
     def _evaluate(msg: Message, context: Context) -> Message:
-        return node_app.evaluate(msg, _with_data_path(context, paths))
+        return node_app.evaluate(msg, _with_data_path(context, paths, spec_path=spec_path))
 
     return app
 
 
-def _with_data_path(context: Context, paths: Sequence[str], privacy_root: str = "") -> Context:
+def _with_data_path(
+    context: Context, paths: Sequence[str], privacy_root: str = "", spec_path: str = ""
+) -> Context:
     own = NodeConfig.parse(context.node_config)
     if own.partition_id is None:
         raise SimulationError("a virtual node has no partition id in its node config")
     update = {"data_path": paths[own.partition_id]}
     if privacy_root and own.privacy_root is None:
         update["privacy_root"] = privacy_root
+    if spec_path and own.spec_path is None:
+        update["spec_path"] = spec_path
     context.node_config.update(own.model_copy(update=update).to_node_config())
     return context
 

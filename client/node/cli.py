@@ -103,6 +103,13 @@ def start(
         "of a few nodes; with 50 nodes on one machine the SuperLink's database refused "
         "requests and a run failed.",
     ),
+    max_model_params: int = typer.Option(
+        10_000_000,
+        "--max-model-params",
+        min=1,
+        help="Refuse a model with more parameters than this from the server, before building "
+        "anything from it.",
+    ),
     privacy_state: Path | None = typer.Option(
         None,
         "--privacy-state",
@@ -188,6 +195,7 @@ def start(
         no_dp=no_dp,
         pull_interval=pull_interval,
         privacy_state=privacy_state,
+        max_model_params=max_model_params,
     )
     privacy = "WITHOUT DP when the server asks none" if no_dp else "DP-SGD required"
     deadline = time.monotonic() + activation_wait

@@ -4,6 +4,11 @@ The SuperNode connects out to the consortium's SuperLink over TLS (verified agai
 consortium CA), authenticates with the institution's own key, and runs ``client.app:app`` on
 the export named in its node config. Nothing listens to the outside: the node's Runtime API
 is bound to 127.0.0.1 on a port of its own, so several nodes can share a machine.
+
+The SuperNode always runs with ``--isolation process`` under `client.node.warm_exec`, never
+with Flower's default, whose own SuperExec would start ``flwr-clientapp``: that installs the app
+bundle the server sends and imports the ClientApp it names. `client.node.own_code` runs only
+this installation's ``client.app:app`` and refuses any other bundle.
 """
 
 from __future__ import annotations
@@ -30,6 +35,9 @@ logger = logging.getLogger(__name__)
 EXIT_CONNECTION_REFUSED = 305
 _ACTIVATED = "SuperNode ID:"
 _FLOWER_EXIT = re.compile(r"Exit Code: (\d+)")
+#: The node's default bound on a received model (40 MB of float32); edufl's models are far
+#: smaller (`edufl client start --max-model-params` raises it).
+DEFAULT_MAX_MODEL_PARAMS = 10_000_000
 
 
 @dataclass(frozen=True)
@@ -54,14 +62,17 @@ class NodeOptions:
     no_dp: bool = False
     #: Accountant state and the institution's ledger; default HOME/privacy.
     privacy_state: Path | None = None
-    #: Fork each message's ClientApp from a process that imported it once (`client.node.warm_exec`)
-    #: instead of Flower's default, a fresh `flwr-clientapp` importing torch for every message.
+    #: Fork each message's ClientApp from a process that imported it once; False imports it
+    #: in every message's process (as Flower's `flwr-clientapp` would), still with edufl's own
+    #: code only (`client.node.own_code`).
     warm_clientapp: bool = True
     #: With ``warm_clientapp``: seconds before the SuperNode asks for the next message after
     #: one (`client.node.pacing`, e.g. 0.25); None keeps Flower's fixed 3 s. Off by default:
     #: with 50 nodes on one machine the quicker asks made the SuperLink's SQLite store refuse
     #: requests until a run failed (docs/benchmarks.md, question 4).
     pull_interval: float | None = None
+    #: The most parameters a model the server sends may have; None: no bound.
+    max_model_params: int | None = DEFAULT_MAX_MODEL_PARAMS
 
 
 def check_export(data_dir: Path, spec: Path | None) -> ValidationReport:
@@ -123,8 +134,10 @@ def supernode_argv(options: NodeOptions) -> list[str]:
         "127.0.0.1",
         "--port",
         str(options.runtime_port),
-        # Warm: the SuperNode starts no SuperExec; client.node.warm_exec takes its place.
-        *(["--isolation", "process"] if options.warm_clientapp else []),
+        # The SuperNode starts no SuperExec (no `flwr-clientapp`, which would install and run
+        # the server's app bundle); client.node.warm_exec takes its place.
+        "--isolation",
+        "process",
     ]
 
 
@@ -141,17 +154,17 @@ def node_config(options: NodeOptions) -> NodeConfig:
         dp_delta=float(options.dp_delta) if options.dp_delta is not None else None,
         # Ledger entries signed with the enrolled node key.
         privacy_key=str(options.private_key.resolve()) if options.private_key else None,
+        max_model_params=options.max_model_params,
     )
 
 
 def node_argv(options: NodeOptions) -> list[str]:
-    """The node's command: with ``warm_clientapp`` (edufl's default) the SuperNode under
-    `client.node.warm_exec`, paced by `client.node.pacing` when ``pull_interval`` is set;
-    otherwise Flower's own, as it is."""
-    if not options.warm_clientapp:
-        return supernode_argv(options)
+    """The node's command: the SuperNode under `client.node.warm_exec` (preloading nothing
+    unless ``warm_clientapp``), paced by `client.node.pacing` when ``pull_interval`` is set."""
     runtime = f"127.0.0.1:{options.runtime_port}"
     warm = [sys.executable, "-m", "client.node.warm_exec", "--runtime-api-address", runtime]
+    if not options.warm_clientapp:
+        warm += ["--preload", ""]
     if options.pull_interval is None:
         return [*warm, "--", *supernode_argv(options)]
     paced = [sys.executable, "-m", "client.node.pacing"]
@@ -162,8 +175,8 @@ def node_argv(options: NodeOptions) -> list[str]:
 def start_supernode(options: NodeOptions, *, ready_timeout: float = 60.0) -> Child:
     """Start the SuperNode and wait until its local Runtime API is up.
 
-    The returned child leads the node's process group (with ``warm_clientapp``, the
-    `client.node.warm_exec` process, the SuperNode its child): `processes.stop` stops them all, and
+    The returned child leads the node's process group (the `client.node.warm_exec` process,
+    the SuperNode its child): `processes.stop` stops them all, and
     one log holds the SuperNode's and the ClientApps' output.
     """
     processes.split_address(options.superlink)

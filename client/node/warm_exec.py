@@ -9,9 +9,12 @@ This command runs the SuperNode with ``--isolation process`` (so the SuperNode s
 SuperExec of its own) and takes the SuperExec's place: once the SuperLink has let the node in
 (so as not to slow its start), it imports the ClientApp's modules once, asks the SuperNode's
 local Runtime API for tasks, and runs each task in a child forked from that preloaded image,
-through Flower's own ``run_clientapp``. Every message still gets a process of its own that
+through `client.node.own_code.run_task`: Flower's ``run_clientapp`` without its installing and
+importing of the app bundle, so the node runs only its own edufl's ``client.app:app`` and
+refuses a bundle that names other code. Every message still gets a process of its own that
 exits afterwards, as with Flower's default, so nothing (no data, no model, no accountant)
-carries over from one message to the next; only the imports do.
+carries over from one message to the next; only the imports do. With ``--preload ""`` (a
+"cold" node) each task imports what it needs itself, as Flower's ``flwr-clientapp`` would.
 
 The SuperNode is this process's child; its output passes through here to ours, so one log shows
 the SuperNode, this executor and the ClientApps. When the SuperNode announces a message, the
@@ -52,6 +55,7 @@ PRELOAD = (
     # (half of a warm task's own overhead) when left to the task.
     "torch._dynamo",
     "flwr.supernode.runtime.run_clientapp",
+    "client.node.own_code",
     "client.app",
     "privacy.dp",
     "privacy.budget",
@@ -88,6 +92,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.supernode:
         raise SystemExit("give the SuperNode command after --")
     _log_to_stderr()
+    from client.node.own_code import describe_own_code
+
+    logger.info("warm ClientApp executor: %s", describe_own_code())
     signal.signal(signal.SIGTERM, _raise_exit)
     signal.signal(signal.SIGINT, _raise_exit)
     supernode = subprocess.Popen(  # in our process group: a stop of the group reaches it too
@@ -258,25 +265,18 @@ def _fork_task(address: str, token: str, task_id: int, relay_fd: int) -> _Task:
 
 
 def _run_task(address: str, token: str, task_id: int) -> None:
-    """In the forked child: run one ClientApp task as `flwr-clientapp` would, then exit."""
+    """In the forked child: run one ClientApp task with edufl's own code, then exit."""
     started, code = time.monotonic(), 1
     try:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         signal.signal(signal.SIGINT, signal.default_int_handler)
         signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
-        from flwr.supernode.runtime.run_clientapp import run_clientapp
+        from client.node.own_code import run_task
 
         sys.argv = ["flwr-clientapp"]  # Flower names the exiting component by argv[0]
-        run_clientapp(
-            runtime_api_address=address,
-            token=token,
-            insecure=True,
-            certificates=None,
-            parent_pid=os.getppid(),
-            runtime_dependency_install=False,
-        )
+        run_task(address, token, parent_pid=os.getppid())
         code = 0
-    except SystemExit as exc:  # run_clientapp always ends with flwr_exit -> sys.exit
+    except SystemExit as exc:  # run_task always ends with flwr_exit -> sys.exit
         code = exc.code if isinstance(exc.code, int) else 1
     except BaseException:
         logger.exception("ClientApp task failed")

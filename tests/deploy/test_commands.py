@@ -114,6 +114,8 @@ def test_supernode_pins_the_ca_uses_the_node_key_and_names_its_export(tmp_path: 
         "dp": "required",
         "privacy-state": str(tmp_path / "home" / "privacy"),
         "privacy-key": str(tmp_path / "uni-a"),
+        # The node's own bound on the model the server may send (client.node.own_code).
+        "max-model-params": 10_000_000,
     }
     assert "--host 127.0.0.1 --port 9123" in joined
     assert "--insecure" not in argv

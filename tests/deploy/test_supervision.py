@@ -82,12 +82,16 @@ def test_a_warm_task_imports_nothing_the_executor_could_have_imported_once() -> 
     assert out.strip() == "[]"
 
 
-def test_flowers_own_isolation_is_kept_when_the_warm_executor_is_off(tmp_path: Path) -> None:
+def test_flowers_own_superexec_is_never_used_even_when_the_warm_executor_is_off(
+    tmp_path: Path,
+) -> None:
+    """Flower's SuperExec would run `flwr-clientapp`, which runs the server's app bundle."""
     options = _options(tmp_path, warm_clientapp=False)
     argv = node_argv(options)
-    assert argv == supernode_argv(options)
-    assert Path(argv[0]).name == "flower-supernode"
-    assert "--isolation" not in argv  # Flower's default: subprocess, its own SuperExec
+    assert argv[1:3] == ["-m", "client.node.warm_exec"]
+    assert argv[argv.index("--preload") + 1] == ""  # cold: each task imports for itself
+    assert argv[argv.index("--") + 1 :] == supernode_argv(options)
+    assert supernode_argv(options)[-2:] == ["--isolation", "process"]
 
 
 # --- real processes -------------------------------------------------------------------------

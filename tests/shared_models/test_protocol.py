@@ -119,7 +119,6 @@ round_settings = st.builds(
     proximal_mu=st.floats(0.0, 1.0),
     seed=st.integers(0, 2**31),
     spec_fingerprint=st.text("0123456789abcdef", max_size=64),
-    spec_path=st.text(max_size=20),
     run_id=st.text(max_size=64),
     server_round=st.integers(0, 1000),
     planned_rounds=st.integers(1, 1000),
