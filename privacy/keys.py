@@ -11,7 +11,9 @@ crash never leaves half a key), never overwritten unless asked, and never logged
 
 from __future__ import annotations
 
+import base64
 import datetime as dt
+import hashlib
 import ipaddress
 import logging
 import re
@@ -34,6 +36,10 @@ logger = logging.getLogger(__name__)
 CURVE = ec.SECP384R1()
 DEFAULT_ADDRESSES = ("127.0.0.1", "localhost")
 CA_CERT, CA_KEY, SERVER_CERT, SERVER_KEY = "ca.pem", "ca.key", "server.pem", "server.key"
+#: The CA outlives several server certificates, so institutions keep their ca.pem on renewal.
+CA_VALID_DAYS = 3650
+#: `edufl server start` warns this many days before the server certificate expires.
+EXPIRY_WARNING_DAYS = 30
 _NIST_CURVES = (ec.SECP256R1, ec.SECP384R1, ec.SECP521R1)
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
@@ -82,6 +88,7 @@ def init_consortium_keys(
     addresses: Sequence[str] = DEFAULT_ADDRESSES,
     *,
     valid_days: int = 825,
+    ca_valid_days: int = CA_VALID_DAYS,
     force: bool = False,
 ) -> ConsortiumKeys:
     """Create a consortium CA and a server certificate it signs, valid for ``addresses``.
@@ -90,50 +97,169 @@ def init_consortium_keys(
         keys_dir: Folder to write ``ca.pem``, ``ca.key``, ``server.pem``, ``server.key`` into.
         addresses: Host names and IP addresses nodes will use to reach the SuperLink; each
             becomes a subject alternative name (TLS checks the address against them).
-        valid_days: Validity of both certificates (825 days: the longest browsers accept).
+        valid_days: Validity of the server certificate (825 days: the longest browsers accept);
+            `renew_server_certificate` makes the next one from the same CA.
+        ca_valid_days: Validity of the CA; at least ``valid_days``, so that the server
+            certificate can be renewed several times while institutions keep their ``ca.pem``.
         force: Replace existing files; every institution then needs the new ``ca.pem``.
     """
     if not addresses:
         raise KeyMaterialError("give at least one --address the SuperLink will be reached at")
     paths = ConsortiumKeys.in_dir(keys_dir)
     _refuse_overwrite([paths.ca_cert, paths.ca_key, paths.server_cert, paths.server_key], force)
-    sans = [_general_name(a) for a in addresses]
+    for address in addresses:  # a bad address is refused before anything is written
+        _general_name(address)
     now = dt.datetime.now(dt.UTC)
     until = now + dt.timedelta(days=valid_days)
+    ca_until = now + dt.timedelta(days=max(ca_valid_days, valid_days))
 
     ca_key = ec.generate_private_key(CURVE)
     ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "edufl consortium CA")])
     ca_ski = x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key())
     ca_cert = (
-        _builder(ca_name, ca_name, ca_key.public_key(), now, until)
+        _builder(ca_name, ca_name, ca_key.public_key(), now, ca_until)
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
         .add_extension(_key_usage(signing_certs=True), critical=True)
         .add_extension(ca_ski, critical=False)
         .sign(ca_key, hashes.SHA384())
     )
 
-    server_key = ec.generate_private_key(CURVE)
-    server_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, addresses[0])])
-    server_cert = (
-        _builder(server_name, ca_name, server_key.public_key(), now, until)
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(_key_usage(signing_certs=False), critical=True)
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-        .add_extension(x509.SubjectAlternativeName(sans), critical=False)
-        .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ca_ski),
-            critical=False,
-        )
-        .sign(ca_key, hashes.SHA384())
-    )
+    server_key, server_cert = _server_certificate(ca_cert, ca_key, addresses, now, until)
 
-    keys_dir.mkdir(parents=True, exist_ok=True)
+    _private_dir(keys_dir)
     write_private(paths.ca_key, _pem_private(ca_key))
     write_private(paths.server_key, _pem_private(server_key))
     write_public(paths.ca_cert, ca_cert.public_bytes(serialization.Encoding.PEM))
     write_public(paths.server_cert, server_cert.public_bytes(serialization.Encoding.PEM))
     logger.info("wrote consortium CA and server certificate for %s in %s", addresses, keys_dir)
     return paths
+
+
+def renew_server_certificate(
+    keys_dir: Path,
+    addresses: Sequence[str] | None = None,
+    *,
+    valid_days: int = 825,
+    now: dt.datetime | None = None,
+) -> ConsortiumKeys:
+    """Replace ``server.pem`` and ``server.key`` with a new pair signed by the existing CA.
+
+    Institutions keep their ``ca.pem``: the new certificate chains to the same CA. The new
+    certificate never outlives the CA (it is cut at the CA's end, with a warning).
+
+    Args:
+        keys_dir: The folder `init_consortium_keys` wrote (it needs ``ca.pem`` and ``ca.key``).
+        addresses: Subject alternative names; None keeps those of the current ``server.pem``.
+        valid_days: Validity of the new certificate.
+        now: The issue time (tests); the current time when None.
+
+    Raises:
+        KeyMaterialError: the CA files are missing or unreadable, or the CA has expired.
+    """
+    paths = ConsortiumKeys.in_dir(keys_dir)
+    ca_cert = load_certificate(paths.ca_cert)
+    try:
+        ca_key = serialization.load_pem_private_key(paths.ca_key.read_bytes(), password=None)
+    except FileNotFoundError:
+        raise KeyMaterialError(
+            f"{paths.ca_key}: no CA private key; renewal needs the CA key `edufl server keys "
+            "init` wrote (bring it back from where it is kept offline)"
+        ) from None
+    except (ValueError, TypeError, UnsupportedAlgorithm):
+        raise KeyMaterialError(f"{paths.ca_key}: not an unencrypted PEM private key") from None
+    if not isinstance(ca_key, ec.EllipticCurvePrivateKey):
+        raise KeyMaterialError(f"{paths.ca_key}: not an EC private key")
+    if addresses is None:
+        try:
+            sans = load_certificate(paths.server_cert).extensions.get_extension_for_class(
+                x509.SubjectAlternativeName
+            )
+        except x509.ExtensionNotFound:
+            raise KeyMaterialError(
+                f"{paths.server_cert}: names no address; pass --address"
+            ) from None
+        addresses = [str(v) for v in sans.value.get_values_for_type(x509.IPAddress)]
+        addresses += sans.value.get_values_for_type(x509.DNSName)
+    if not addresses:
+        raise KeyMaterialError("give at least one --address the SuperLink will be reached at")
+    now = now or dt.datetime.now(dt.UTC)
+    ca_end = ca_cert.not_valid_after_utc
+    if ca_end <= now:
+        raise KeyMaterialError(
+            f"{paths.ca_cert}: the consortium CA expired on {ca_end:%Y-%m-%d}; make a new one "
+            f"with `edufl server keys init --dir {keys_dir} --force` and give every institution "
+            "the new ca.pem"
+        )
+    until = now + dt.timedelta(days=valid_days)
+    if until > ca_end:
+        logger.warning(
+            "the new server certificate ends with the CA on %s, not in %d days",
+            f"{ca_end:%Y-%m-%d}",
+            valid_days,
+        )
+        until = ca_end
+    server_key, server_cert = _server_certificate(ca_cert, ca_key, addresses, now, until)
+    write_files_atomic(
+        {
+            paths.server_key: (_pem_private(server_key), 0o600),
+            paths.server_cert: (server_cert.public_bytes(serialization.Encoding.PEM), 0o644),
+        }
+    )
+    logger.info("renewed the server certificate for %s until %s", addresses, f"{until:%Y-%m-%d}")
+    return paths
+
+
+def load_certificate(path: Path) -> x509.Certificate:
+    """Read a PEM certificate."""
+    try:
+        return x509.load_pem_x509_certificate(path.read_bytes())
+    except FileNotFoundError:
+        raise KeyMaterialError(f"{path}: no such certificate file") from None
+    except ValueError:
+        raise KeyMaterialError(f"{path}: not a PEM certificate") from None
+
+
+def check_server_certificate(
+    keys_dir: Path, *, now: dt.datetime | None = None, warn_days: int = EXPIRY_WARNING_DAYS
+) -> str | None:
+    """A warning when ``server.pem`` expires within ``warn_days``; None when it is fine.
+
+    Raises:
+        KeyMaterialError: the certificate has expired (or is not valid yet); the message gives
+            the renew command. Nodes would otherwise retry a refused TLS handshake for ever.
+    """
+    path = keys_dir / SERVER_CERT
+    cert = load_certificate(path)
+    now = now or dt.datetime.now(dt.UTC)
+    renew = f"`edufl server keys renew --dir {keys_dir}`"
+    end = cert.not_valid_after_utc
+    if end <= now:
+        raise KeyMaterialError(
+            f"{path}: the server certificate expired on {end:%Y-%m-%d %H:%M} UTC; nodes would "
+            f"refuse it. Renew it with {renew} (institutions keep their ca.pem)"
+        )
+    if cert.not_valid_before_utc > now:
+        raise KeyMaterialError(
+            f"{path}: the server certificate is valid only from "
+            f"{cert.not_valid_before_utc:%Y-%m-%d %H:%M} UTC; check this machine's clock"
+        )
+    left = end - now
+    if left <= dt.timedelta(days=warn_days):
+        return (
+            f"the server certificate {path} expires on {end:%Y-%m-%d} ({left.days} day(s) "
+            f"left); renew it with {renew}"
+        )
+    return None
+
+
+def fingerprint(public_key: str) -> str:
+    """OpenSSH's fingerprint of a public key line: ``SHA256:`` and the unpadded base64 digest."""
+    parts = public_key.split()
+    try:
+        blob = base64.b64decode(parts[1], validate=True)
+    except (IndexError, ValueError):
+        raise KeyMaterialError("not an OpenSSH public key line (type and base64 blob)") from None
+    return "SHA256:" + base64.b64encode(hashlib.sha256(blob).digest()).decode().rstrip("=")
 
 
 def init_institution_keys(keys_dir: Path, name: str, *, force: bool = False) -> InstitutionKeys:
@@ -154,7 +280,7 @@ def init_institution_keys(keys_dir: Path, name: str, *, force: bool = False) -> 
     public = key.public_key().public_bytes(
         serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
     )
-    keys_dir.mkdir(parents=True, exist_ok=True)
+    _private_dir(keys_dir)
     write_private(paths.private_key, private)
     write_public(paths.public_key, public + f" edufl:{name}\n".encode())
     logger.info("wrote node-authentication key pair for %s in %s", name, keys_dir)
@@ -224,6 +350,40 @@ def write_files_atomic(files: Mapping[Path, tuple[bytes, int]]) -> None:
         modes={path: mode for path, (_, mode) in files.items()},
         durable=True,
     )
+
+
+def _private_dir(path: Path) -> None:
+    """Create ``path`` as 0700 (a key folder), narrowing an existing folder edufl made wider."""
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if path.stat().st_mode & 0o077:
+        path.chmod(0o700)
+
+
+def _server_certificate(
+    ca_cert: x509.Certificate,
+    ca_key: ec.EllipticCurvePrivateKey,
+    addresses: Sequence[str],
+    now: dt.datetime,
+    until: dt.datetime,
+) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
+    """A new server key and its certificate for ``addresses``, signed by the CA."""
+    sans = [_general_name(a) for a in addresses]
+    server_key = ec.generate_private_key(CURVE)
+    server_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, addresses[0])])
+    ca_ski = x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key())
+    server_cert = (
+        _builder(server_name, ca_cert.subject, server_key.public_key(), now, until)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(_key_usage(signing_certs=False), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .add_extension(x509.SubjectAlternativeName(sans), critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ca_ski),
+            critical=False,
+        )
+        .sign(ca_key, hashes.SHA384())
+    )
+    return server_key, server_cert
 
 
 def _refuse_overwrite(paths: Sequence[Path], force: bool) -> None:

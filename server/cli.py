@@ -49,13 +49,18 @@ def keys_init(
         "--address",
         help="Host name or IP address nodes reach the server at (repeat for several).",
     ),
-    valid_days: int = typer.Option(825, min=1, help="Validity of the certificates in days."),
+    valid_days: int = typer.Option(825, min=1, help="Validity of the server certificate in days."),
+    ca_valid_days: int = typer.Option(
+        3650, min=1, help="Validity of the CA in days (at least --valid-days)."
+    ),
     force: bool = typer.Option(False, "--force", help="Replace existing key files."),
 ) -> None:
     """Create the consortium CA and a server certificate for the given addresses.
 
     Writes ca.pem (give it to every institution), ca.key (keep offline), server.pem and
-    server.key (mode 0600). Every --address becomes a subject alternative name: a node must
+    server.key (mode 0600). The CA is valid for --ca-valid-days (ten years), longer than the
+    server certificate: `edufl server keys renew` makes the next one from the same CA.
+    Every --address becomes a subject alternative name: a node must
     reach the server by one of them or TLS refuses the connection. Refuses to overwrite
     existing files unless --force.
 
@@ -66,11 +71,45 @@ def keys_init(
     """
     from privacy.keys import init_consortium_keys
 
-    paths = init_consortium_keys(keys_dir, addresses, valid_days=valid_days, force=force)
+    paths = init_consortium_keys(
+        keys_dir, addresses, valid_days=valid_days, ca_valid_days=ca_valid_days, force=force
+    )
     typer.echo(f"wrote {paths.ca_cert}  (consortium CA: give it to every institution)")
     typer.echo(f"wrote {paths.ca_key}  (CA private key, 0600: keep it offline)")
     typer.echo(f"wrote {paths.server_cert}  (server certificate for {', '.join(addresses)})")
     typer.echo(f"wrote {paths.server_key}  (server private key, 0600)")
+
+
+@keys_app.command("renew")
+@user_errors
+def keys_renew(
+    keys_dir: Path = typer.Option(KEYS_DIR, "--dir", help="Folder from `edufl server keys init`."),
+    addresses: list[str] | None = typer.Option(
+        None,
+        "--address",
+        help="Host name or IP address nodes reach the server at (repeat for several; "
+        "default: those of the current certificate).",
+    ),
+    valid_days: int = typer.Option(825, min=1, help="Validity of the new certificate in days."),
+) -> None:
+    """Issue a new server certificate and key from the existing consortium CA.
+
+    Institutions keep their ca.pem: the new certificate is signed by the same CA. Needs
+    ca.key (bring it back from where it is kept offline). Restart `edufl server start`
+    afterwards; nodes reconnect by themselves.
+
+    Example:
+
+    \b
+      edufl server keys renew --dir consortium/keys
+    """
+    from privacy.keys import load_certificate, renew_server_certificate
+
+    paths = renew_server_certificate(keys_dir, addresses or None, valid_days=valid_days)
+    until = load_certificate(paths.server_cert).not_valid_after_utc
+    typer.echo(f"wrote {paths.server_cert}  (new server certificate, valid until {until:%Y-%m-%d})")
+    typer.echo(f"wrote {paths.server_key}  (new server private key, 0600)")
+    typer.echo(f"{paths.ca_cert} is unchanged: institutions keep theirs")
 
 
 @app.command()
@@ -79,18 +118,27 @@ def enrol(
     public_key: Path = typer.Argument(..., help="The institution's NAME.pub (OpenSSH EC key)."),
     name: str = typer.Option(..., "--name", help="The institution's name in the consortium."),
     state: Path = STATE_OPTION,
+    replace: bool = typer.Option(
+        False,
+        "--replace",
+        help="The name is enrolled with another key: revoke that key (its node is "
+        "unregistered) and enrol this one.",
+    ),
 ) -> None:
     """Enrol an institution: record its public key and let its node into the federation.
 
     The key must be an EC key on a NIST curve in OpenSSH format, as written by
     `edufl client keys init`. It is recorded in STATE/institutions.toml and registered with
     the SuperLink at once if a server runs from STATE, otherwise at the next
-    `edufl server start`.
+    `edufl server start`. With --replace (key rotation, or a lost key) the name's old key is
+    recorded as revoked and can never be enrolled again; ledger entries it signed while it was
+    valid still verify.
 
     Example:
 
     \b
       edufl server enrol uni-a.pub --name uni-a --state consortium/state
+      edufl server enrol uni-a-2026.pub --name uni-a --replace --state consortium/state
     """
     from privacy.keys import load_node_public_key, public_key_line
     from server.institutions import load_registry, save_registry
@@ -98,14 +146,22 @@ def enrol(
 
     line = public_key_line(load_node_public_key(public_key))
     layout = deploy.ServerLayout(state)
-    registry = load_registry(state).with_institution(name, line)
+    before = load_registry(state)
+    registry = before.with_institution(name, line, replace=replace)
     save_registry(state, registry)
+    old = before.institutions.get(name)
+    replaced = old is not None and old.public_key != line
+    if replaced:
+        typer.echo(f"revoked the old key of {name} (recorded in {state / 'institutions.toml'})")
     running = deploy.running_server(layout)
     if running is None:
         typer.echo(f"enrolled {name}; it is registered when `edufl server start` runs")
     elif not running.get("tls"):
         typer.echo(f"enrolled {name}; the running server is --insecure, so keys are not checked")
     else:
+        if replaced and old is not None and old.node_id is not None:
+            layout.control().unregister_node(old.node_id)
+            typer.echo(f"unregistered node {old.node_id} (the old key of {name})")
         registry = deploy.register_institutions(layout, registry)
         node_id = registry.institutions[name].node_id
         typer.echo(f"enrolled {name}; registered with the running SuperLink as node {node_id}")
@@ -261,6 +317,10 @@ def start(
         consortium_keys = None
     else:
         consortium_keys = deploy.check_keys(keys)
+        from privacy.keys import check_server_certificate
+
+        if expiring := check_server_certificate(keys):
+            typer.secho(f"WARNING: {expiring}", fg=typer.colors.YELLOW, err=True)
 
     run_id, status = None, "not started"
     with terminate_on_sigterm():

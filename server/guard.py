@@ -6,8 +6,16 @@ exactly the global model's arrays (same names, same shapes), when a value is not
 ``num-examples`` weight is not a positive finite number, or when its update norm
 ``||w_node - w_global||`` is above an absolute cap or more than ``norm_factor`` times the round's
 median, or when it is a replay: bit-for-bit the update some node sent in an earlier round, or
-another node's update of the same round. Every rejection is logged with the node id and, when
-the reply names it, the institution.
+another node's update of the same round. Every rejection is logged with the node id and the
+institution.
+
+In a deployment (`server.institutions.REGISTRY_ENV` set, or ``identities`` given) who sent a
+reply is decided by the key its node enrolled with: Flower's node id is looked up in the
+registry, and a reply from a node no institution enrolled, or naming another institution than
+its key's, is rejected. There, too, a reply's ``num-examples`` weight is cut to ``weight_factor``
+times the median of the other replies' claims, so that one node claiming 10^12 examples weighs
+at most that much instead of owning the aggregate. A simulation (no registry) takes the name a
+reply gives and its weight as claimed: every node there is the operator's own process.
 """
 
 from __future__ import annotations
@@ -15,7 +23,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Annotated
 
@@ -25,6 +33,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 from pydantic import BaseModel, ConfigDict, Field
 
+from server.institutions import identities_from_env
 from shared_models.protocol import NUM_EXAMPLES, reply_institution
 
 logger = logging.getLogger(__name__)
@@ -41,6 +50,11 @@ class GuardConfig(BaseModel):
     # fewer than three replies the median cannot single one out; the absolute cap still applies.
     norm_factor: Annotated[float, Field(gt=1)] = 10.0
     max_update_norm: Annotated[float, Field(gt=0)] = 1000.0  # absolute cap on ||w - w_global||
+    # With enrolled identities, a reply weighs at most this multiple of the median of the other
+    # replies' num-examples: a university three times the size of a typical one keeps its
+    # weight, a node claiming 10^12 gets a typical node's weight times three. (The privacy work
+    # will drop exact counts from replies; then equal weights replace this bound.)
+    weight_factor: Annotated[float, Field(ge=1)] = 3.0
 
 
 @dataclass(frozen=True)
@@ -94,12 +108,89 @@ class GuardedStrategy(Strategy):
             so a replay is caught across a server restart too).
     """
 
-    def __init__(self, inner: Strategy, config: GuardConfig | None = None) -> None:
+    def __init__(
+        self,
+        inner: Strategy,
+        config: GuardConfig | None = None,
+        identities: Callable[[], Mapping[int, str]] | None = None,
+    ) -> None:
+        """Wrap ``inner``.
+
+        Args:
+            inner: The strategy that aggregates what passes.
+            config: Thresholds; the defaults when None.
+            identities: Returns the enrolled institution of each node id, read again every
+                round; None takes it from the registry `server.institutions.REGISTRY_ENV`
+                names, and when that is unset (a simulation) the name a reply gives is used.
+        """
         self.inner = inner
         self.config = config or GuardConfig()
         self.rejections: list[Rejection] = []
         self.seen: dict[str, int] = {}
         self._reference: dict[str, np.ndarray] | None = None
+        self._identities = identities if identities is not None else identities_from_env()
+        self._names: Mapping[int, str] | None = None
+        self._refresh_identities()
+
+    def _refresh_identities(self) -> None:
+        if self._identities is None:
+            return
+        try:
+            self._names = dict(self._identities())
+        except Exception as error:  # a registry being fixed must not stop a running federation
+            logger.warning("cannot read the enrolled institutions (%s); keeping the last", error)
+            if self._names is None:
+                self._names = {}
+
+    def institution(self, msg: Message) -> str:
+        """Who sent ``msg``: the enrolled institution of its node, or (simulation) its claim."""
+        if self._names is None:
+            return institution_of(msg)
+        return self._names.get(int(msg.metadata.src_node_id), "")
+
+    def _identity_reason(self, msg: Message) -> str:
+        """Why ``msg`` does not come from who it says (``""`` when it does or none is known)."""
+        if self._names is None:
+            return ""
+        node_id = int(msg.metadata.src_node_id)
+        enrolled = self._names.get(node_id)
+        if enrolled is None:
+            return f"node {node_id} is not the node of any enrolled institution"
+        claimed = institution_of(msg)
+        if claimed and claimed != enrolled:
+            return f"the reply claims to come from {claimed!r}, but its key is {enrolled!r}'s"
+        return ""
+
+    def _bound_weights(self, server_round: int, replies: list[Message]) -> None:
+        """Cut each claimed weight to ``weight_factor`` x the median of the others' claims."""
+        if self._names is None:
+            return
+        weighed = []
+        for msg in replies:
+            records = list(msg.content.metric_records.values())
+            weight = records[0].get(WEIGHT_KEY) if len(records) == 1 else None
+            if isinstance(weight, int | float) and math.isfinite(weight):
+                weighed.append((msg, records[0], float(weight)))
+        claims = [claim for _, _, claim in weighed]
+        for i, (msg, record, claim) in enumerate(weighed):
+            others = claims[:i] + claims[i + 1 :]
+            if not others:
+                return  # a lone reply is the whole aggregate whatever its weight
+            cap = self.config.weight_factor * float(np.median(others))
+            if claim <= cap:
+                continue
+            claimed = record[WEIGHT_KEY]
+            record[WEIGHT_KEY] = int(cap) if isinstance(claimed, int) else cap
+            logger.warning(
+                "round %d: node %d (%s) claimed %s examples; weighted as %s (%g x the median "
+                "of the others' claims)",
+                server_round,
+                int(msg.metadata.src_node_id),
+                self.institution(msg) or "unknown",
+                claimed,
+                record[WEIGHT_KEY],
+                self.config.weight_factor,
+            )
 
     def summary(self) -> None:
         logger.info(
@@ -114,6 +205,7 @@ class GuardedStrategy(Strategy):
     ) -> Iterable[Message]:
         # The arrays sent this round are the reference for keys, shapes and update norms.
         self._reference = {k: v.numpy().astype(np.float64) for k, v in arrays.items()}
+        self._refresh_identities()  # an institution enrolled or revoked since the last round
         return self.inner.configure_train(server_round, arrays, config, grid)
 
     def aggregate_train(
@@ -141,6 +233,8 @@ class GuardedStrategy(Strategy):
                 passed.append(msg)
                 continue
             reason, norm = _reject_reason(msg, self._reference)
+            if not reason:
+                reason = self._identity_reason(msg)
             if not reason and _metric_keys(msg) != metric_keys:
                 reason = _metric_keys_reason(msg, metric_keys)
             if not reason and norm > self.config.max_update_norm:
@@ -170,6 +264,7 @@ class GuardedStrategy(Strategy):
                 else:
                     passed.append(msg)
                     self.seen[update_digest(msg)] = server_round
+        self._bound_weights(server_round, [m for m in passed if not m.has_error()])
         if self.rejections and all(msg.has_error() for msg in passed):
             logger.warning(
                 "round %d: no update passed the guard; the model is unchanged", server_round
@@ -178,7 +273,7 @@ class GuardedStrategy(Strategy):
 
     def _reject(self, server_round: int, msg: Message, reason: str, what: str = "update") -> None:
         node_id = int(msg.metadata.src_node_id)
-        institution = institution_of(msg)
+        institution = self.institution(msg)
         self.rejections.append(Rejection(node_id, institution, f"{what}: {reason}"))
         logger.warning(
             "round %d: rejected the %s of node %d%s: %s",
@@ -203,10 +298,15 @@ class GuardedStrategy(Strategy):
         metric_keys = _majority_metric_keys(replies)
         kept = []
         for msg in replies:
-            if msg.has_error() or _metric_keys(msg) == metric_keys:
+            if msg.has_error():
+                kept.append(msg)
+            elif reason := self._identity_reason(msg):
+                self._reject(server_round, msg, reason, "evaluation")
+            elif _metric_keys(msg) == metric_keys:
                 kept.append(msg)
             else:
                 self._reject(server_round, msg, _metric_keys_reason(msg, metric_keys), "evaluation")
+        self._bound_weights(server_round, [m for m in kept if not m.has_error()])
         return self.inner.aggregate_evaluate(server_round, kept)
 
 

@@ -77,7 +77,7 @@ def run_rounds(
             strategy.configure_train(server_round, arrays, ConfigRecord(dict(train_config)), grid)
         )
         replies = exchange(grid, messages, timeout)
-        train_nodes, failures = _node_results(messages, replies)
+        train_nodes, failures = _node_results(messages, replies, strategy.institution)
         new_arrays, train_metrics = strategy.aggregate_train(server_round, replies)
         if new_arrays is not None:
             arrays = new_arrays
@@ -90,7 +90,7 @@ def run_rounds(
             )
         )
         replies = exchange(grid, messages, timeout)
-        evaluate_nodes, eval_failures = _node_results(messages, replies)
+        evaluate_nodes, eval_failures = _node_results(messages, replies, strategy.institution)
         evaluate_metrics = strategy.aggregate_evaluate(server_round, replies)
         rejected += strategy.rejections[len(rejected) :]
 
@@ -111,23 +111,27 @@ def run_rounds(
 
 
 def _node_results(
-    sent: Iterable[Message], replies: list[Message]
+    sent: Iterable[Message], replies: list[Message], institution: Callable[[Message], str]
 ) -> tuple[list[NodeResult], list[NodeResult]]:
-    """Per-node metrics of the replies, and the nodes that failed or did not reply."""
+    """Per-node metrics of the replies, and the nodes that failed or did not reply.
+
+    ``institution`` names a reply's sender: in a deployment by its enrolled key, never by the
+    name the reply carries (`GuardedStrategy.institution`).
+    """
     results, failures = [], []
     answered = set()
     for msg in replies:
         node_id = int(msg.metadata.src_node_id)
         answered.add(node_id)
         if msg.has_error():
-            failures.append(NodeResult(node_id, "", {}, msg.error.reason))
+            failures.append(NodeResult(node_id, institution(msg), {}, msg.error.reason))
             logger.warning("node %d replied with an error: %s", node_id, msg.error.reason)
             continue
         received = read_reply(msg.content.metric_records, msg.content.config_records)
         results.append(
             NodeResult(
                 node_id,
-                received.institution,
+                institution(msg),
                 received.metrics,
                 privacy=received.ledger_entry,
                 privacy_earlier=received.ledger_earlier,

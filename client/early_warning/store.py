@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import sqlite3
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -139,7 +140,10 @@ class Store:
                 "or pass the store's --db"
             )
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+            # Students' risk scores: a new folder and file are the owner's only (0700/0600);
+            # SQLite gives its journal files the database's mode.
+            self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT, 0o600))
         except OSError as exc:
             raise StoreError(f"{self.path}: cannot create the store's folder ({exc})") from None
         try:

@@ -13,6 +13,7 @@ folder keeps every institution's keys and own ledger). Whether the claimed epsil
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import json
 import logging
 import tomllib
@@ -33,6 +34,7 @@ from privacy.ledger.entries import (
     parse_entries,
     parse_public_key,
     read_lines,
+    same_key,
 )
 from shared_models.user_files import describe_read_error, load_toml, loads_json, read_text
 
@@ -94,6 +96,68 @@ class Evidence:
     keys_from: str  # where the registry came from, for the report
     heads: dict[str, dict[str, Any]]
     heads_from: list[str]
+    #: Revoked or replaced keys with the window they were valid in (`load_past_keys`).
+    past: dict[str, list[PastKey]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class PastKey:
+    """A key an institution signed with before it was revoked or replaced."""
+
+    key: ec.EllipticCurvePublicKey
+    valid_from: dt.datetime | None  # None: enrolled before windows were recorded
+    valid_until: dt.datetime
+
+
+def load_past_keys(path: Path) -> dict[str, list[PastKey]]:
+    """The revoked keys of the server's ``institutions.toml``, by institution (none elsewhere)."""
+    if not path.is_file() or path.suffix != ".toml":
+        return {}
+    try:
+        raw = load_toml(path)
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
+        return {}  # load_keys, which reads the same file, reports it
+    old = raw.get("revoked")  # the format before revocations were kept as a list
+    revocations = raw.get("revocations", [])
+    if isinstance(old, dict):
+        revocations = [*revocations, *({**v, "name": k} for k, v in old.items())]
+    out: dict[str, list[PastKey]] = {}
+    for entry in revocations if isinstance(revocations, list) else []:
+        try:
+            start = entry.get("enrolled_at")
+            past = PastKey(
+                _key(entry["public_key"], path, entry["name"]),
+                _utc(start) if start is not None else None,
+                _utc(entry["revoked_at"]),
+            )
+        except (LedgerError, KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise LedgerError(f"{path}: a revocation is not readable ({exc})") from None
+        out.setdefault(str(entry["name"]), []).append(past)
+    return out
+
+
+def _utc(value: Any) -> dt.datetime:
+    when = value if isinstance(value, dt.datetime) else dt.datetime.fromisoformat(str(value))
+    return when if when.tzinfo else when.replace(tzinfo=dt.UTC)
+
+
+def _past_key(raw: bytes, past: Sequence[PastKey]) -> ec.EllipticCurvePublicKey | None:
+    """The revoked key that signed ``raw`` while it was valid, if one did."""
+    if not past:
+        return None
+    try:
+        obj = loads_json(raw.decode("utf-8"))
+        signed = parse_public_key(str(obj["public_key"]))
+        when = _utc(obj["time"])
+    except (UnicodeDecodeError, ValueError, KeyError, TypeError, LedgerError):
+        return None
+    for candidate in past:
+        # Five minutes' grace before enrolment: a node's clock may run a little ahead.
+        starts = candidate.valid_from - dt.timedelta(minutes=5) if candidate.valid_from else None
+        in_window = (starts is None or starts <= when) and when <= candidate.valid_until
+        if in_window and same_key(candidate.key, signed):
+            return candidate.key
+    return None
 
 
 def find_evidence(ledger: Path, keys: Path | None = None, heads: Sequence[Path] = ()) -> Evidence:
@@ -118,10 +182,11 @@ def find_evidence(ledger: Path, keys: Path | None = None, heads: Sequence[Path] 
     else:
         paths = [p for p in _found_heads(here) if p.resolve() != ledger.resolve()]
     expected = load_heads(paths) if paths else {}
+    past = load_past_keys(Path(keys_from)) if registry is not None else {}
     if registry is not None and not heads:
         # A found ledger may hold other institutions (the consortium's copy): only ours count.
-        expected = {k: v for k, v in expected.items() if k in registry}
-    return Evidence(registry, keys_from, expected, [str(p) for p in paths])
+        expected = {k: v for k, v in expected.items() if k in registry or k in past}
+    return Evidence(registry, keys_from, expected, [str(p) for p in paths], past)
 
 
 def _found_keys(here: Path) -> tuple[dict[str, ec.EllipticCurvePublicKey] | None, str]:
@@ -220,6 +285,7 @@ def verify_ledger(
     expected_heads: Mapping[str, Mapping[str, Any]] | None = None,
     *,
     absent: Sequence[str] = (),
+    past_keys: Mapping[str, Sequence[PastKey]] | None = None,
 ) -> VerifyReport:
     """Check every line of a ledger; `VerifyReport.problems` lists the bad ones, first first.
 
@@ -227,8 +293,10 @@ def verify_ledger(
     chain, but not proof of who signed it). With them, every registered institution must have
     entries, except those named in ``absent`` (enrolled, but took no part). A chain without an
     expected head is listed in `VerifyReport.tails_unchecked`: entries removed from its end
-    cannot be noticed.
+    cannot be noticed. An entry signed by a revoked or replaced key (``past_keys``) verifies
+    when its time lies in the window that key was valid in.
     """
+    past_keys = past_keys or {}
     if not path.is_file():
         raise LedgerError(f"{path}: no such ledger file")
     report = VerifyReport(path, keys_from_registry=keys is not None)
@@ -246,12 +314,13 @@ def verify_ledger(
         name = _institution_of(raw)
         if name is not None:
             seen.add(name)
-        if keys is not None and name is not None and name not in keys:
+        past = _past_key(raw, past_keys.get(name, ())) if name is not None else None
+        if keys is not None and name is not None and name not in keys and past is None:
             reason = f"institution {name!r} is not in the key registry"
             report.problems.append(LedgerProblem(number, name, None, reason))
             continue
         prev = last.get(name) if name is not None else None
-        key = keys[name] if keys is not None and name is not None else None
+        key = keys[name] if keys is not None and name is not None and past is None else past
         if key is None and prev is not None:
             # Without a registry, pin the chain's key; a bad one was reported with its entry.
             with contextlib.suppress(LedgerError):
@@ -284,7 +353,9 @@ def verify_ledger(
         report.problems.append(LedgerProblem(end, name, None, reason))
     expected = dict(expected_heads or {})
     if keys is not None:
-        expected = {k: v for k, v in expected.items() if k in keys and k not in absent}
+        expected = {
+            k: v for k, v in expected.items() if (k in keys or k in past_keys) and k not in absent
+        }
     for name in sorted(set(last) | set(expected)):
         if name not in expected:
             report.tails_unchecked.append(name)
@@ -363,7 +434,9 @@ def audit_ledger(
     unknown = sorted(set(absent) - set(evidence.keys or {}))
     if unknown and evidence.keys is not None:
         raise LedgerError(f"--absent {', '.join(unknown)}: not in the key registry")
-    report = verify_ledger(ledger, evidence.keys, evidence.heads, absent=absent)
+    report = verify_ledger(
+        ledger, evidence.keys, evidence.heads, absent=absent, past_keys=evidence.past
+    )
     return report, evidence
 
 

@@ -34,8 +34,21 @@ from pathlib import Path
 
 import tomli_w
 
-from privacy.keys import ConsortiumKeys, KeyMaterialError, write_private, write_public
-from server.institutions import Registry, load_registry, save_registry
+from privacy.keys import (
+    ConsortiumKeys,
+    KeyMaterialError,
+    check_server_certificate,
+    write_private,
+    write_public,
+)
+from server.institutions import (
+    REGISTRY_ENV,
+    REGISTRY_FILE,
+    Registry,
+    load_registry,
+    private_dir,
+    save_registry,
+)
 from server.superlink.control import FINISHED, FlowerControl, write_connection
 from shared_models import processes
 from shared_models.processes import Child, DeploymentError
@@ -145,6 +158,7 @@ def check_keys(keys_dir: Path) -> ConsortiumKeys:
             f"missing {', '.join(str(p) for p in missing)}; create them with "
             f"`edufl server keys init --dir {keys_dir}` (or pass --insecure for plaintext)"
         )
+    check_server_certificate(keys_dir)  # an expired one: refused, with the renew command
     return keys
 
 
@@ -195,12 +209,20 @@ def start_superlink(
         raise DeploymentError(
             f"control port {control_port} on {CONTROL_HOST} is in use; choose another"
         )
-    layout.state_dir.mkdir(parents=True, exist_ok=True)
+    # The state folder holds the node registry, the run database and logs: the operator's only.
+    private_dir(layout.state_dir)
+    private_dir(layout.superlink_log.parent)
+    for private_file in (layout.database, layout.superlink_log):
+        # Created 0600 before Flower opens them (SQLite gives its journals the same mode).
+        os.close(os.open(private_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600))
+        private_file.chmod(0o600)
     # A new Runtime API secret at every start; only this SuperLink's SuperExec reads it.
     write_private(layout.runtime_secret, os.urandom(32))
     # Loopback only, so plaintext: a local user who could read it could connect anyway.
     write_connection(layout.flwr_home, f"{CONTROL_HOST}:{control_port}", None)
     env = processes.flower_env(layout.flwr_home)
+    # The ServerApp's update guard names each node by the key it enrolled with.
+    env[REGISTRY_ENV] = str((layout.state_dir / REGISTRY_FILE).resolve())
     child = processes.start(
         "SuperLink",
         superlink_argv(layout, host, port, keys, control_port),
@@ -220,7 +242,7 @@ def start_superlink(
         "control": f"{CONTROL_HOST}:{control_port}",
         "tls": keys is not None,
     }
-    write_public(layout.server_file, json.dumps(info).encode())
+    write_private(layout.server_file, json.dumps(info).encode())
     return child
 
 

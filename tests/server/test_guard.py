@@ -208,3 +208,63 @@ def test_one_update_sent_by_two_nodes_in_a_round_is_kept_once(flower_task: None)
     strategy.aggregate_train(1, replies)
     assert [r.node_id for r in strategy.rejections] == [2]
     assert "node 1" in strategy.rejections[0].reason
+
+
+ENROLLED = {1: "uni_1", 2: "uni_2", 3: "uni_3", 13: "uni_13"}
+
+
+def _enrolled_guard() -> GuardedStrategy:
+    strategy = GuardedStrategy(
+        FedAvg(train_metrics_aggr_fn=weighted_metrics), None, lambda: ENROLLED
+    )
+    strategy.configure_train(
+        1, ArrayRecord({k: Array(v) for k, v in GLOBAL.items()}), _cfg(), _NoGrid()
+    )
+    return strategy
+
+
+def test_a_node_claiming_10_to_the_12_examples_weighs_at_most_its_bounded_share(
+    flower_task: None, caplog: pytest.LogCaptureFixture
+) -> None:
+    target = _update(99, scale=0.05)  # where the attacker wants the model
+    attack = reply(13, target, num_examples=10**12, institution="uni_13")
+    with caplog.at_level(logging.WARNING, logger="server.guard"):
+        arrays, _ = _enrolled_guard().aggregate_train(1, [*_good_replies(), attack])
+    # Its weight is cut to 3 x the median of the others' claims (20): 60 of 120.
+    bounded = reply(13, target, num_examples=60, institution="uni_13")
+    expected, _ = FedAvg(train_metrics_aggr_fn=weighted_metrics).aggregate_train(
+        1, [*_good_replies(), bounded]
+    )
+    for name, value in _arrays(expected).items():
+        np.testing.assert_allclose(_arrays(arrays)[name], value, rtol=1e-6)
+    honest = _arrays(FedAvg().aggregate_train(1, _good_replies())[0])
+    distance = sum(np.linalg.norm(_arrays(arrays)[k] - target[k]) for k in target)
+    start = sum(np.linalg.norm(honest[k] - target[k]) for k in target)
+    assert distance >= 0.45 * start  # not the attacker's model (unbounded: distance ~0)
+    assert "node 13 (uni_13) claimed 1000000000000 examples" in caplog.text
+
+
+def test_a_reply_naming_another_institution_or_from_an_unenrolled_node_is_rejected(
+    flower_task: None,
+) -> None:
+    strategy = _enrolled_guard()
+    impostor = reply(13, _update(13), num_examples=30, institution="uni_1")
+    stranger = reply(14, _update(14), num_examples=30, institution="uni_14")
+    arrays, _ = strategy.aggregate_train(1, [*_good_replies(), impostor, stranger])
+    expected, _ = FedAvg().aggregate_train(1, _good_replies())
+    for name, value in _arrays(expected).items():
+        np.testing.assert_allclose(_arrays(arrays)[name], value, rtol=1e-6)
+    assert [(r.node_id, r.institution) for r in strategy.rejections] == [(13, "uni_13"), (14, "")]
+    assert "claims to come from 'uni_1'" in strategy.rejections[0].reason
+    assert "not the node of any enrolled institution" in strategy.rejections[1].reason
+    # The registry names the sender, whatever the reply says.
+    assert strategy.institution(reply(2, None, institution="uni_9")) == "uni_2"
+
+
+def test_without_a_registry_weights_and_names_are_taken_as_claimed(flower_task: None) -> None:
+    strategy = _guarded()
+    _, metrics = strategy.aggregate_train(
+        1, [*_good_replies(), reply(13, _update(13), num_examples=600, institution="uni_x")]
+    )
+    assert metrics is not None and metrics["num-examples"] == 660
+    assert strategy.institution(reply(13, None, institution="uni_x")) == "uni_x"
