@@ -195,6 +195,8 @@ def test_help_still_shows_defaults_and_required() -> None:
 
 
 def test_help_defaults_match_their_sources() -> None:
+    from client.node import cli as node_cli
+    from client.node.launcher import DEFAULT_MAX_MODEL_PARAMS
     from privacy.keys import DEFAULT_ADDRESSES
     from server import cli as server_cli
     from server.superlink.launcher import DEFAULT_ADDRESS
@@ -206,6 +208,7 @@ def test_help_defaults_match_their_sources() -> None:
     assert server_cli.DEFAULT_ADDRESS == DEFAULT_ADDRESS
     assert tuple(DATASETS) == reproduce_cli.DATASET_NAMES
     assert reproduce_cli.MODE_NAMES == MODES
+    assert node_cli.DEFAULT_MAX_MODEL_PARAMS == DEFAULT_MAX_MODEL_PARAMS
 
 
 @pytest.fixture

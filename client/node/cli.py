@@ -9,6 +9,10 @@ import typer
 
 from shared_models.cli_support import new_app, user_errors
 
+#: `client.node.launcher.DEFAULT_MAX_MODEL_PARAMS`, spelled here so `--help` does not import the
+#: launcher (tests/test_startup.py checks the two agree).
+DEFAULT_MAX_MODEL_PARAMS = 10_000_000
+
 #: Pause between activation attempts; Flower 1.41 frees a crashed session's key after missing
 #: two 30-second heartbeats.
 ACTIVATION_RETRY_S = 10.0
@@ -104,7 +108,7 @@ def start(
         "requests and a run failed.",
     ),
     max_model_params: int = typer.Option(
-        10_000_000,
+        DEFAULT_MAX_MODEL_PARAMS,
         "--max-model-params",
         min=1,
         help="Refuse a model with more parameters than this from the server, before building "
