@@ -1,17 +1,24 @@
 """Deployment round overhead: a real SuperLink and three SuperNodes on loopback, TLS on.
 
 Each federation runs as an operator and the universities would run it: `edufl server start`
-(a SuperLink with TLS and node authentication, then the ServerApp run) and one SuperNode per
-institution (``client.node.launcher.start_supernode``, what `edufl client start` runs), each serving
-its own synthetic export with its own enrolled key, DP-SGD on as every node defaults to. The
-ClientApp modes compared:
+(the SuperLink with its planes split: the Fleet API alone on the public address, 127.0.0.2
+here, Control and Runtime on 127.0.0.1; TLS and node authentication; then the ServerApp run)
+and one SuperNode per institution, each serving its own synthetic export with its own enrolled
+key, DP-SGD on as every node defaults to. The modes compared:
 
-- ``flower``: Flower's default (``--isolation subprocess``): the SuperNode's SuperExec starts a
-  fresh ``flwr-clientapp`` per message, which imports torch, Opacus and pandas again;
-- ``warm``: edufl's default: the SuperNode in ``--isolation process`` under
-  ``client.node.warm_exec``, which forks each message's ClientApp from a process that imported
-  them once (Flower 1.41 has no long-lived ``flwr-clientapp``: it takes one token, runs one
-  message and exits);
+- ``flower``: Flower's own process isolation, for reference only: the SuperNode with Flower's
+  default ``--isolation subprocess``, whose SuperExec starts a fresh ``flwr-clientapp`` per
+  message; that process installs the app bundle the server sends, imports the ClientApp it
+  names (edufl's ``client.app:app`` here) and torch, Opacus and pandas with it. edufl's node
+  never runs this way (issue 17: it would run whatever code the bundle names), so no
+  `edufl client start` option gives it; the node is started here from
+  ``client.node.launcher.supernode_argv`` with the isolation switched back;
+- ``cold``: edufl's executor (`client.node.warm_exec`, ``client.node.own_code``: only the
+  node's own ``client.app:app``) preloading nothing (``NodeOptions.warm_clientapp=False``):
+  each message's process imports torch, Opacus and pandas itself, as ``flwr-clientapp`` does,
+  without its interpreter start and bundle install;
+- ``warm``: edufl's default (`edufl client start`): the same executor forking each message's
+  ClientApp from a process that imported them once;
 - ``paced``: the warm node with ``--pull-interval 0.25`` (``client.node.pacing``: the next
   message asked for 0.25 s after one instead of Flower's fixed 3 s; opt-in).
 
@@ -19,10 +26,11 @@ A round's overhead is its wall time at the server (``seconds`` in the run's ``me
 from sending the global model until the last reply is in and aggregated) minus the slowest
 node's local training time (``train/seconds`` in that node's own reply). Rounds run without a
 federated evaluation, so a round is one message per node. Round 1 also waits for the nodes to
-connect, so only later rounds count. In warm mode the overhead is split further with the task
-durations the executor logs: in the task (loading the export, DP set-up and accounting,
-validation) and transport (the rest: polling by the SuperNode and the ServerApp, TLS transfers,
-aggregation). Federations of the two modes alternate, ``--reps`` times each.
+connect, so only later rounds count. With edufl's executor (cold, warm, paced) the overhead is
+split further with the task durations it logs: in the task (imports when cold, loading the
+export, DP set-up and accounting, validation) and transport (the rest: polling by the
+SuperNode and the ServerApp, TLS transfers, aggregation). Federations of the modes alternate,
+``--reps`` times each, the order rotating.
 
     python -m bench.bench_deploy                    # 3 nodes, 1 x 6 rounds per mode
     python -m bench.bench_deploy --reps 2 --rounds 5  # as for the first figures (2 x 5 rounds)
@@ -45,10 +53,22 @@ from typing import Any
 
 from bench.common import Report, Row, Stats, log, markdown, parser, ratio_stats
 
-MODES = ("flower", "warm", "paced")
+MODES = ("flower", "cold", "warm", "paced")
+#: Modes whose node is edufl's own executor (`client.node.warm_exec`), and whether it preloads.
+EXECUTOR_WARM = {"cold": False, "warm": True, "paced": True}
 #: ``paced``: the warm node with ``edufl client start --pull-interval`` this many seconds.
 PACED_PULL_S = 0.25
 TARGET_S = 2.0  # issue 8, item 4: deployment overhead per round
+#: The public listener's address: a loopback address other than the control plane's 127.0.0.1,
+#: so that a request reaching the Control or Runtime API through it would show (issue 17).
+PUBLIC_HOST = "127.0.0.2"
+#: What an outsider holding ``ca.pem`` tries on the public address: each must be 404.
+CLOSED_PATHS = ("/v1/control/list-runs", "/v1/control/register-node", "/v1/runtime/acquire-task")
+#: A Fleet route, which must answer (Flower itself refuses the empty request, never 404).
+FLEET_PATH = "/v1/fleet/get-run"
+_ACCESS = re.compile(r'"(?:GET|POST|PUT|DELETE) (\S+) HTTP/[\d.]+" (\d{3})')
+#: `server.superlink.serve.PublicPlane`'s warning for a request it turned away.
+_REFUSED_PUBLIC = re.compile(r"refused \S+ \S+ from \S+ on the public listener")
 
 
 def edufl(*args: str) -> str:
@@ -69,17 +89,24 @@ class Federation:
 
     root: Path
     hard_limit_s: int  # no process started here outlives this, whatever happens to us
+    #: The public listener's address (the Fleet API, what the nodes reach); the control plane
+    #: stays on 127.0.0.1, so the two planes have addresses of their own as on a real server.
+    host: str = PUBLIC_HOST
     port: int = 0
     children: list[Any] = field(default_factory=list)  # processes.Child or a pid
 
     def __post_init__(self) -> None:
         from shared_models import processes
 
-        self.port = self.port or processes.free_port()
+        self.port = self.port or processes.free_port(self.host)
 
     @property
     def address(self) -> str:
-        return f"127.0.0.1:{self.port}"
+        return f"{self.host}:{self.port}"
+
+    @property
+    def superlink_log(self) -> Path:
+        return self.state / "logs" / "superlink.log"
 
     @property
     def keys(self) -> Path:
@@ -95,7 +122,7 @@ class Federation:
 
     def enrol(self, exports: Sequence[Path]) -> list[tuple[str, Path, Path]]:
         """Consortium keys, one key pair per institution, all enrolled: (name, export, key)."""
-        edufl("server", "keys", "init", "--dir", str(self.keys))
+        edufl("server", "keys", "init", "--dir", str(self.keys), "--address", self.host)
         nodes = []
         for k, export in enumerate(exports, start=1):
             name = f"uni-{k:02d}"
@@ -159,6 +186,42 @@ class Federation:
         self.children.append(child)
         return child
 
+    def probe_planes(self) -> dict[str, Any]:
+        """What an outsider with ``ca.pem`` gets from the running server's public address."""
+        from shared_models import processes
+
+        info = json.loads((self.state / "server.json").read_text("utf-8"))
+        _, control_port = processes.split_address(str(info["control"]))
+        ca = self.keys / "ca.pem"
+        paths = (*CLOSED_PATHS, FLEET_PATH)
+        return {
+            "public": info["address"],
+            "control": info["control"],
+            "control_port_open_on_public_host": processes.port_open(self.host, control_port),
+            "status": {path: https_post(f"https://{self.address}{path}", ca) for path in paths},
+        }
+
+    def start_flower_node(self, name: str, export: Path, key: Path) -> Any:
+        """A SuperNode in Flower's default isolation: its SuperExec starts ``flwr-clientapp``
+        for each message, which installs the bundle and imports the ClientApp it names.
+
+        The reference edufl's node no longer offers (issue 17); the same command line as
+        edufl's node otherwise (`client.node.launcher.supernode_argv`).
+        """
+        from shared_models import processes
+
+        options = self.node_options(name, export, key, warm=False)
+        child = processes.start(
+            f"SuperNode {name} (Flower's isolation)",
+            flower_supernode_argv(options),
+            log_path=options.home / "logs" / "supernode.log",
+            env=processes.flower_env(options.home),
+            cwd=options.home,
+        )
+        self.children.append(child)
+        processes.wait_until_listening(child, "127.0.0.1", options.runtime_port, 180)
+        return child
+
     def wait_for_run(self, server: Any, timeout_s: float) -> list[dict[str, Any]]:
         """Wait until the server exits; the run's metrics.jsonl records (raises if it failed)."""
         wait_for("the run to finish", lambda: not server.alive(), timeout_s, [server])
@@ -179,6 +242,60 @@ class Federation:
         self.children.clear()
 
 
+def flower_supernode_argv(options: Any) -> list[str]:
+    """edufl's `flower-supernode` command line for ``options`` with Flower's default isolation
+    (``subprocess``) instead of edufl's (``process``, served by `client.node.warm_exec`)."""
+    from client.node.launcher import supernode_argv
+
+    argv = supernode_argv(options)
+    argv[argv.index("--isolation") + 1] = "subprocess"
+    return argv
+
+
+def https_post(url: str, ca: Path) -> int:
+    """The HTTP status of an empty POST to ``url``, the server verified against ``ca``."""
+    import ssl
+    import urllib.error
+    import urllib.request
+
+    request = urllib.request.Request(
+        url, data=b"", method="POST", headers={"Content-Type": "application/protobuf"}
+    )
+    context = ssl.create_default_context(cafile=str(ca))
+    try:
+        with urllib.request.urlopen(request, context=context, timeout=30) as reply:
+            return int(reply.status)
+    except urllib.error.HTTPError as error:
+        return int(error.code)
+
+
+def planes_split(probe: dict[str, Any]) -> bool:
+    """Whether a `Federation.probe_planes` result shows only the Fleet API public."""
+    status = probe["status"]
+    return (
+        not probe["control_port_open_on_public_host"]
+        and all(status[path] == 404 for path in CLOSED_PATHS)
+        and status[FLEET_PATH] != 404
+    )
+
+
+def superlink_log_summary(text: str) -> dict[str, Any]:
+    """The SuperLink log in figures: requests by status, the failed ones by path and status,
+    and requests the public listener refused (anything outside the Fleet API)."""
+    by_status: dict[str, int] = {}
+    failed: dict[str, int] = {}
+    for path, status in _ACCESS.findall(text):
+        by_status[status] = by_status.get(status, 0) + 1
+        if not status.startswith("2"):
+            failed[f"{path} {status}"] = failed.get(f"{path} {status}", 0) + 1
+    return {
+        "logged_requests_by_status": dict(sorted(by_status.items())),
+        "failed_requests": dict(sorted(failed.items())),
+        "refused_on_public_listener": len(_REFUSED_PUBLIC.findall(text)),
+        "database_locked": text.count("database is locked"),
+    }
+
+
 def wait_for(what: str, check: Callable[[], bool], timeout: float, must_live: list[Any]) -> None:
     """Poll ``check``; raise (with log tails) on timeout or when one of ``must_live`` exits."""
     from shared_models import processes
@@ -195,21 +312,25 @@ def wait_for(what: str, check: Callable[[], bool], timeout: float, must_live: li
 
 
 def round_rows(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Per round: wall time, slowest node's training time, overhead, replies and failures."""
+    """Per round: wall time, slowest node's training time, overhead, replies and failures.
+
+    Training time and overhead only where the replies carry ``train/seconds`` (replies that
+    release nothing but the update, as since the privacy issue, leave them out).
+    """
     rows = []
     for record in records:
         trained = [e["train"] for e in record["institutions"] if "train" in e]
-        slowest = max((float(t.get("train/seconds", "nan")) for t in trained), default=0.0)
-        rows.append(
-            {
-                "round": record["round"],
-                "wall_s": float(record["seconds"]),
-                "slowest_train_s": round(slowest, 3),
-                "overhead_s": round(float(record["seconds"]) - slowest, 3),
-                "replies": len(trained),
-                "failures": len(record["failures"]),
-            }
-        )
+        times = [float(t["train/seconds"]) for t in trained if "train/seconds" in t]
+        row: dict[str, Any] = {
+            "round": record["round"],
+            "wall_s": float(record["seconds"]),
+            "replies": len(trained),
+            "failures": len(record["failures"]),
+        }
+        if times:
+            row["slowest_train_s"] = round(max(times), 3)
+            row["overhead_s"] = round(float(record["seconds"]) - max(times), 3)
+        rows.append(row)
     return rows
 
 
@@ -234,7 +355,8 @@ def add_task_split(rows: list[dict[str, Any]], homes: Path) -> None:
         if len(tasks) != len(per_node) or not tasks:
             continue
         row["slowest_task_s"] = round(max(tasks), 3)
-        row["in_task_s"] = round(max(tasks) - row["slowest_train_s"], 3)
+        if "slowest_train_s" in row:
+            row["in_task_s"] = round(max(tasks) - row["slowest_train_s"], 3)
         row["transport_s"] = round(row["wall_s"] - max(tasks), 3)
 
 
@@ -248,8 +370,11 @@ def run_federation(mode: str, args: Any, exports: list[Path], root: Path) -> lis
         server = fed.start_server(args.rounds, len(nodes), config, args.timeout)
         started = time.monotonic()
         for name, export, key in nodes:
+            if mode == "flower":
+                fed.start_flower_node(name, export, key)
+                continue
             pull = PACED_PULL_S if mode == "paced" else None
-            fed.start_node(name, export, key, warm=mode != "flower", pull_interval=pull)
+            fed.start_node(name, export, key, warm=EXECUTOR_WARM[mode], pull_interval=pull)
         log(f"{mode}: {len(nodes)} nodes up")
         records = fed.wait_for_run(server, args.timeout + 60)
         log(f"{mode}: run completed in {time.monotonic() - started:.0f} s")
@@ -271,7 +396,7 @@ def _cell(stats: Stats | None) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     p = parser("bench_deploy", __doc__.split("\n\n")[0])
-    p.add_argument("--modes", default=",".join(MODES), help="comma-separated: flower,warm")
+    p.add_argument("--modes", default=",".join(MODES), help=f"comma-separated, of {MODES}")
     p.add_argument("--nodes", type=int, default=3)
     p.add_argument("--rounds", type=int, default=6, help="per federation; round 1 not counted")
     p.add_argument("--reps", type=int, default=1, help="federations per mode, alternating")
@@ -287,11 +412,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         p.error(f"unknown mode(s) {sorted(unknown)}; choose from {MODES}")
     if shutil.which("timeout") is None:
         raise SystemExit("needs coreutils' timeout")
-    from simulations.synthetic import write_consortium
+    from shared_models.processes import terminate_on_sigterm
 
     report = Report("bench_deploy", "4. deployment round overhead", vars(args))
     work = args.workdir or Path(tempfile.mkdtemp(prefix="edufl-bench-deploy-"))
     rounds: dict[str, list[dict[str, Any]]] = {m: [] for m in modes}
+    # Under `timeout` (SIGTERM) too, the federation's `finally` stops the server and the nodes.
+    with terminate_on_sigterm():
+        _run_modes(args, modes, work, rounds)
+    _report(report, rounds)
+    print(_table(report.details))
+    report.write(args.json)
+    return 0
+
+
+def _run_modes(
+    args: Any, modes: Sequence[str], work: Path, rounds: dict[str, list[dict[str, Any]]]
+) -> None:
+    """Every mode's federations, alternating; their rows appended to ``rounds``."""
+    from simulations.synthetic import write_consortium
+
     try:
         exports = write_consortium(
             work / "exports", institutions=args.nodes, students=args.students, seed=0
@@ -304,15 +444,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         if args.workdir is None:
             shutil.rmtree(work, ignore_errors=True)
-    _report(report, rounds)
-    print(_table(report.details))
-    report.write(args.json)
-    return 0
 
 
 def _report(report: Report, rounds: dict[str, list[dict[str, Any]]]) -> None:
-    """Per mode: median/min/max over the rounds after the first of every federation."""
-    keys = ("wall_s", "slowest_train_s", "overhead_s", "in_task_s", "transport_s")
+    """Per mode: median/min/max over the rounds after the first of every federation.
+
+    The measure is the overhead where the replies carry training times, else the round's wall
+    time (the nodes train the same students the same way in every mode).
+    """
+    keys = ("wall_s", "slowest_train_s", "overhead_s", "in_task_s", "transport_s", "slowest_task_s")
+    measure = "overhead_s" if all(_stats(r, "overhead_s") for r in rounds.values()) else "wall_s"
+    label = {
+        "overhead_s": "round wall time - slowest node's training",
+        "wall_s": "round wall time (replies carry no training time)",
+    }[measure]
     for mode, rows in rounds.items():
         steady = [r for r in rows if r["round"] > 1]
         stats = {key: _stats(steady, key) for key in keys}
@@ -321,51 +466,59 @@ def _report(report: Report, rounds: dict[str, list[dict[str, Any]]]) -> None:
             "failures": sum(r["failures"] for r in rows),
             "rounds": rows,
         }
-        overhead = stats["overhead_s"]
-        note = f"slowest training {_cell(stats['slowest_train_s'])} s"
+        value = stats[measure]
+        notes = [f"slowest training {_cell(stats['slowest_train_s'])} s"] * bool(
+            stats["slowest_train_s"]
+        )
+        if stats["slowest_task_s"] is not None:
+            notes.append(f"slowest task {_cell(stats['slowest_task_s'])} s")
         if stats["in_task_s"] is not None:
-            note += (
-                f"; in the task {_cell(stats['in_task_s'])} s, "
-                f"transport {_cell(stats['transport_s'])} s"
-            )
+            notes.append(f"in the task {_cell(stats['in_task_s'])} s")
+        if stats["transport_s"] is not None:
+            notes.append(f"transport {_cell(stats['transport_s'])} s")
         report.add(
             Row(
                 "4 deployment overhead",
-                f"{mode}: round wall time - slowest node's training",
-                overhead,
+                f"{mode}: {label}",
+                value,
                 "s",
-                target=f"< {TARGET_S:g} s",
-                met=None if overhead is None else overhead.median < TARGET_S,
-                note=note,
+                target=f"< {TARGET_S:g} s" if measure == "overhead_s" else "",
+                met=None if value is None or measure != "overhead_s" else value.median < TARGET_S,
+                note="; ".join(notes),
             )
         )
-    if {"flower", "warm"} <= rounds.keys():
-        per_rep = {
-            mode: [
-                Stats.of(
-                    [r["overhead_s"] for r in rows if r["rep"] == rep and r["round"] > 1]
-                ).median
-                for rep in sorted({r["rep"] for r in rows})
-            ]
-            for mode, rows in rounds.items()
-        }
-        report.add(
-            Row(
-                "4 deployment overhead",
-                "overhead warm / flower (per pair of federations)",
-                ratio_stats(per_rep["warm"], per_rep["flower"]),
-                "x",
+    for mode, reference in (("warm", "flower"), ("warm", "cold")):
+        if {mode, reference} <= rounds.keys():
+            report.add(
+                Row(
+                    "4 deployment overhead",
+                    f"{'overhead' if measure == 'overhead_s' else 'round wall time'} {mode} / "
+                    f"{reference} (per pair of "
+                    "federations)",
+                    ratio_stats(
+                        _per_rep(rounds[mode], measure), _per_rep(rounds[reference], measure)
+                    ),
+                    "x",
+                )
             )
-        )
+
+
+def _per_rep(rows: Sequence[dict[str, Any]], key: str) -> list[float]:
+    """The median ``key`` of each federation (rounds after the first), in rep order."""
+    return [
+        Stats.of([r[key] for r in rows if r["rep"] == rep and r["round"] > 1]).median
+        for rep in sorted({r["rep"] for r in rows})
+    ]
 
 
 def _table(details: dict[str, Any]) -> str:
     header = [
-        "ClientApp mode",
+        "node (ClientApp mode)",
         "rounds",
         "round wall s",
         "slowest training s",
         "overhead s",
+        "slowest task s",
         "in the task s",
         "transport s",
     ]
@@ -373,7 +526,7 @@ def _table(details: dict[str, Any]) -> str:
     for mode, d in details.items():
         counted = sum(1 for r in d["rounds"] if r["round"] > 1)
         cells = [_cell(None if d[k] is None else Stats(**d[k])) for k in (
-            "wall_s", "slowest_train_s", "overhead_s", "in_task_s", "transport_s"
+            "wall_s", "slowest_train_s", "overhead_s", "slowest_task_s", "in_task_s", "transport_s"
         )]  # fmt: skip
         rows.append([mode, counted, *cells])
     return markdown(header, rows)

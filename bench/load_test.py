@@ -1,11 +1,17 @@
 """Load test: 50 SuperNodes on loopback for 10 rounds, TLS and node authentication on.
 
 Not part of the test suite nor of the benchmark total: it takes minutes and most of a small
-machine. It runs a real deployment: `edufl server start` (SuperLink with TLS and node keys,
-then the ServerApp run) and one SuperNode per institution, each with its own enrolled key and
-its own synthetic export, in edufl's default warm-ClientApp mode (`client.node.warm_exec`), DP-SGD
-on as every node defaults to. It reports:
+machine. It runs a real deployment: `edufl server start` (the SuperLink with its planes split:
+the Fleet API alone on the public address, ``--public-host`` 127.0.0.2 by default, with TLS and
+node keys; Control and Runtime on 127.0.0.1; then the ServerApp run) and one SuperNode per
+institution, each with its own enrolled key and its own synthetic export, in edufl's default
+warm-ClientApp mode (`client.node.warm_exec`), DP-SGD on as every node defaults to. It reports:
 
+- whether the planes were split: once the server is up, what an outsider holding ``ca.pem``
+  gets from the public address for Control, Runtime and Fleet paths (404, 404, Flower's own
+  refusal), and whether the control port answers there (a run whose planes are not split fails);
+- what the SuperLink logged: failed requests by path and status, requests the public listener
+  refused (the probes' only, when every node kept to the Fleet API), "database is locked";
 - rounds completed (of those asked);
 - per round, updates expected (every node: ``fraction_train`` is 1) and received (the nodes
   with training metrics in the run's ``metrics.jsonl``), failures and updates lost (must be 0);
@@ -13,7 +19,8 @@ on as every node defaults to. It reports:
 - peak total memory of every process of the deployment (SuperLink, its SuperExec and
   ServerApp, the SuperNodes, their executors and ClientApp tasks), as the sum of RSS (counts
   shared pages once per process) and of PSS (shares them out: what the machine really holds),
-  sampled from ``/proc``.
+  sampled from ``/proc``;
+- the 1-minute load average while the run went on (the machine may be shared).
 
 ``--launch exec`` starts each node as `edufl client start` does (``start_supernode``): every
 node's warm executor imports torch and Opacus itself, about 320 MiB of private memory each,
@@ -51,10 +58,11 @@ import signal
 import tempfile
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bench.bench_deploy import Federation
+from bench.bench_deploy import PUBLIC_HOST, Federation, planes_split, superlink_log_summary
 from bench.common import Report, Row, Stats, TreeMemory, log, markdown, parser
 
 MIB = 1024**2
@@ -63,18 +71,31 @@ MIB = 1024**2
 class ForkedNodes:
     """Nodes run by `client.node.warm_exec.main` in processes forked from this (preloaded) one."""
 
-    def __init__(self, hard_limit_s: int, threads: int, nice: int = 0) -> None:
-        from client.node import warm_exec
+    def __init__(
+        self,
+        hard_limit_s: int,
+        threads: int,
+        nice: int = 0,
+        activation_wait: float = 90.0,
+        preload: bool = True,
+    ) -> None:
+        if preload:
+            from client.node import warm_exec
 
-        warm_exec._preload(",".join(warm_exec.PRELOAD))
-        import torch
+            warm_exec._preload(",".join(warm_exec.PRELOAD))
+            import torch
 
-        torch.set_num_threads(threads)
+            torch.set_num_threads(threads)
         self.hard_limit_s = hard_limit_s
         self.nice = nice
+        self.activation_wait = activation_wait
         self.pids: list[int] = []
+        self._nodes: dict[int, _Started] = {}  # pid -> what it was started with
+        self._due: list[tuple[float, _Started]] = []  # restarts waiting for their time
+        #: Names of nodes started again after the SuperLink did not activate them.
+        self.restarted: list[str] = []
 
-    def start(self, options: Any) -> int:
+    def start(self, options: Any, first_start: float | None = None) -> int:
         from client.node.launcher import node_argv
         from client.node.warm_exec import main as warm_main
         from shared_models import processes
@@ -82,6 +103,7 @@ class ForkedNodes:
         argv = node_argv(options)[3:]  # what `python -m client.node.warm_exec` would be given
         log_path = options.home / "logs" / "supernode.log"
         log_path.parent.mkdir(parents=True, exist_ok=True)
+        log_start = log_path.stat().st_size if log_path.exists() else 0
         env = processes.flower_env(options.home)
         pid = os.fork()
         if pid == 0:  # the node: never returns
@@ -101,8 +123,55 @@ class ForkedNodes:
                 code = warm_main(argv)
             finally:
                 os._exit(code)
-        self.pids.append(pid)
+        self.track(pid, options, log_path, log_start, first_start)
         return pid
+
+    def track(
+        self,
+        pid: int,
+        options: Any,
+        log_path: Path,
+        log_start: int,
+        first_start: float | None = None,
+    ) -> None:
+        """Count ``pid`` as a node of ``options`` (whose log grew from ``log_start``)."""
+        self.pids.append(pid)
+        first = time.monotonic() if first_start is None else first_start
+        self._nodes[pid] = _Started(options, log_path, log_start, first)
+
+    def restart_unactivated(self) -> None:
+        """Start again, as `edufl client start --activation-wait` does, a node that exited
+        before the SuperLink activated it, ``ACTIVATION_RETRY_S`` after it exited, for up to
+        ``activation_wait`` seconds after its first start.
+
+        On a loaded machine a node's activation request can time out after the SuperLink
+        has activated it; Flower's SuperNode then asks again, is refused (its key's session is
+        marked online) and exits.
+        """
+        from client.node.cli import ACTIVATION_RETRY_S
+
+        now = time.monotonic()
+        for pid, node in list(self._nodes.items()):
+            try:
+                done, _ = os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:
+                done = pid
+            if done == 0:
+                continue
+            del self._nodes[pid]
+            if activated(node.log_path, node.log_start):
+                continue
+            if now + ACTIVATION_RETRY_S - node.first_start <= self.activation_wait:
+                self._due.append((now + ACTIVATION_RETRY_S, node))
+            else:
+                waited = now - node.first_start
+                log(f"{node.options.name} was not activated; gave up after {waited:.0f} s")
+        for due in [d for d in self._due if d[0] <= now]:
+            self._due.remove(due)
+            node = due[1]
+            log(f"{node.options.name} was not activated: started again, as `edufl client start`")
+            self.restarted.append(node.options.name)
+            self.start(node.options, node.first_start)
 
     def stop_all(self, timeout: float = 30.0) -> None:
         for pid in self.pids:
@@ -122,6 +191,28 @@ class ForkedNodes:
             with contextlib.suppress(ChildProcessError):
                 os.waitpid(pid, 0)
         self.pids.clear()
+
+
+@dataclass(frozen=True)
+class _Started:
+    options: Any  # client.node.launcher.NodeOptions
+    log_path: Path
+    log_start: int  # the log's size when this start began
+    first_start: float  # time.monotonic() of the node's first start
+
+
+#: Flower 1.41's SuperNode logs this once the SuperLink has activated it.
+ACTIVATED = "SuperNode ID:"
+
+
+def activated(log_path: Path, log_start: int) -> bool:
+    """Whether the node whose log is ``log_path`` was activated after offset ``log_start``."""
+    try:
+        with open(log_path, "rb") as fh:
+            fh.seek(log_start)
+            return ACTIVATED.encode() in fh.read()
+    except FileNotFoundError:
+        return False
 
 
 def load_rows(records: Sequence[dict[str, Any]], expected: int) -> list[dict[str, Any]]:
@@ -150,7 +241,7 @@ def run(args: Any, work: Path) -> dict[str, Any]:
     exports = write_consortium(
         work / "exports", institutions=args.nodes, students=args.students, seed=0
     )
-    fed = Federation(work / "federation", hard_limit_s=args.timeout + 300)
+    fed = Federation(work / "federation", hard_limit_s=args.timeout + 300, host=args.public_host)
     log("consortium keys, a key pair per institution, enrolment")
     nodes = fed.enrol(exports)
     config = (
@@ -161,14 +252,19 @@ def run(args: Any, work: Path) -> dict[str, Any]:
     )
     memory = TreeMemory()
     forked = (
-        ForkedNodes(fed.hard_limit_s, args.threads_per_node, args.node_nice)
+        ForkedNodes(fed.hard_limit_s, args.threads_per_node, args.node_nice, args.activation_wait)
         if args.launch == "fork"
         else None
     )
     started = time.monotonic()
     try:
         server = fed.start_server(args.rounds, args.nodes, config, args.timeout)
-        log(f"server up; starting {args.nodes} nodes ({args.launch})")
+        planes = fed.probe_planes()
+        log(
+            f"server up: public {planes['public']} (Fleet API: "
+            f"{'only' if planes_split(planes) else 'NOT ONLY'}), control {planes['control']}; "
+            f"starting {args.nodes} nodes ({args.launch})"
+        )
         for name, export, key in nodes:
             options = fed.node_options(name, export, key, True, args.pull_interval)
             if forked is not None:
@@ -178,8 +274,12 @@ def run(args: Any, work: Path) -> dict[str, Any]:
             memory.sample()
         log("all nodes started; waiting for the run")
         last_report = 0.0
+        loads: list[float] = []
         while server.alive() and time.monotonic() - started < args.timeout + 120:
             memory.sample()
+            loads.append(os.getloadavg()[0])
+            if forked is not None:
+                forked.restart_unactivated()
             if (free := _available_gib()) < args.min_free_gib:  # the machine is shared
                 raise RuntimeError(
                     f"only {free:.1f} GiB of memory left (--min-free-gib {args.min_free_gib}); "
@@ -206,14 +306,19 @@ def run(args: Any, work: Path) -> dict[str, Any]:
         fed.stop_all()
     rows = load_rows(records, args.nodes)
     server_log = server.log_path.read_text(errors="replace")
-    superlink_logs = [p.read_text(errors="replace") for p in fed.root.rglob("superlink.log")]
+    superlink = superlink_log_summary(fed.superlink_log.read_text(errors="replace"))
     return {
         "error": error,
+        "planes": planes,
+        "planes_split": planes_split(planes),
+        "superlink_log": superlink,
         # replies the server asked for again (server.superlink.retry.exchange), and why they were
         # late
         "asked_again": _asked_again(server_log),
+        # nodes the SuperLink did not activate at first, started again (--activation-wait)
+        "restarted_nodes": forked.restarted if forked is not None else [],
         "superlink_refused_pushes": sum(
-            log.count('push-messages HTTP/1.1" 500') for log in superlink_logs
+            n for k, n in superlink["failed_requests"].items() if k.endswith("push-messages 500")
         ),
         "rounds_asked": args.rounds,
         "rounds_completed": len(rows),
@@ -227,7 +332,20 @@ def run(args: Any, work: Path) -> dict[str, Any]:
         "peak_pss_sum_mib": round(memory.peak_pss / MIB),
         "peak_processes": memory.peak_processes,
         "seconds_server_start_to_end": round(time.monotonic() - started, 1),
+        # the machine is shared: the 1-minute load average while the run went on
+        "load_average": [round(min(loads), 1), round(max(loads), 1)] if loads else None,
+        "cpus": os.cpu_count(),
     }
+
+
+def passed(result: dict[str, Any]) -> bool:
+    """Every round asked completed, no update lost, and only the Fleet API was public."""
+    return (
+        not result["error"]
+        and result["updates_lost"] == 0
+        and result["rounds_completed"] == result["rounds_asked"]
+        and result["planes_split"]
+    )
 
 
 def _records(run_dir: Path) -> list[dict[str, Any]]:
@@ -289,6 +407,27 @@ def _table(result: dict[str, Any]) -> str:
         f"replies asked for again: {r['asked_again']}; pushes the SuperLink refused (HTTP 500, "
         f"e.g. 'database is locked'): {r['superlink_refused_pushes']}",
     ]
+    if r["restarted_nodes"]:
+        lines.append(
+            f"nodes started again after the SuperLink did not activate them: "
+            f"{', '.join(r['restarted_nodes'])}"
+        )
+    planes, superlink = r["planes"], r["superlink_log"]
+    lines += [
+        f"planes: public {planes['public']} answers "
+        + ", ".join(f"{path} {code}" for path, code in planes["status"].items())
+        + f"; control plane {planes['control']}"
+        + f" ({'open' if planes['control_port_open_on_public_host'] else 'closed'} on the public"
+        f" address): {'split' if r['planes_split'] else 'NOT SPLIT'}",
+        "SuperLink log (Flower leaves out successful routine requests): by status "
+        f"{superlink['logged_requests_by_status']}; failed "
+        f"{superlink['failed_requests'] or 'none'}; refused on the public listener "
+        f"{superlink['refused_on_public_listener']} (the probes above: "
+        f"{len(planes['status']) - 1}); 'database is locked' {superlink['database_locked']}",
+    ]
+    if r["load_average"]:
+        low, high = r["load_average"]
+        lines.append(f"load average (1 min) during the run: {low}-{high} on {r['cpus']} CPUs")
     if r["error"]:
         lines.append(f"the run FAILED: {r['error']}")
     return "\n".join(lines)
@@ -303,9 +442,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--hidden-size", type=int, default=16, help="the LSTM's units")
     p.add_argument("--evaluate", action="store_true", help="also a federated evaluation")
     p.add_argument("--launch", choices=("fork", "exec"), default="fork")
+    p.add_argument(
+        "--public-host",
+        default=PUBLIC_HOST,
+        help="loopback address of the public listener (the control plane is on 127.0.0.1)",
+    )
     p.add_argument("--threads-per-node", type=int, default=1)
     p.add_argument(
         "--node-nice", type=int, default=10, help="niceness of forked nodes (0: as the server)"
+    )
+    p.add_argument(
+        "--activation-wait",
+        type=float,
+        default=90.0,
+        help="start a forked node the SuperLink did not activate again for this many seconds, "
+        "as `edufl client start --activation-wait` does (0: never)",
     )
     p.add_argument(
         "--pull-interval",
@@ -333,8 +484,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.workdir is None:
             shutil.rmtree(work, ignore_errors=True)
     report.details = result
-    ok = not result["error"] and result["updates_lost"] == 0
-    ok = ok and result["rounds_completed"] == args.rounds
+    ok = passed(result)
     _rows(report, args, result, ok)
     print(_table(result))
     report.write(args.json)

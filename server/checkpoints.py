@@ -6,15 +6,18 @@ Layout of a run directory (the checkpoint format is `shared_models.models.checkp
                                                   by its manifest
     metrics.jsonl                                 one JSON object per completed round
 
-Every file is written to a temporary name and renamed into place. Per round the weights and the
-metrics line are written first and the manifest last: the manifest commits the round. On start,
-the metrics log is cut back to the last committed round, so a crash between the two can neither
-repeat nor lose a round in the log.
+Files are private to the server's user: 0600, in a ``checkpoints`` folder made 0700 before
+anything is written to it (a run folder edufl creates is 0700 too; one that exists keeps its
+mode). Every file is written to a temporary name and renamed into place. Per round the weights
+and the metrics line are written first and the manifest last: the manifest commits the round.
+On start, the metrics log is cut back to the last committed round, so a crash between the two
+can neither repeat nor lose a round in the log.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -39,6 +42,8 @@ __all__ = ["METRICS_LOG", "Checkpoint", "CheckpointError", "CheckpointStore"]
 logger = logging.getLogger(__name__)
 
 METRICS_LOG = "metrics.jsonl"
+#: Modes of what a run folder holds: the global model is the consortium's, not the world's.
+PRIVATE_FILE, PRIVATE_DIR = 0o600, 0o700
 
 
 class CheckpointStore:
@@ -72,6 +77,7 @@ class CheckpointStore:
             if metrics_record is not None:
                 self.append_metrics(metrics_record)
 
+        self._private_folders()
         checkpoint = write_checkpoint(
             self.checkpoint_dir,
             server_round,
@@ -80,6 +86,10 @@ class CheckpointStore:
             state=state,
             before_commit=log_the_round,
         )
+        # Written with the umask's mode, in a folder nobody else can enter: narrowed now.
+        for path in (checkpoint.weights_path, checkpoint.state_path, checkpoint.manifest_path):
+            if path is not None:
+                os.chmod(path, PRIVATE_FILE)
         logger.info("checkpoint of round %d written to %s", server_round, checkpoint.weights_path)
         return checkpoint
 
@@ -155,6 +165,13 @@ class CheckpointStore:
         return len(records) - len(kept)
 
     def _write_metrics(self, records: list[dict[str, Any]]) -> None:
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.run_dir.mkdir(mode=PRIVATE_DIR, parents=True, exist_ok=True)
         text = "".join(json_text(r) + "\n" for r in records)
-        write_text_atomic(self.metrics_path, text)
+        write_text_atomic(self.metrics_path, text, mode=PRIVATE_FILE)
+
+    def _private_folders(self) -> None:
+        """The run folder (if new) and its ``checkpoints`` folder (always) made 0700."""
+        self.run_dir.mkdir(mode=PRIVATE_DIR, parents=True, exist_ok=True)
+        self.checkpoint_dir.mkdir(mode=PRIVATE_DIR, exist_ok=True)
+        if self.checkpoint_dir.stat().st_mode & 0o077:
+            self.checkpoint_dir.chmod(PRIVATE_DIR)

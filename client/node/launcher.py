@@ -14,16 +14,19 @@ this installation's ``client.app:app`` and refuses any other bundle.
 from __future__ import annotations
 
 import logging
+import os
 import re
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from client.node import flower_surface
 from privacy.keys import KeyMaterialError, check_name, load_node_private_key
 from shared_models import processes
 from shared_models.data.contract import load_spec
 from shared_models.data.validate import ValidationReport, validate_export
+from shared_models.deployment import REVOKED_NOTICE, check_flower_version, check_insecure_address
 from shared_models.errors import DataContractError
 from shared_models.processes import Child, DeploymentError
 from shared_models.protocol import NodeConfig
@@ -33,8 +36,8 @@ logger = logging.getLogger(__name__)
 #: Flower's code when the SuperLink refuses the node (e.g. its key is not registered). Flower
 #: logs it as "Exit Code: 305"; the process itself exits with 1, as for every error.
 EXIT_CONNECTION_REFUSED = 305
-_ACTIVATED = "SuperNode ID:"
-_FLOWER_EXIT = re.compile(r"Exit Code: (\d+)")
+_ACTIVATED = flower_surface.ACTIVATED.text
+_FLOWER_EXIT = re.compile(re.escape(flower_surface.EXIT_CODE.text) + r"(\d+)")
 #: The node's default bound on a received model (40 MB of float32); edufl's models are far
 #: smaller (`edufl client start --max-model-params` raises it).
 DEFAULT_MAX_MODEL_PARAMS = 10_000_000
@@ -91,9 +94,19 @@ def check_export(data_dir: Path, spec: Path | None) -> ValidationReport:
 
 
 def check_credentials(
-    root_cert: Path | None, private_key: Path | None, insecure: bool
+    root_cert: Path | None,
+    private_key: Path | None,
+    insecure: bool,
+    superlink: str | None = None,
 ) -> tuple[Path | None, Path | None]:
-    """Check TLS and node-key options fit together; returns them resolved."""
+    """Check TLS and node-key options fit together; returns them resolved.
+
+    Also refuses a Flower other than the pinned one, and ``insecure`` towards a ``superlink``
+    (``HOST:PORT``) that is not on loopback.
+    """
+    check_flower_version()
+    if insecure and superlink is not None:
+        check_insecure_address(processes.split_address(superlink)[0], "--superlink")
     if insecure:
         if root_cert is not None or private_key is not None:
             raise KeyMaterialError(
@@ -155,6 +168,8 @@ def node_config(options: NodeOptions) -> NodeConfig:
         # Ledger entries signed with the enrolled node key.
         privacy_key=str(options.private_key.resolve()) if options.private_key else None,
         max_model_params=options.max_model_params,
+        # The final global model is delivered into HOME/models (`edufl client report --home`).
+        home_path=str(options.home.resolve()),
     )
 
 
@@ -179,13 +194,18 @@ def start_supernode(options: NodeOptions, *, ready_timeout: float = 60.0) -> Chi
     the SuperNode its child): `processes.stop` stops them all, and
     one log holds the SuperNode's and the ClientApps' output.
     """
-    processes.split_address(options.superlink)
+    host, _ = processes.split_address(options.superlink)
+    check_flower_version()
+    if options.insecure:
+        check_insecure_address(host, "--superlink")
     if '"' in str(options.data_dir.resolve()) or '"' in str(options.spec or ""):
         raise DataContractError('paths given to a node must not contain a double quote (")')
+    log_path = options.home / "logs" / "supernode.log"
+    _private_files(options.home, log_path)
     child = processes.start(
         f"SuperNode {options.name}",
         node_argv(options),
-        log_path=options.home / "logs" / "supernode.log",
+        log_path=log_path,
         env=processes.flower_env(options.home),
         cwd=options.home,
     )
@@ -197,13 +217,28 @@ def start_supernode(options: NodeOptions, *, ready_timeout: float = 60.0) -> Chi
     return child
 
 
+def _private_files(home: Path, log_path: Path) -> None:
+    """The node's home (keys' paths, unpacked apps, privacy state, logs) and log: its own only.
+
+    The home and the log folder are made 0700 (narrowed if they exist wider), the log created
+    0600 before the SuperNode writes to it.
+    """
+    for folder in (home, log_path.parent):
+        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        if folder.stat().st_mode & 0o077:
+            folder.chmod(0o700)
+    os.close(os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600))
+    log_path.chmod(0o600)
+
+
 def follow(child: Child, poll: float = 0.5) -> int:
     """Echo the node's log to stdout until the node exits; returns its exit code.
 
     Raises:
-        DeploymentError: the SuperLink refused the node; the message says what to check.
+        NodeRevoked: the SuperLink refused the node's key as revoked (said in the log).
+        NodeRefused: the SuperLink refused the node otherwise; the message says what to check.
     """
-    activated, flower_code = False, None
+    activated, flower_code, revoked = False, None, None
     with open(child.log_path, encoding="utf-8", errors="replace") as log:
         log.seek(child.log_start)
         while True:
@@ -212,10 +247,17 @@ def follow(child: Child, poll: float = 0.5) -> int:
                 activated = activated or _ACTIVATED in line
                 if match := _FLOWER_EXIT.search(line):
                     flower_code = int(match.group(1))
+                if REVOKED_NOTICE in line:
+                    revoked = line[line.index(REVOKED_NOTICE) :].strip()
                 print(line, end="", flush=True)
             if code is not None:
                 break
             time.sleep(poll)
+    if revoked is not None and not activated:
+        raise NodeRevoked(
+            f"the SuperLink refused {child.name}: this institution's node key is revoked, so "
+            f"retrying cannot help. The server said: {revoked}"
+        )
     if flower_code == EXIT_CONNECTION_REFUSED and not activated:
         raise NodeRefused(
             f"the SuperLink refused {child.name} (Flower exit code {flower_code}); check that "
@@ -229,3 +271,10 @@ class NodeRefused(DeploymentError):
     """The SuperLink would not activate the node: its key is not enrolled (or was revoked), or
     a previous session of the same key is still marked online (a node that crashed, until the
     SuperLink misses its heartbeats: at most 2 x 30 s in Flower 1.41)."""
+
+
+class NodeRevoked(DeploymentError):
+    """The SuperLink refused the node's key because the consortium revoked (or replaced) it.
+
+    Not a `NodeRefused`: `edufl client start` does not retry it.
+    """

@@ -24,9 +24,9 @@ request to the SuperLink, and with 50 nodes on one 2-core machine (``bench/load_
 SQLite store answered "database is locked" to so many of them that the ServerApp's heartbeat
 failed and the run with it. For a consortium of a few nodes it saves about 1.5 s a round.
 
-If the Flower release in use no longer has the loop this is written against (the pin in
-``pyproject.toml`` is ``flwr>=1.41,<1.42``), the SuperNode runs at Flower's own pace, with a
-warning.
+If the Flower release in use no longer has the loop this is written against (``pyproject.toml``
+pins ``flwr==1.41.0`` and `main` refuses another), the SuperNode runs at Flower's own pace,
+with a warning.
 """
 
 from __future__ import annotations
@@ -41,7 +41,8 @@ from collections.abc import Callable, Sequence
 from types import ModuleType
 from typing import Any
 
-from client.node import object_pulls
+from client.node import flower_surface, object_pulls
+from shared_models.deployment import exit_unless_pinned_flower
 
 logger = logging.getLogger("edufl.supernode_pace")
 
@@ -54,7 +55,7 @@ PULL_INTERVAL_S = 0.25
 GROWTH = 1.25
 REPLY_CHECK_S = 0.05
 #: The loop's functions wrapped here (their names in ``flwr.supernode.start_client_internal``).
-_PULL, _PUSH = "_pull_and_store_message", "_push_messages"
+_PULL, _PUSH = flower_surface.PULL.attr, flower_surface.PUSH.attr
 
 
 class Pace:
@@ -162,6 +163,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     except ValueError as exc:
         raise SystemExit(f"--pull-interval: {exc}") from None
 
+    exit_unless_pinned_flower()  # the loop patched here is Flower 1.41.0's
     from flwr.supernode import start_client_internal
     from flwr.supernode.cli import flower_supernode
 

@@ -47,6 +47,9 @@ from dataclasses import dataclass
 from types import FrameType
 from typing import Any
 
+from client.node import flower_surface
+from shared_models.deployment import exit_unless_pinned_flower
+
 logger = logging.getLogger("edufl.warm_exec")
 
 #: Imported before the first task: what `client.app` needs, including what it imports lazily.
@@ -67,9 +70,9 @@ PRELOAD = (
 POLL_S = 2.0
 #: The SuperNode logs this right before it creates a message's task (flwr 1.41); if a release
 #: changes it, tasks are still found, ``POLL_S`` later.
-_HINT = b"Receiving: "
+_HINT = flower_surface.RECEIVING.text.encode()
 #: Logged once the SuperLink has let the node in.
-_ACTIVATED = b"SuperNode ID:"
+_ACTIVATED = flower_surface.ACTIVATED.text.encode()
 #: Importing competes for the CPU with the SuperNode's own start: wait this long for it first.
 _ACTIVATION_WAIT_S = 60.0
 _HINT_POLL_S = 0.05  # how often to ask after the hint, until the task is handed out
@@ -92,6 +95,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.supernode:
         raise SystemExit("give the SuperNode command after --")
     _log_to_stderr()
+    exit_unless_pinned_flower()  # tasks run through Flower 1.41.0's internals (flower_surface)
     from client.node.own_code import describe_own_code
 
     logger.info("warm ClientApp executor: %s", describe_own_code())

@@ -17,13 +17,14 @@ from typing import Any, TextIO
 import tomli_w
 
 from privacy.keys import write_public
+from server.superlink.flower_surface import ALREADY_REGISTERED
 from shared_models.processes import DeploymentError, executable, flower_env
 
 logger = logging.getLogger(__name__)
 
 CONNECTION = "edufl"
 #: Flower's answer when a key is registered already; harmless when edufl registers again.
-_ALREADY_REGISTERED = "Public key already in use"
+_ALREADY_REGISTERED = ALREADY_REGISTERED.text
 FINISHED = "finished:"
 
 

@@ -51,6 +51,7 @@ from server.institutions import (
 )
 from server.superlink.control import FINISHED, FlowerControl, write_connection
 from shared_models import processes
+from shared_models.deployment import check_flower_version, check_insecure_address
 from shared_models.processes import Child, DeploymentError
 
 logger = logging.getLogger(__name__)
@@ -195,6 +196,9 @@ def start_superlink(
         ready_timeout: Seconds to wait for the listeners.
     """
     host, port = processes.split_address(address)
+    check_flower_version()
+    if keys is None:
+        check_insecure_address(host, "--address")
     if running_server(layout) is not None:
         raise DeploymentError(
             f"a server from {layout.state_dir} is running already "

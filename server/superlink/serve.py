@@ -33,7 +33,11 @@ from typing import Any
 
 import uvicorn
 
+from server.institutions import REGISTRY_ENV
+from server.superlink.flower_surface import ACTIVATE_NODE_PATH
+from server.superlink.refusals import NodeRefusals
 from shared_models import processes
+from shared_models.deployment import exit_unless_pinned_flower
 
 logger = logging.getLogger(__name__)
 
@@ -77,13 +81,21 @@ class PublicPlane:
     Runtime path (``/v1/fleet/../control/...``, a trailing slash, ``//``) reaches a route.
     """
 
-    def __init__(self, app: ASGIApp, allowed: frozenset[tuple[str, str]]) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        allowed: frozenset[tuple[str, str]],
+        refusals: NodeRefusals | None = None,
+    ) -> None:
         self.app = app
         self.allowed = allowed
+        self.refusals = refusals
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
         if kind == "http" and (scope["method"], scope["path"]) in self.allowed:
+            if self.refusals is not None:  # refused node keys are named in the log
+                send = self.refusals.watch(scope, send)
             await self.app(scope, receive, send)
             return
         if kind == "lifespan":
@@ -173,6 +185,7 @@ def build_app(args: argparse.Namespace) -> Any:
     from flwr.superlink.config_loader import SuperLinkLifespanConfig, load_control_authn_plugin
     from flwr.superlink.main import create_app
 
+    _lengthen_busy_timeout()
     certificates = None
     if not args.insecure:
         certificates = tuple(
@@ -205,6 +218,29 @@ def build_app(args: argparse.Namespace) -> Any:
         runtime_dependency_install=False,
     )
     return create_app(config, SuperLinkLifespan)
+
+
+#: How long a SuperLink database connection waits for SQLite's write lock before failing with
+#: "database is locked". Flower sets 5 s; with tens of nodes polling on a loaded machine the
+#: lock is held longer than that and Flower failed whole runs (docs/reliability.md, "Load").
+BUSY_TIMEOUT_MS = 30_000
+
+
+def _lengthen_busy_timeout() -> None:
+    """Set SQLite's busy timeout of every SuperLink connection to `BUSY_TIMEOUT_MS`.
+
+    Flower applies its ``SQLITE_PRAGMAS`` (WAL journal, a 5 s busy timeout, ...) on each new
+    connection from the module global of ``flwr.supercore.sql_mixin``; replacing the timeout
+    there, before the app opens its database, keeps every other pragma as Flower sets it.
+    """
+    from flwr.supercore import sql_mixin
+
+    pragmas = tuple(sql_mixin.SQLITE_PRAGMAS)
+    if not any(name == "busy_timeout" for name, _ in pragmas):
+        raise RuntimeError("Flower no longer sets SQLite's busy_timeout; see flower_surface.py")
+    sql_mixin.SQLITE_PRAGMAS = tuple(  # type: ignore[attr-defined]
+        (name, str(BUSY_TIMEOUT_MS) if name == "busy_timeout" else value) for name, value in pragmas
+    )
 
 
 def superexec_argv(control_port: int, secret_file: str, parent_pid: int) -> list[str]:
@@ -253,6 +289,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Serve until SIGTERM/SIGINT; the exit code is 0 after a requested stop."""
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    exit_unless_pinned_flower()  # the names below and in `build_app` are Flower 1.41.0's
+    from flwr.supercore.constant import FLEET_HTTP_PUBLIC_KEY_HEADER
+    from flwr.supercore.error import ApiErrorCode
     from flwr.supercore.http_logging import get_uvicorn_log_config
     from flwr.supercore.logger import console_handler
 
@@ -271,7 +310,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.insecure
         else {"ssl_certfile": args.ssl_certfile, "ssl_keyfile": args.ssl_keyfile}
     )
-    public_app = PublicPlane(app, public_routes(app))
+    registry = os.environ.get(REGISTRY_ENV)
+    refusals = NodeRefusals(
+        Path(registry) if registry else None,
+        key_header=FLEET_HTTP_PUBLIC_KEY_HEADER,
+        activate_path=ACTIVATE_NODE_PATH.text,
+        activation_failed=ApiErrorCode.FLEET_NODE_ACTIVATION_FAILED,
+    )
+    public_app = PublicPlane(app, public_routes(app), refusals)
     public = _Server(
         uvicorn.Config(public_app, host=args.host, port=args.port, lifespan="off", **common, **tls)
     )

@@ -186,6 +186,7 @@ def start_server(
     extra: tuple[str, ...] = (),
     name: str = "server",
     evaluate: bool = False,
+    ready_timeout: float = 90,
 ) -> Child:
     """`edufl server start` for ``rounds`` rounds; returns once the keys are registered.
 
@@ -201,7 +202,9 @@ def start_server(
         "--min-nodes", str(min_nodes), "--out", str(out), "--timeout", str(RUN_LIMIT_S), *extra,
     )  # fmt: skip
     # Nodes may connect only once the server has registered their keys.
-    wait_for("the keys", lambda: "enrolled institutions:" in output(server), 90, [server])
+    wait_for(
+        "the keys", lambda: "enrolled institutions:" in output(server), ready_timeout, [server]
+    )
     return server
 
 

@@ -116,6 +116,8 @@ def test_supernode_pins_the_ca_uses_the_node_key_and_names_its_export(tmp_path: 
         "privacy-key": str(tmp_path / "uni-a"),
         # The node's own bound on the model the server may send (client.node.own_code).
         "max-model-params": 10_000_000,
+        # Where the final global model the server delivers is adopted (client.app.deliver).
+        "home-path": str(tmp_path / "home"),
     }
     assert "--host 127.0.0.1 --port 9123" in joined
     assert "--insecure" not in argv

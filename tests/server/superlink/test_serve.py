@@ -144,3 +144,20 @@ def test_a_taken_control_port_is_a_user_error_before_anything_starts(tmp_path: P
         with pytest.raises(DeploymentError, match=f"control port {port} on 127.0.0.1 is in use"):
             start_superlink(ServerLayout(tmp_path), public, None, control_port=port)
     assert not (tmp_path / "server.json").exists()
+
+
+def test_superlink_connections_wait_longer_for_sqlite_s_lock(
+    flower_app: Any, tmp_path: Path
+) -> None:
+    """Flower's own per-connection hook, after build_app, sets edufl's busy timeout (and WAL)."""
+    from flwr.supercore import sql_mixin
+    from sqlalchemy import create_engine, event, text
+
+    from server.superlink.serve import BUSY_TIMEOUT_MS
+
+    engine = create_engine(f"sqlite:///{tmp_path / 'state.db'}")
+    event.listen(engine, "connect", sql_mixin._set_sqlite_pragmas)
+    with engine.connect() as conn:
+        assert conn.execute(text("PRAGMA busy_timeout")).scalar() == BUSY_TIMEOUT_MS
+        assert conn.execute(text("PRAGMA journal_mode")).scalar() == "wal"
+    engine.dispose()
