@@ -1,17 +1,17 @@
 """Adopting the federation's global model locally, ready for scoring.
 
 A federated checkpoint holds only weights and the architecture; every institution normalises its
-inputs with its own training-split statistics (as it did while training), so the local model
-folder pairs the global weights with this institution's normaliser. Nothing leaves the client.
+inputs as it did while training (`shared_models.data.node.node_normalizer`: the contract's
+constants), so the local model folder pairs the global weights with that normaliser. Nothing
+leaves the client.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from shared_models.data.cohort import Normalizer
 from shared_models.data.contract import FeatureSpec
-from shared_models.data.node import split_node
+from shared_models.data.node import node_normalizer, split_node
 from shared_models.errors import DataContractError
 from shared_models.models.artifact import save_trained
 from shared_models.models.checkpoints import (
@@ -30,7 +30,7 @@ def adopt_global_model(
 
     Args:
         checkpoint: a run folder, its ``checkpoints`` folder, or one ``round-NNNN.json``.
-        data_dir: this institution's export (its train split fixes the normalisation).
+        data_dir: this institution's export (checked against the contract).
         spec: the consortium contract; must match the checkpoint's fingerprint.
         out_dir: where to write the model folder.
         seed: split seed; the federation's own by default, so the split matches training.
@@ -49,7 +49,7 @@ def adopt_global_model(
         raise DataContractError(str(exc)) from None
     manifest = found.manifest
     train = split_node(data_dir, spec, seed=split_seed).train
-    normalizer = Normalizer(spec.target.grade_min, spec.target.grade_max).fit(train)
+    normalizer = node_normalizer(spec, train)
     save_trained(
         out_dir,
         model,
@@ -57,6 +57,10 @@ def adopt_global_model(
         task=str(manifest.get("task", "risk")),
         spec=spec,
         normalizer=normalizer,
-        extra={"federated_round": manifest.get("round"), "checkpoint": str(manifest_path)},
+        extra={
+            "federated_round": manifest.get("round"),
+            "checkpoint": str(manifest_path),
+            "run_id": manifest.get("run_id"),
+        },
     )
     return out_dir

@@ -2,7 +2,8 @@
 
 `CohortArrays` is the hand-off between data loading (``client``/``simulations``) and every model,
 training loop and baseline in edufl. It holds raw (unnormalised) values with missing cells as NaN;
-`Normalizer` is fitted on a training split only and turns them into model inputs.
+`Normalizer` (from the contract's constants, or fitted on a training split) turns them into
+model inputs.
 """
 
 from __future__ import annotations
@@ -10,8 +11,14 @@ from __future__ import annotations
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+from shared_models.errors import DataContractError
+
+if TYPE_CHECKING:
+    from shared_models.data.contract import FeatureSpec
 
 
 @dataclass(frozen=True)
@@ -143,12 +150,15 @@ class ModelInputs:
     """Normalised, imputed float32 arrays ready for a model or a baseline.
 
     Attributes:
-        dynamic: (n, weeks, n_dynamic), z-scored with training statistics; 0 where missing and
-            in unobserved weeks.
+        dynamic: (n, weeks, n_dynamic), clamped and scaled by the contract's ranges (or z-scored
+            with training statistics, see `Normalizer`); 0 where missing and in unobserved weeks.
         week_mask: (n, weeks), 1.0 for observed weeks.
-        static: (n, n_static), numeric columns z-scored, one-hot columns as 0/1; 0 where missing.
+        static: (n, n_static), numeric columns scaled like ``dynamic``, one-hot columns 0/1 under
+            contract normalisation (z-scored under train-zscore); 0 where missing.
         grade: (n,), the grade scaled to [0, 1] by the contract's range; NaN when ungraded.
         at_risk: (n,), 0.0 / 1.0.
+        student_ids: (n,), the pseudonymous student of each record (the unit of privacy: DP-SGD
+            samples students, `privacy.sampling`); empty when unknown (each record its own).
     """
 
     dynamic: np.ndarray
@@ -156,6 +166,7 @@ class ModelInputs:
     static: np.ndarray
     grade: np.ndarray
     at_risk: np.ndarray
+    student_ids: np.ndarray = field(default_factory=lambda: np.array([], dtype=object))
 
     def __len__(self) -> int:
         return len(self.at_risk)
@@ -177,35 +188,107 @@ class ModelInputs:
 
 @dataclass
 class Normalizer:
-    """Z-scores dynamic and static numeric features with statistics of a training split only.
+    """Turns raw cohort values into model inputs: clamp, centre and scale, impute missing as 0.
 
-    Fitted on the training split (the CNN-LSTM paper's per-semester z-score), then applied to
-    validation, test and scoring data so nothing leaks from held-out students.
+    Two ways to get one:
+
+    - `Normalizer.from_contract` (``contract``): clamp bounds, centres and scales are constants of
+      the data contract, so no statistic of any student's data enters preprocessing and one
+      student's records cannot move another's inputs. The default of every federation node.
+    - `fit` (``train-zscore``): z-scores with the statistics of a training split (the CNN-LSTM
+      paper's per-semester z-score); no clamping. Outside the DP guarantee: the statistics depend
+      on every training record. Kept for centralized baselines and for comparison.
+
+    Either is then applied to training, validation, test and scoring data alike.
     """
 
     grade_min: float
     grade_max: float
-    dyn_mean: np.ndarray | None = None
-    dyn_std: np.ndarray | None = None
+    dyn_mean: np.ndarray | None = None  # the centre (a mean for train-zscore)
+    dyn_std: np.ndarray | None = None  # the scale (a standard deviation for train-zscore)
     static_mean: np.ndarray | None = None
     static_std: np.ndarray | None = None
+    # Clamp bounds applied before centring (-inf / inf: unbounded); None: no clamping.
+    dyn_low: np.ndarray | None = None
+    dyn_high: np.ndarray | None = None
+    static_low: np.ndarray | None = None
+    static_high: np.ndarray | None = None
+    method: str = "train-zscore"
+
+    @classmethod
+    def from_contract(cls, spec: FeatureSpec) -> Normalizer:
+        """A normaliser from the contract's constants alone; no data is looked at.
+
+        Each numeric feature is clamped to its training range (``clip_min``/``clip_max``, else
+        ``min``/``max``), then mapped by ``(value - center) / scale``: by default the range onto
+        [-1, 1]. One-hot columns stay 0/1.
+
+        Raises:
+            DataContractError: a numeric feature has no lower or no upper bound in the contract.
+        """
+        dyn = [(f.name, f.training_range, f.center, f.scale) for f in spec.dynamic]
+        static: list[tuple[str, tuple[float | None, float | None], float | None, float | None]]
+        static = []
+        for attr in spec.static:
+            if attr.kind == "numeric":
+                static.append((attr.name, attr.training_range, attr.center, attr.scale))
+            else:  # one-hot: already in [0, 1]; a missing category stays all zeros
+                static += [(n, (0.0, 1.0), 0.0, 1.0) for n in attr.encoded_names]
+        unbounded = [name for name, (lo, hi), _, _ in dyn + static if lo is None or hi is None]
+        if unbounded:
+            raise DataContractError(
+                f"contract '{spec.name}' {spec.version}: {', '.join(unbounded)} "
+                f"{'has' if len(unbounded) == 1 else 'have'} no training range, which "
+                "normalisation inside the privacy guarantee needs; add `min`/`max` (values "
+                "outside are export errors) or `clip_min`/`clip_max` (values outside are clamped) "
+                "to each such [[dynamic]] or [[static]] entry of the spec"
+            )
+
+        def arrays(rows: list[Any]) -> tuple[np.ndarray, ...]:
+            lo = np.array([r[1][0] for r in rows], dtype=np.float64).reshape(len(rows))
+            hi = np.array([r[1][1] for r in rows], dtype=np.float64).reshape(len(rows))
+            center = np.array([np.nan if r[2] is None else r[2] for r in rows], dtype=np.float64)
+            scale = np.array([np.nan if r[3] is None else r[3] for r in rows], dtype=np.float64)
+            center = np.where(np.isnan(center), (lo + hi) / 2, center).reshape(len(rows))
+            scale = np.where(np.isnan(scale), (hi - lo) / 2, scale).reshape(len(rows))
+            return center, scale, lo, hi
+
+        d_center, d_scale, d_lo, d_hi = arrays(dyn)
+        s_center, s_scale, s_lo, s_hi = arrays(static)
+        return cls(
+            spec.target.grade_min,
+            spec.target.grade_max,
+            d_center,
+            d_scale,
+            s_center,
+            s_scale,
+            d_lo,
+            d_hi,
+            s_lo,
+            s_hi,
+            method="contract",
+        )
 
     def fit(self, cohort: CohortArrays) -> Normalizer:
+        """Z-score statistics of ``cohort`` (a training split); see the class docstring."""
         observed = cohort.dynamic[cohort.week_mask > 0]  # (cells, n_dynamic)
         self.dyn_mean = _nan_stat(np.nanmean, observed, 0.0)
         self.dyn_std = _nan_stat(np.nanstd, observed, 1.0)
         self.static_mean = _nan_stat(np.nanmean, cohort.static, 0.0)
         self.static_std = _nan_stat(np.nanstd, cohort.static, 1.0)
+        self.method = "train-zscore"
         return self
 
     def transform(self, cohort: CohortArrays) -> ModelInputs:
         if self.dyn_mean is None or self.dyn_std is None:
             raise RuntimeError("Normalizer.transform called before fit")
         assert self.static_mean is not None and self.static_std is not None
-        dyn = (cohort.dynamic - self.dyn_mean) / self.dyn_std
+        dyn = _clamped(cohort.dynamic, self.dyn_low, self.dyn_high)
+        dyn = (dyn - self.dyn_mean) / self.dyn_std
         dyn = np.where(np.isnan(dyn), 0.0, dyn)
         dyn = dyn * cohort.week_mask[..., None]
-        static = (cohort.static - self.static_mean) / self.static_std
+        static = _clamped(cohort.static, self.static_low, self.static_high)
+        static = (static - self.static_mean) / self.static_std
         static = np.where(np.isnan(static), 0.0, static)
         span = self.grade_max - self.grade_min
         grade = (cohort.grade - self.grade_min) / span
@@ -215,40 +298,63 @@ class Normalizer:
             static=static.astype(np.float32),
             grade=grade.astype(np.float32),
             at_risk=cohort.at_risk.astype(np.float32),
+            student_ids=cohort.student_ids,
         )
 
     def grade_to_scale(self, scaled: np.ndarray) -> np.ndarray:
         """Map a model's [0, 1] grade output back to the contract's grade scale."""
         return self.grade_min + np.asarray(scaled) * (self.grade_max - self.grade_min)
 
-    def state(self) -> dict[str, list[float] | float]:
+    def state(self) -> dict[str, Any]:
         """JSON-serialisable state (saved next to model weights; no pickle)."""
         if self.dyn_mean is None:
             raise RuntimeError("Normalizer.state called before fit")
         assert self.dyn_std is not None and self.static_mean is not None
         assert self.static_std is not None
-        return {
+        out: dict[str, Any] = {
             "grade_min": self.grade_min,
             "grade_max": self.grade_max,
             "dyn_mean": self.dyn_mean.tolist(),
             "dyn_std": self.dyn_std.tolist(),
             "static_mean": self.static_mean.tolist(),
             "static_std": self.static_std.tolist(),
+            "method": self.method,
         }
+        for key in ("dyn_low", "dyn_high", "static_low", "static_high"):
+            bounds = getattr(self, key)
+            if bounds is not None:  # JSON has no infinity: an unbounded side is null
+                out[key] = [float(b) if np.isfinite(b) else None for b in bounds]
+        return out
 
     @classmethod
-    def from_state(cls, state: dict[str, object]) -> Normalizer:
+    def from_state(cls, state: dict[str, Any]) -> Normalizer:
         def arr(key: str) -> np.ndarray:
             return np.asarray(state[key], dtype=np.float64)
 
+        def bounds(key: str, missing: float) -> np.ndarray | None:
+            if state.get(key) is None:  # cards written before clamping existed
+                return None
+            return np.array([missing if b is None else b for b in state[key]], dtype=np.float64)
+
         return cls(
-            grade_min=float(state["grade_min"]),  # type: ignore[arg-type]
-            grade_max=float(state["grade_max"]),  # type: ignore[arg-type]
+            grade_min=float(state["grade_min"]),
+            grade_max=float(state["grade_max"]),
             dyn_mean=arr("dyn_mean"),
             dyn_std=arr("dyn_std"),
             static_mean=arr("static_mean"),
             static_std=arr("static_std"),
+            dyn_low=bounds("dyn_low", -np.inf),
+            dyn_high=bounds("dyn_high", np.inf),
+            static_low=bounds("static_low", -np.inf),
+            static_high=bounds("static_high", np.inf),
+            method=str(state.get("method", "train-zscore")),
         )
+
+
+def _clamped(values: np.ndarray, low: np.ndarray | None, high: np.ndarray | None) -> np.ndarray:
+    if low is None and high is None:
+        return values
+    return np.clip(values, low, high)  # NaN (missing) stays NaN
 
 
 def _nan_stat(fn: Callable[..., np.ndarray], values: np.ndarray, fallback: float) -> np.ndarray:

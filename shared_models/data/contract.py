@@ -41,12 +41,26 @@ class DynamicFeature(_Strict):
     kind: Literal["activity", "assessment"] = "activity"  # activity types form the activity map
     min: float | None = None  # values below are an error in the export
     max: float | None = None  # values above are an error in the export
+    # Training inputs are clamped to [clip_min or min, clip_max or max] before normalisation,
+    # so one extreme record cannot move anyone else's input; values above clip_max are valid.
+    clip_min: float | None = None
+    clip_max: float | None = None
+    # Contract normalisation: (value - center) / scale; by default the training range's
+    # midpoint and half-width, so the range maps onto [-1, 1] and a missing value onto 0.
+    center: float | None = None
+    scale: Annotated[float, Field(gt=0)] | None = None
 
     @model_validator(mode="after")
     def _range(self) -> DynamicFeature:
         if self.min is not None and self.max is not None and self.min >= self.max:
             raise ValueError(f"min ({self.min}) must be below max ({self.max})")
+        _check_training_range(self.min, self.max, self.clip_min, self.clip_max)
         return self
+
+    @property
+    def training_range(self) -> tuple[float | None, float | None]:
+        """The clamp bounds of training inputs (None where the contract sets none)."""
+        return _training_range(self.min, self.max, self.clip_min, self.clip_max)
 
 
 class StaticAttribute(_Strict):
@@ -56,8 +70,14 @@ class StaticAttribute(_Strict):
     description: str = ""
     kind: Literal["categorical", "numeric"]
     categories: tuple[str, ...] = ()  # categorical only; the one-hot order
-    min: float | None = None  # numeric only
+    min: float | None = None  # numeric only; values outside [min, max] are an export error
     max: float | None = None
+    clip_min: float | None = None  # numeric only; as DynamicFeature's
+    clip_max: float | None = None
+    center: float | None = None
+    scale: Annotated[float, Field(gt=0)] | None = None
+    # Reports break fairness down by a protected attribute; no reason or rule may name it.
+    protected: bool = False
 
     @model_validator(mode="after")
     def _kind_fields(self) -> StaticAttribute:
@@ -66,20 +86,47 @@ class StaticAttribute(_Strict):
                 raise ValueError("a categorical attribute needs at least two categories")
             if len(set(self.categories)) != len(self.categories):
                 raise ValueError("categories must be distinct")
-            if self.min is not None or self.max is not None:
-                raise ValueError("min/max apply to numeric attributes only")
+            numeric_only = (self.min, self.max, self.clip_min, self.clip_max, self.center)
+            if any(v is not None for v in numeric_only) or self.scale is not None:
+                raise ValueError(
+                    "min/max/clip_min/clip_max/center/scale apply to numeric attributes only"
+                )
         else:
             if self.categories:
                 raise ValueError("categories apply to categorical attributes only")
             if self.min is not None and self.max is not None and self.min >= self.max:
                 raise ValueError(f"min ({self.min}) must be below max ({self.max})")
+            _check_training_range(self.min, self.max, self.clip_min, self.clip_max)
         return self
+
+    @property
+    def training_range(self) -> tuple[float | None, float | None]:
+        """The clamp bounds of training inputs (None where the contract sets none)."""
+        return _training_range(self.min, self.max, self.clip_min, self.clip_max)
 
     @property
     def encoded_names(self) -> tuple[str, ...]:
         if self.kind == "numeric":
             return (self.name,)
         return tuple(f"{self.name}={c}" for c in self.categories)
+
+
+def _training_range(
+    lo: float | None, hi: float | None, clip_lo: float | None, clip_hi: float | None
+) -> tuple[float | None, float | None]:
+    return (lo if clip_lo is None else clip_lo, hi if clip_hi is None else clip_hi)
+
+
+def _check_training_range(
+    lo: float | None, hi: float | None, clip_lo: float | None, clip_hi: float | None
+) -> None:
+    if clip_lo is not None and lo is not None and clip_lo < lo:
+        raise ValueError(f"clip_min ({clip_lo}) must not be below min ({lo})")
+    if clip_hi is not None and hi is not None and clip_hi > hi:
+        raise ValueError(f"clip_max ({clip_hi}) must not be above max ({hi})")
+    low, high = _training_range(lo, hi, clip_lo, clip_hi)
+    if low is not None and high is not None and low >= high:
+        raise ValueError(f"the training range [{low}, {high}] is empty; check clip_min/clip_max")
 
 
 class TargetSpec(_Strict):
@@ -117,12 +164,35 @@ class TargetSpec(_Strict):
         return grade is not None and grade < self.at_risk_below_grade
 
 
+#: The time step a contract may name, and its approximate length in weeks.
+PERIOD_WEEKS: dict[str, float] = {
+    "day": 1 / 7,
+    "week": 1.0,
+    "fortnight": 2.0,
+    "month": 52 / 12,
+    "quarter": 13.0,
+    "trimester": 13.0,
+    "term": 13.0,
+    "semester": 20.0,
+    "year": 52.0,
+}
+#: Weeks a "recent" indicator window covers; in other periods, as many periods as come closest.
+RECENT_WINDOW_WEEKS = 4
+
+
 class FeatureSpec(_Strict):
-    """A versioned consortium data contract."""
+    """A versioned consortium data contract.
+
+    ``weeks`` is the number of time steps of a term; ``period`` names the step ("week" unless
+    the export is per semester, per month...). Step numbers run 1..weeks whatever the period.
+    """
 
     name: str = Field(min_length=1)
     version: Annotated[str, Field(pattern=r"^\d+\.\d+\.\d+$")]
     description: str = ""
+    period: Literal[
+        "day", "week", "fortnight", "month", "quarter", "trimester", "term", "semester", "year"
+    ] = "week"
     weeks: Annotated[int, Field(ge=1, le=104)]
     min_completeness: Annotated[float, Field(ge=0.0, le=1.0)] = 0.6
     dynamic: tuple[DynamicFeature, ...] = Field(min_length=1)
@@ -156,9 +226,26 @@ class FeatureSpec(_Strict):
         return tuple(n for a in self.static for n in a.encoded_names)
 
     @property
+    def periods(self) -> str:
+        """The period's plural, for sentences ("weeks", "semesters")."""
+        return f"{self.period}s" if self.period != "day" else "days"
+
+    @property
+    def recent_periods(self) -> int:
+        """Periods in the "recent" indicator window: 4 weeks, or the periods closest to it.
+
+        At least one period, so a two-semester contract compares its last semester with the
+        first rather than finding every window empty.
+        """
+        return max(1, round(RECENT_WINDOW_WEEKS / PERIOD_WEEKS[self.period]))
+
+    @property
     def fingerprint(self) -> str:
         """SHA-256 of the canonical JSON form; equal specs give equal fingerprints."""
-        canonical = json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+        form = self.model_dump(mode="json")
+        if form["period"] == "week":
+            del form["period"]  # the default: contracts written before `period` keep their hash
+        canonical = json.dumps(form, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode()).hexdigest()
 
     @property

@@ -1,8 +1,9 @@
-"""A node's labelled records as training sees them: split 70/15/15 and normalised.
+"""A node's labelled records as training sees them: split 70/15/15 by student and normalised.
 
 The same arguments always give the same splits, so the node, a centralized baseline pooling the
 institutions' splits, adoption of the global model and the membership auditor all see exactly
-the students the node trained on.
+the students the node trained on. Normalisation comes from the contract's constants by default,
+so preprocessing depends on no student's data (see `Normalizer`).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from shared_models.data.cohort import CohortArrays, ModelInputs, Normalizer
 from shared_models.data.contract import FeatureSpec
@@ -18,10 +20,14 @@ from shared_models.data.splits import split_cohort
 
 logger = logging.getLogger(__name__)
 
+#: ``contract``: clamps and scales from the contract (inside the privacy guarantee, the default);
+#: ``train-zscore``: z-scores of the node's own train split (the former behaviour, for comparison).
+Normalization = Literal["contract", "train-zscore"]
+
 
 @dataclass(frozen=True)
 class NodeData:
-    """One institution's labelled records, split 70/15/15 and normalised with its own train split.
+    """One institution's labelled records, split 70/15/15 by student and normalised.
 
     Attributes:
         institution: the export's institution name (its folder name by default).
@@ -68,22 +74,44 @@ def split_node(
     )
 
 
-def prepare_node_data(
-    data_path: Path | str, spec: FeatureSpec, *, seed: int = 0, institution: str | None = None
-) -> NodeData:
-    """`split_node`, normalised with statistics of the node's own train split only.
+def node_normalizer(
+    spec: FeatureSpec, train: CohortArrays, normalization: Normalization = "contract"
+) -> Normalizer:
+    """The normaliser a node uses: the contract's, or z-scores of its ``train`` split.
 
     Raises:
-        DataContractError: the export does not satisfy the contract.
+        DataContractError: ``contract`` and a feature lacks a range in the contract.
+    """
+    if normalization == "contract":
+        return Normalizer.from_contract(spec)
+    if normalization == "train-zscore":
+        return Normalizer(spec.target.grade_min, spec.target.grade_max).fit(train)
+    raise ValueError(f"normalization must be 'contract' or 'train-zscore', not {normalization!r}")
+
+
+def prepare_node_data(
+    data_path: Path | str,
+    spec: FeatureSpec,
+    *,
+    seed: int = 0,
+    institution: str | None = None,
+    normalization: Normalization = "contract",
+) -> NodeData:
+    """`split_node`, normalised as `node_normalizer` says.
+
+    Raises:
+        DataContractError: the export does not satisfy the contract, or the contract lacks a
+            range that ``contract`` normalisation needs.
     """
     splits = split_node(data_path, spec, seed=seed, institution=institution)
-    normalizer = Normalizer(spec.target.grade_min, spec.target.grade_max).fit(splits.train)
+    normalizer = node_normalizer(spec, splits.train, normalization)
     logger.info(
-        "%s: %d train, %d val, %d test records",
+        "%s: %d train, %d val, %d test records (%s normalisation)",
         splits.institution,
         len(splits.train),
         len(splits.val),
         len(splits.test),
+        normalization,
     )
     return NodeData(
         institution=splits.institution,

@@ -2,14 +2,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
 from client.global_model import adopt_global_model
 from server.checkpoints import CheckpointStore
 from shared_models.data.contract import default_spec
-from shared_models.data.node import split_node
+from shared_models.data.node import node_normalizer, split_node
 from shared_models.errors import DataContractError
 from shared_models.models.artifact import load_trained
 from shared_models.models.checkpoints import latest_checkpoint
@@ -52,11 +51,10 @@ def test_adopted_model_holds_the_last_rounds_weights_and_local_normalisation(
     )
     for (name, got), want in zip(model.named_parameters(), final.parameters(), strict=True):
         assert torch.equal(got, want), name
+    # the normaliser the node trained with: the contract's constants (issue 16)
     train = split_node(data, SPEC, seed=0).train
-    assert normalizer.dyn_mean is not None
-    np.testing.assert_allclose(
-        normalizer.dyn_mean, np.nanmean(train.dynamic[train.week_mask > 0], axis=0), rtol=1e-5
-    )
+    assert normalizer.state() == node_normalizer(SPEC, train).state()
+    assert normalizer.method == "contract"
     assert card.extra["federated_round"] == 2
 
 
