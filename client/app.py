@@ -2,15 +2,35 @@
 
 The node reads its own export from its node config (`shared_models.protocol.NodeConfig`),
 checks that it holds the contract the server trains with (spec fingerprint), trains or evaluates
-locally, and replies with the model's weights, its number of records and aggregate metrics only
-(`shared_models.protocol.Reply`). Student records and predictions never leave the node. Errors
-are raised: Flower turns them into an error reply that the strategy skips and logs.
+locally, and replies through the wire protocol's schema (`shared_models.protocol.Reply`).
+Student records and predictions never leave the node. Errors are raised: Flower turns them into
+an error reply that the strategy skips and logs.
+
+What a reply carries depends on whether the round is private:
+
+- under DP (the node's or the server's budget), only released values: the noised update, the
+  run's noised student count as ``num-examples`` (released once per run, `privacy.releases`),
+  for an evaluation noised risk histograms of the test students instead of metrics, the noise
+  levels, and the signed ledger entries of each release. The exact training loss, time, steps,
+  validation and test metrics stay on the node (the loss alone told a crafted-weights server
+  whether a student trained);
+- without DP (no budget, or ``dp="off"``), today's exact aggregate metrics.
+
+A failed task's error reply carries the error's text only for errors that say nothing about a
+student (`PUBLIC_ERRORS`: configuration, protocol, budget, contract mismatch, a refused
+delivery); any other failure, a data error above all (it may quote a value of the export), is
+logged here in full and replaced by its kind (`_public_errors`). Error replies are releases too.
+
+After the last round the server delivers the final global model (a ``query`` message): the node
+verifies it and adopts it into its home (`deliver`), and acknowledges with a yes/no and the
+model's checksum only.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -18,20 +38,37 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from client.local import build_local_model, local_evaluate, local_train
+from client.local import build_local_model, local_evaluate, local_train, risk_histograms
 from client.release_cache import Release, ReleaseCache, weights_digest
+from privacy.accountant_store import AccountantStateError
 from privacy.budget import PrivacyBudget, node_budget
 from shared_models.data.contract import FeatureSpec, load_spec
 from shared_models.data.node import NodeData, prepare_node_data
-from shared_models.errors import DataContractError, PrivacyConfigError
+from shared_models.errors import (
+    DataContractError,
+    EduflError,
+    PrivacyBudgetExceeded,
+    PrivacyConfigError,
+    PublicError,
+)
 from shared_models.models.weights import assign_weights, named_weights
 from shared_models.protocol import (
+    DELIVERY_RECORD,
+    HOME_PATH,
+    NOISE_COUNT_STD,
+    NOISE_HIST_STD,
     PRIVACY_STATE,
+    RISK_HIST_NEG,
+    RISK_HIST_POS,
     SPEC_PATH,
     TRAIN_STEPS,
+    Acknowledgement,
+    Delivery,
     NodeConfig,
+    ProtocolError,
     Reply,
     RoundSettings,
+    encode_acknowledgement,
     encode_reply,
 )
 
@@ -40,7 +77,46 @@ logger = logging.getLogger(__name__)
 app = ClientApp()
 
 
+class ContractMismatch(DataContractError, PublicError):
+    """The node's contract or config does not match the server's: public, names no student."""
+
+
+class NodeTaskFailed(EduflError, RuntimeError):
+    """A task failed for a reason that stays in the node's log (what the server is told)."""
+
+
+#: Errors whose text may leave the node: they depend on the message, the node's configuration
+#: and its budget's public parameters only.
+PUBLIC_ERRORS: tuple[type[BaseException], ...] = (
+    PublicError,
+    ProtocolError,
+    PrivacyBudgetExceeded,
+    PrivacyConfigError,
+    AccountantStateError,
+)
+
+
+def _public_errors(handler: Callable[[Message, Context], Message]) -> Any:
+    """Let only `PUBLIC_ERRORS` reach the server with their text; log the others here."""
+
+    @functools.wraps(handler)
+    def guarded(msg: Message, context: Context) -> Message:
+        try:
+            return handler(msg, context)
+        except PUBLIC_ERRORS:
+            raise
+        except Exception as exc:
+            logger.exception("the %s task failed", handler.__name__)
+            raise NodeTaskFailed(
+                f"the {handler.__name__} task failed at this node ({type(exc).__name__}); the "
+                "reason stays in the node's log, which its operator can read"
+            ) from None
+
+    return guarded
+
+
 @app.train()
+@_public_errors
 def train(msg: Message, context: Context) -> Message:
     """Train the received global model on this node's train split for the configured epochs.
 
@@ -66,26 +142,16 @@ def train(msg: Message, context: Context) -> Message:
             run_id,
             node.institution,
         )
-        return _reply(
-            msg, node, len(node.train), done.metrics, done.weights, _ledger(own, node, done.entry)
-        )
+        sent = len(node.train) if done.num_examples is None else done.num_examples
+        ledger = _ledger(own, node, done.entry)
+        private = bool(done.entry.get("private"))
+        return _reply(msg, node, sent, done.metrics, done.weights, ledger, private=private)
+    if budget is not None:
+        return _train_private(msg, context, settings, own, node, budget, run_id, digest)
 
     model = build_local_model(settings, node.shapes)
-    assign_weights(model, global_weights)
-    session = _dp_session(own, settings, node, budget) if budget is not None else None
-    try:
-        metrics = local_train(
-            model,
-            node.train,
-            settings,
-            global_weights,
-            validation=node.val,
-            privatize=session.make_private if session is not None else None,
-        )
-    except BaseException:
-        if session is not None:
-            session.abandon_round()  # nothing spent; the model never leaves the node
-        raise
+    _assign(model, global_weights)
+    metrics = local_train(model, node.train, settings, global_weights, validation=node.val)
     logger.info(
         "round %d: %s trained on %d records",
         settings.server_round,
@@ -95,24 +161,184 @@ def train(msg: Message, context: Context) -> Message:
     weights = named_weights(model)
     if cache is None:
         return _reply(msg, node, len(node.train), metrics, weights)
-    if session is not None:
-        # Commit the spend before the model may leave the node (raises if over budget).
-        entry = session.spend_round(run_id, settings.server_round, str(context.node_id))
-    else:
-        entry = _record_without_dp(own, settings, node, run_id, metrics, str(context.node_id))
+    entry = _record_without_dp(own, settings, node, run_id, metrics, str(context.node_id))
     cache.store(run_id, settings.server_round, digest, Release(weights, metrics, entry))
     return _reply(msg, node, len(node.train), metrics, weights, _ledger(own, node, entry))
 
 
-@app.evaluate()
-def evaluate(msg: Message, context: Context) -> Message:
-    """Evaluate the received global model on this node's held-out test split."""
-    settings = RoundSettings.from_config(_config(msg))
-    node = _node(NodeConfig.parse(context.node_config), settings)
+def _train_private(
+    msg: Message,
+    context: Context,
+    settings: RoundSettings,
+    own: NodeConfig,
+    node: NodeData,
+    budget: PrivacyBudget,
+    run_id: str,
+    digest: str,
+) -> Message:
+    """A DP-SGD round: count release (once per run), refusal first, then train, spend, reply."""
+    count = _count_release(own, settings, node, budget, run_id, str(context.node_id))
+    session = _dp_session(own, settings, node, budget, count.n_public)
+    global_weights = _weights(msg)
     model = build_local_model(settings, node.shapes)
-    assign_weights(model, _weights(msg))
-    metrics = local_evaluate(model, node.test, settings)
-    return _reply(msg, node, len(node.test), metrics, None)
+    _assign(model, global_weights)
+    try:
+        # The exact loss, time and steps local_train returns stay here; none may leave.
+        local_train(
+            model,
+            node.train,
+            settings,
+            global_weights,
+            privatize=functools.partial(session.make_private, student_ids=node.train.student_ids),
+        )
+    except BaseException:
+        session.abandon_round()  # nothing spent; the model never leaves the node
+        raise
+    weights = named_weights(model)
+    # Commit the spend before the model may leave the node (raises if over budget).
+    entry = session.spend_round(run_id, settings.server_round, str(context.node_id))
+    logger.info("round %d: %s trained with DP-SGD", settings.server_round, node.institution)
+    metrics: dict[str, Any] = {NOISE_COUNT_STD: count.noise_std}
+    release = Release(weights, metrics, entry, num_examples=count.n_public)
+    ReleaseCache(_privacy_state(own, node)).store(run_id, settings.server_round, digest, release)
+    ledger = _ledger(own, node, entry)
+    return _reply(msg, node, count.n_public, metrics, weights, ledger, private=True)
+
+
+@app.evaluate()
+@_public_errors
+def evaluate(msg: Message, context: Context) -> Message:
+    """Evaluate the received global model on this node's held-out test split.
+
+    Under DP the answer is the pair of noised risk histograms of the test students (one count
+    per student), released and accounted like any other value (`privacy.releases`); a node
+    whose budget cannot pay for it declines with an error naming why, and sends nothing exact.
+    """
+    settings = RoundSettings.from_config(_config(msg))
+    own = NodeConfig.parse(context.node_config)
+    node = _node(own, settings)
+    weights = _weights(msg)
+    model = build_local_model(settings, node.shapes)
+    _assign(model, weights)
+    budget = _budget(own, settings)
+    if budget is None:
+        metrics = local_evaluate(model, node.test, settings)
+        return _reply(msg, node, len(node.test), metrics, None)
+    if settings.task == "grade":
+        raise PrivacyConfigError(
+            "under DP a federated evaluation is answered with noised risk histograms, and the "
+            "grade task has no risk head; evaluate centrally or use task 'risk' or 'multitask'"
+        )
+    run_id = settings.run_id or str(msg.metadata.run_id)
+    count = _count_release(own, settings, node, budget, run_id, str(context.node_id))
+    session = _dp_session(own, settings, node, budget, count.n_public)
+    pos, neg = risk_histograms(model, node.test)
+    release = session.release_histogram(
+        run_id,
+        settings.server_round,
+        str(context.node_id),
+        [*pos, *neg],
+        digest=weights_digest(weights),
+    )
+    bins = len(pos)
+    metrics: dict[str, Any] = {
+        RISK_HIST_POS: list(release.values[:bins]),
+        RISK_HIST_NEG: list(release.values[bins:]),
+        NOISE_HIST_STD: release.noise_std,
+    }
+    ledger = _ledger(own, node, release.entry)
+    return _reply(msg, node, count.n_public, metrics, None, ledger, private=True)
+
+
+@app.query()
+@_public_errors
+def deliver(msg: Message, context: Context) -> Message:
+    """Verify the federation's final global model and adopt it into this node's home.
+
+    The server sends it after the last round (`server.delivery`). The checks
+    (`client.early_warning.adopt.adopt_delivery`: checksum, this node's contract, its own ledger
+    shows it took part in the run, the weights fit the model) fail with an error reply naming
+    the check; the previous model stays the latest. A node without a home keeps nothing and
+    says so (not adopted).
+    """
+    from client.early_warning.adopt import DeliveryRefused, adopt_delivery
+
+    own = NodeConfig.parse(context.node_config)
+    delivery = Delivery.from_config(_record(msg, DELIVERY_RECORD))
+    weights = _weights(msg)
+    data_path = Path(own.export_path())
+    institution = own.institution or data_path.resolve().name
+    if not own.home_path:
+        logger.warning(
+            "the server delivered the final model of run %s, but this node has no %r in its "
+            "node config: not adopted",
+            delivery.settings.run_id,
+            HOME_PATH,
+        )
+        return _acknowledge(msg, Acknowledgement(False, delivery.weights_sha256, institution))
+    try:
+        adoption = adopt_delivery(
+            weights,
+            delivery,
+            data_path,
+            _spec(own.spec_path or None),
+            home=Path(own.home_path),
+            ledger=_ledger_file(own, institution),
+        )
+    except DeliveryRefused as exc:
+        # Each check reads only the message, this node's spec and its ledger (whose entries
+        # the server already holds): the reason says nothing about a student.
+        logger.error("%s", exc)
+        raise
+    except DataContractError as exc:
+        # Past the checks, a failure depends on the export: its reason stays on this node.
+        logger.error(
+            "the final model of run %s passed its checks but: %s", delivery.settings.run_id, exc
+        )
+        raise DataContractError(
+            f"the final model of run {delivery.settings.run_id} passed its checks but could not "
+            f"be adopted at {institution} (its node log says why); it keeps its previous model"
+        ) from None
+    logger.info(
+        "adopted the final model of run %s (round %d) into %s",
+        delivery.settings.run_id,
+        delivery.settings.server_round,
+        adoption.model_dir,
+    )
+    # The acknowledgement is not a DP release and needs none: the checksum is the server's own,
+    # and "adopted" follows from the message, this node's spec and ledger, and whether its
+    # export (which trained in every round of the run) can be split again; an export whose
+    # validation split cannot fit a calibration is adopted uncalibrated, so even the outcomes
+    # do not change the answer. No count, metric or calibration figure is sent.
+    return _acknowledge(msg, Acknowledgement(True, delivery.weights_sha256, institution))
+
+
+def _record(msg: Message, name: str) -> ConfigRecord:
+    if name not in msg.content.config_records:
+        raise ValueError(
+            f"expected a ConfigRecord {name!r} in the message; are server and node running "
+            "the same edufl version?"
+        )
+    return msg.content.config_records[name]
+
+
+def _ledger_file(own: NodeConfig, institution: str) -> Path | None:
+    """This node's own ledger (`_privacy_state`'s folder), or None when it keeps none."""
+    from privacy.ledger.entries import LEDGER_FILE
+
+    if own.privacy_state:
+        return Path(own.privacy_state) / LEDGER_FILE
+    if own.privacy_root:
+        return Path(own.privacy_root) / institution / LEDGER_FILE
+    return None
+
+
+def _acknowledge(msg: Message, ack: Acknowledgement) -> Message:
+    """The acknowledgement, laid out by the wire protocol: nothing else leaves the node."""
+    content = RecordDict()
+    for record in encode_acknowledgement(ack):
+        content[record.name] = ConfigRecord(record.items)
+    return Message(content, reply_to=msg)
 
 
 def _config(msg: Message) -> ConfigRecord:
@@ -133,13 +359,16 @@ def _reply(
     msg: Message,
     node: NodeData,
     num_examples: int,
-    metrics: dict[str, float],
+    metrics: dict[str, Any],
     weights: dict[str, np.ndarray] | None,
     ledger: tuple[str, str] | None = None,
+    *,
+    private: bool = False,
 ) -> Message:
     """The reply, laid out by the wire protocol's schema: nothing else leaves the node."""
     entry, earlier = ledger if ledger is not None else (None, "")
     reply = Reply(
+        private=private,  # the protocol's DP allow-list: released values only
         num_examples=num_examples,
         metrics=metrics,
         # The institution's name, not a student's: lets the server name a node in its logs.
@@ -159,12 +388,20 @@ def _reply(
     return Message(content, reply_to=msg)
 
 
+def _assign(model: Any, weights: dict[str, np.ndarray]) -> None:
+    """Load the server's weights; a mismatch is the server's (its names are public)."""
+    try:
+        assign_weights(model, weights)
+    except ValueError as exc:
+        raise ProtocolError(f"the server's weights do not fit this node's model: {exc}") from None
+
+
 def _node(own: NodeConfig, settings: RoundSettings) -> NodeData:
     data_path = own.export_path()
     spec_path = own.spec_path or None  # the node's own: the server cannot name its files
     spec = _spec(spec_path)
     if settings.spec_fingerprint and settings.spec_fingerprint != spec.fingerprint:
-        raise DataContractError(
+        raise ContractMismatch(
             f"this node's data contract ({spec.name} {spec.version}, fingerprint "
             f"{spec.short_fingerprint}) differs from the server's (fingerprint "
             f"{settings.spec_fingerprint[:12]}); install the consortium's spec and set "
@@ -193,6 +430,7 @@ def _budget(own: NodeConfig, settings: RoundSettings) -> PrivacyBudget | None:
         proposed_delta=settings.dp_delta,
         max_grad_norm=settings.dp_max_grad_norm,
         accountant=settings.dp_accountant,
+        max_noise_multiplier=own.dp_max_noise,
     )
 
 
@@ -250,15 +488,48 @@ def _record_without_dp(
     )
 
 
-def _dp_session(
-    own: NodeConfig, settings: RoundSettings, node: NodeData, budget: PrivacyBudget
+def _count_release(
+    own: NodeConfig,
+    settings: RoundSettings,
+    node: NodeData,
+    budget: PrivacyBudget,
+    run_id: str,
+    node_id: str,
 ) -> Any:
-    """This institution's `privacy.DPSession` for ``budget`` (state kept across rounds)."""
+    """The run's released student count (`privacy.releases.release_count`), made once per run."""
+    from privacy.releases import release_count
+
+    ids = node.train.student_ids
+    return release_count(
+        _privacy_state(own, node),
+        budget,
+        institution=node.institution,
+        run_id=run_id,
+        server_round=settings.server_round,
+        node=node_id,
+        n_students=len(np.unique(ids)) if len(ids) else len(node.train),
+        signing_key=_signing_key(own),
+    )
+
+
+def _dp_session(
+    own: NodeConfig, settings: RoundSettings, node: NodeData, budget: PrivacyBudget, n_public: int
+) -> Any:
+    """This institution's `privacy.DPSession` for ``budget`` (state kept across rounds).
+
+    The plan (sampling rate, steps, delta's check) is built from the released count
+    ``n_public``, never the exact one, and pays for the run's planned evaluations too.
+    """
     from privacy.budget import DPPlan
     from privacy.dp import DPSession
 
     plan = DPPlan.for_training(
-        len(node.train), settings.batch_size, settings.local_epochs, settings.planned_rounds
+        n_public,
+        settings.batch_size,
+        settings.local_epochs,
+        settings.planned_rounds,
+        planned_evaluations=settings.evaluations,
+        n_noised=True,
     )
     return DPSession.open(
         _privacy_state(own, node),

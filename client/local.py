@@ -3,7 +3,9 @@
 Plain functions with no Flower types, so they are easy to test and so the privacy layer can wrap
 training: `local_train` builds the optimizer and the loader, then hands both with the model to
 an optional `Privatizer` (Opacus' ``make_private``) before the first step. Only aggregate
-metrics leave these functions; per-student predictions never do.
+metrics leave these functions; per-student predictions never do. Under DP none of these metrics
+leave the node either (they are exact functions of the students): `risk_histograms` gives the
+counts a DP node releases, with noise, instead of evaluation metrics.
 """
 
 from __future__ import annotations
@@ -20,11 +22,12 @@ from torch.optim import Optimizer
 from torch.utils.data import DataLoader
 
 from shared_models.data.cohort import ModelInputs
-from shared_models.evaluation import evaluate
+from shared_models.evaluation import evaluate, predict
 from shared_models.models.registry import build_model
 from shared_models.protocol import (
     HEAD_METRICS,
     LOSS,
+    RISK_HIST_BINS,
     TRAIN_LOSS,
     TRAIN_SECONDS,
     TRAIN_STEPS,
@@ -35,7 +38,14 @@ from shared_models.training import make_loader, make_optimizer, set_seed, train_
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["HEAD_METRICS", "Privatizer", "build_local_model", "local_evaluate", "local_train"]
+__all__ = [
+    "HEAD_METRICS",
+    "Privatizer",
+    "build_local_model",
+    "local_evaluate",
+    "local_train",
+    "risk_histograms",
+]
 
 
 def build_local_model(settings: RoundSettings, shapes: tuple[int, int, int]) -> nn.Module:
@@ -120,3 +130,29 @@ def local_evaluate(
             value = report[head].get(name)
             metrics[f"{prefix}{head}/{name}"] = math.nan if value is None else float(value)
     return metrics
+
+
+def risk_histograms(
+    model: nn.Module, inputs: ModelInputs, bins: int = RISK_HIST_BINS
+) -> tuple[list[float], list[float]]:
+    """Counts of students by predicted risk: at-risk students' and the others', exact.
+
+    One prediction per *student* (their last record: the loader orders a student's records by
+    term), ``bins`` equal bins over [0, 1]; each student adds 1 to exactly one bin of one of the
+    two histograms, so the pair has L2 sensitivity 1 under adding or removing a student. Records
+    whose outcome is unknown are left out. A DP node releases these only with noise
+    (``DPSession.release_histogram``).
+    """
+    risk = predict(model, inputs)["risk"]
+    ids = inputs.student_ids if len(inputs.student_ids) else np.arange(len(inputs))
+    last: dict[object, int] = {}
+    for index, student in enumerate(ids):
+        last[student] = index  # a later record of the same student replaces an earlier one
+    chosen = np.fromiter(last.values(), dtype=np.int64, count=len(last))
+    labels = inputs.at_risk[chosen]
+    known = ~np.isnan(labels)
+    scores, labels = risk[chosen][known], labels[known]
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    pos, _ = np.histogram(scores[labels == 1], bins=edges)
+    neg, _ = np.histogram(scores[labels == 0], bins=edges)
+    return [float(c) for c in pos], [float(c) for c in neg]

@@ -15,7 +15,6 @@ Files: ``STATE/released/<run>-r<round>.npz`` (weights, ``allow_pickle=False``) a
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import logging
@@ -28,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from shared_models.atomic import write_atomic, write_text_atomic
+from shared_models.protocol import weights_sha256
 
 logger = logging.getLogger(__name__)
 
@@ -42,18 +42,14 @@ class Release:
     """One update as it left the node."""
 
     weights: dict[str, np.ndarray]
-    metrics: dict[str, float]
+    metrics: dict[str, Any]  # as sent: under DP only released values (`Reply.private`)
     entry: dict[str, Any]  # the round's signed ledger entry
+    num_examples: int | None = None  # as sent (under DP the released count); None: not kept
 
 
 def weights_digest(weights: Mapping[str, np.ndarray]) -> str:
     """SHA-256 over names, dtypes, shapes and bytes of ``weights`` (order-independent)."""
-    digest = hashlib.sha256()
-    for name in sorted(weights):
-        array = np.ascontiguousarray(weights[name])
-        digest.update(f"{name}|{array.dtype.str}|{array.shape}|".encode())
-        digest.update(array.tobytes())
-    return digest.hexdigest()
+    return weights_sha256(weights)
 
 
 class ReleaseCache:
@@ -77,7 +73,13 @@ class ReleaseCache:
                 return None
             with np.load(array_path, allow_pickle=False) as arrays:
                 weights = {name: arrays[name] for name in arrays.files}
-            return Release(weights, dict(meta["metrics"]), dict(meta["entry"]))
+            sent = meta.get("num_examples")
+            return Release(
+                weights,
+                dict(meta["metrics"]),
+                dict(meta["entry"]),
+                None if sent is None else int(sent),
+            )
         except (OSError, ValueError, KeyError, TypeError) as exc:
             logger.warning("ignoring damaged released update %s (%s)", array_path, exc)
             return None
@@ -89,7 +91,12 @@ class ReleaseCache:
         buffer = io.BytesIO()
         np.savez(buffer, **release.weights)
         write_atomic(self.dir / f"{stem}.npz", lambda tmp: tmp.write_bytes(buffer.getvalue()))
-        meta = {"digest": digest, "metrics": release.metrics, "entry": release.entry}
+        meta = {
+            "digest": digest,
+            "metrics": release.metrics,
+            "entry": release.entry,
+            "num_examples": release.num_examples,
+        }
         write_text_atomic(self.dir / f"{stem}.json", json.dumps(meta, sort_keys=True))
         self._prune()
 

@@ -14,7 +14,7 @@ _EXPORTS = {
     "PrivacyBudget": "privacy.budget",
     "DPPlan": "privacy.budget",
     "PrivacyConfigError": "privacy.budget",
-    "calibrate_noise": "privacy.budget",
+    "calibrate_noise": "privacy.accountant_store",
     "AccountantStore": "privacy.accountant_store",
     "AccountantState": "privacy.accountant_store",
     "compute_epsilon": "privacy.accountant_store",

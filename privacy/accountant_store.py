@@ -3,8 +3,13 @@
 Opacus' accountants keep their whole state in one list of ``(noise_multiplier, sample_rate,
 steps)`` triples. `AccountantState` stores that list, with the budget and the calibrated noise it
 was spent under, as one JSON file written atomically (temporary file, fsync, rename): a crash
-leaves either the old or the new state, never half of one. Only aggregate parameters are stored;
-nothing about any student.
+leaves either the old or the new state, never half of one. Only aggregate parameters and the
+values already released (the noised count, noised histograms: `privacy.releases`) are stored;
+nothing exact about any student.
+
+The history holds every mechanism the node ran: DP-SGD segments ``(sigma, q, steps)`` and each
+release of sensitivity 1 as ``(std, 1.0, 1)`` (a Gaussian mechanism without subsampling), so
+Opacus' RDP and PRV accountants compose them exactly.
 """
 
 from __future__ import annotations
@@ -22,7 +27,16 @@ from typing import Annotated, Any, Literal
 from opacus.accountants import IAccountant, PRVAccountant, RDPAccountant
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from privacy.budget import PRV_EPS_ERROR, DPPlan, Mechanism, PrivacyBudget, calibrate_noise
+from privacy.budget import (
+    _MIN_NOISE_MULTIPLIER,
+    PRV_EPS_ERROR,
+    DPPlan,
+    Mechanism,
+    PrivacyBudget,
+    PrivacyConfigError,
+    Segment,
+    planned_history,
+)
 from shared_models.atomic import write_text_atomic
 from shared_models.errors import EduflError
 from shared_models.user_files import describe_read_error, loads_json, read_text
@@ -33,8 +47,8 @@ STATE_FILE = "accountant.json"
 LOCK_FILE = ".accountant.lock"
 STATE_FORMAT: Literal[1] = 1
 
-#: One accountant history segment: ``(noise_multiplier, sample_rate, steps)``, as in Opacus.
-Segment = tuple[float, float, int]
+#: Released values kept for idempotent retries (count releases are kept for every run).
+KEEP_HISTOGRAMS = 8
 
 
 class AccountantStateError(EduflError, ValueError):
@@ -60,13 +74,16 @@ class AccountantState(BaseModel):
     accountant: Mechanism
     delta: Annotated[float, Field(gt=0, lt=1)]
     epsilon_budget: Annotated[float, Field(gt=0)]
-    # calibrated for the plan below (or what remained of it)
-    noise_multiplier: Annotated[float, Field(ge=0)]
-    plan: DPPlan
+    # calibrated for the plan below (or what remained of it); 0 before any plan
+    noise_multiplier: Annotated[float, Field(ge=0)] = 0.0
+    plan: DPPlan | None = None  # None while only a count was released
     history: list[_StoredSegment] = Field(default_factory=list)
     rounds_done: Annotated[int, Field(ge=0)] = 0
+    evaluations_done: Annotated[int, Field(ge=0)] = 0
     epsilon_spent: Annotated[float, Field(ge=0)] = 0.0
     last_entry: dict[str, Any] | None = None  # the last signed ledger entry (ledger repair)
+    #: Released values by release key (`privacy.releases`): a retry re-sends, never redraws.
+    releases: dict[str, dict[str, Any]] = Field(default_factory=dict)
 
 
 def extend_history(history: Sequence[Segment], segment: Segment) -> list[Segment]:
@@ -106,9 +123,74 @@ def _epsilon(mechanism: Mechanism, history: tuple[Segment, ...], delta: float) -
     with warnings.catch_warnings():
         # RDP's "optimal order is the largest alpha" only says the bound could be tighter.
         warnings.filterwarnings("ignore", "Optimal order is the largest alpha", UserWarning)
+        # PRV takes log(1 - q) = -inf for a release without subsampling (q = 1) and handles it.
+        warnings.filterwarnings("ignore", "divide by zero encountered in log", RuntimeWarning)
         if mechanism == "prv":
             return float(accountant.get_epsilon(delta, eps_error=PRV_EPS_ERROR))
         return float(accountant.get_epsilon(delta))
+
+
+def calibrate_noise(
+    budget: PrivacyBudget,
+    plan: DPPlan,
+    spent: tuple[Segment, ...] = (),
+    *,
+    rounds: int | None = None,
+    evaluations: int | None = None,
+) -> float:
+    """The smallest DP-SGD noise multiplier (to 1 % of epsilon) that keeps the plan in budget.
+
+    What the budget must pay for: ``spent`` (the accountant's history so far, e.g. the count
+    release) plus `planned_history` (``rounds`` training rounds and ``evaluations`` histogram
+    releases still to come; None: the plan's whole count). The result never overshoots
+    ``budget.epsilon`` under the budget's accountant.
+
+    Raises:
+        PrivacyConfigError: delta is not below 1/n, or no finite noise reaches the budget (the
+            releases alone may already exceed it).
+    """
+    budget.check_delta(plan.n_students)
+    return _calibrate(budget, plan, tuple(spent), rounds, evaluations)
+
+
+@functools.lru_cache(maxsize=64)  # deterministic, and a PRV calibration takes seconds
+def _calibrate(
+    budget: PrivacyBudget,
+    plan: DPPlan,
+    spent: tuple[Segment, ...],
+    rounds: int | None,
+    evaluations: int | None,
+) -> float:
+    def epsilon(sigma: float) -> float:
+        history = [*spent, *planned_history(plan, sigma, rounds=rounds, evaluations=evaluations)]
+        return compute_epsilon(budget.accountant, history, budget.delta)
+
+    if epsilon(1e6) > budget.epsilon:
+        raise PrivacyConfigError(
+            f"epsilon {budget.epsilon:g} cannot pay for what the run releases besides training "
+            f"(the student count and {plan.planned_evaluations} evaluation histogram(s) at noise "
+            f"std {plan.histogram_noise_std:g}); raise epsilon or plan fewer evaluations"
+        )
+    low, high = _MIN_NOISE_MULTIPLIER, 1.0
+    while epsilon(high) > budget.epsilon:
+        low, high = high, 2 * high
+    if epsilon(low) <= budget.epsilon:
+        high = low  # the floor already fits: more noise would only waste utility
+    while high - low > 0.002 * high and epsilon(high) < 0.99 * budget.epsilon:
+        mid = (low + high) / 2
+        low, high = (low, mid) if epsilon(mid) <= budget.epsilon else (mid, high)
+    logger.info(
+        "calibrated noise multiplier %.4f for epsilon %g, delta %g, %d steps at q=%.4g and "
+        "%d evaluation(s) (%s)",
+        high,
+        budget.epsilon,
+        budget.delta,
+        plan.total_steps,
+        plan.sample_rate,
+        plan.planned_evaluations,
+        budget.accountant,
+    )
+    return float(high)
 
 
 class AccountantStore:
@@ -167,62 +249,70 @@ def _first_problem(exc: Exception) -> str:
 def reconcile_state(
     state: AccountantState | None, budget: PrivacyBudget, plan: DPPlan, institution: str
 ) -> AccountantState:
-    """The stored state, calibrated for ``budget`` and ``plan`` (recalibrated if they changed)."""
-    fresh = AccountantState(
-        institution=institution,
-        accountant=budget.accountant,
-        delta=budget.delta,
-        epsilon_budget=budget.epsilon,
-        noise_multiplier=0.0,
-        plan=plan,
-    )
-    if state is None or not state.history:
-        if state is not None and state.institution != institution:
-            raise AccountantStateError(f"this state folder belongs to {state.institution!r}")
-        return fresh.model_copy(update={"noise_multiplier": calibrate_noise(budget, plan)})
-    if state.institution != institution:
-        raise AccountantStateError(
-            f"this state folder belongs to {state.institution!r}, not {institution!r}"
-        )
-    if state.accountant != budget.accountant or state.delta != budget.delta:
-        raise AccountantStateError(
-            f"{institution} started spending with delta {state.delta:g} ({state.accountant}); "
-            f"delta and accountant are fixed once spending began (asked: {budget.delta:g}, "
-            f"{budget.accountant}); use a new state folder for a new budget"
-        )
-    if state.plan == plan and state.epsilon_budget == budget.epsilon:
+    """The stored state, calibrated for ``budget`` and ``plan`` (recalibrated if they changed).
+
+    The noise multiplier pays for what is spent (the history, e.g. the count release) plus the
+    plan's rounds and evaluations not yet done.
+    """
+    state = check_state(state, budget, institution)
+    unchanged = state.plan == plan and state.epsilon_budget == budget.epsilon
+    if unchanged and state.history and state.noise_multiplier > 0:
         return state
-    sigma = _calibrate_remaining(budget, plan, state)
-    logger.warning(
-        "%s: budget or plan changed after %d round(s); noise multiplier %.4f -> %.4f",
-        institution,
-        state.rounds_done,
-        state.noise_multiplier,
-        sigma,
-    )
+    if plan.planned_rounds <= state.rounds_done and state.noise_multiplier > 0:
+        # No planned round is left: keep the multiplier; the round check refuses past the budget.
+        return state.model_copy(update={"plan": plan, "epsilon_budget": budget.epsilon})
+    try:
+        sigma = calibrate_noise(
+            budget,
+            plan,
+            tuple((float(s), float(q), int(n)) for s, q, n in state.history),
+            rounds=plan.planned_rounds - state.rounds_done,
+            evaluations=plan.planned_evaluations - state.evaluations_done,
+        )
+    except PrivacyConfigError:
+        if not state.history:
+            raise
+        # Nothing fits what is left: keep the old multiplier; the round check refuses.
+        sigma = state.noise_multiplier
+    if state.plan is not None and state.noise_multiplier and sigma != state.noise_multiplier:
+        logger.warning(
+            "%s: budget or plan changed after %d round(s); noise multiplier %.4f -> %.4f",
+            institution,
+            state.rounds_done,
+            state.noise_multiplier,
+            sigma,
+        )
     return state.model_copy(
         update={"plan": plan, "epsilon_budget": budget.epsilon, "noise_multiplier": sigma}
     )
 
 
-def _calibrate_remaining(budget: PrivacyBudget, plan: DPPlan, state: AccountantState) -> float:
-    """Smallest noise that fits the remaining planned rounds on top of what was spent."""
-    rounds = plan.planned_rounds - state.rounds_done
-    if rounds <= 0:
-        return state.noise_multiplier  # the budget check refuses once the budget is used up
+def check_state(
+    state: AccountantState | None, budget: PrivacyBudget, institution: str
+) -> AccountantState:
+    """``state`` (a fresh one if None) after checking it belongs to this institution and budget.
 
-    def fits(sigma: float) -> bool:
-        segment = (sigma, plan.sample_rate, rounds * plan.steps_per_round)
-        history = extend_history(state.history, segment)
-        return compute_epsilon(budget.accountant, history, budget.delta) <= budget.epsilon
-
-    # A floor of 0.3: below it DP-SGD gives no meaningful protection, and PRV gets slow.
-    low, high = 0.3, max(state.noise_multiplier, 0.5)
-    while not fits(high):
-        low, high = high, 2 * high
-        if high > 1e4:
-            return state.noise_multiplier  # nothing fits: the round check will refuse
-    while high - low > 0.005 * high:
-        mid = (low + high) / 2
-        low, high = (low, mid) if fits(mid) else (mid, high)
-    return high
+    Raises:
+        AccountantStateError: another institution's state, or delta/accountant changed after
+            spending began.
+    """
+    if state is None:
+        return AccountantState(
+            institution=institution,
+            accountant=budget.accountant,
+            delta=budget.delta,
+            epsilon_budget=budget.epsilon,
+        )
+    if state.institution != institution:
+        raise AccountantStateError(
+            f"this state folder belongs to {state.institution!r}, not {institution!r}"
+        )
+    if state.history and (state.accountant != budget.accountant or state.delta != budget.delta):
+        raise AccountantStateError(
+            f"{institution} started spending with delta {state.delta:g} ({state.accountant}); "
+            f"delta and accountant are fixed once spending began (asked: {budget.delta:g}, "
+            f"{budget.accountant}); use a new state folder for a new budget"
+        )
+    if not state.history:
+        state = state.model_copy(update={"accountant": budget.accountant, "delta": budget.delta})
+    return state

@@ -10,8 +10,17 @@ restarted node keeps counting. Per round::
     entry = session.spend_round(run_id, server_round, node)  # persist, sign, append ledger
 
 `make_private` refuses (``PrivacyBudgetExceeded``) before any step when one more round would
-exceed the budget, and stops training if a round takes more steps than it was checked for. The
-model trained in a round may leave the node only after `spend_round` returned.
+exceed the budget, or when the noise the budget left calls for is above the node's ceiling
+(``budget.max_noise_multiplier``: such an update would be mostly noise), and stops training if a
+round takes more steps than it was checked for. The model trained in a round may leave the node
+only after `spend_round` returned.
+
+The unit is the student (`privacy.budget.NEIGHBOURING`): given the records' student ids,
+`make_private` samples students, one record each per step (`privacy.sampling`), at the plan's
+rate, which comes from the released student count, as does the step count; Opacus averages the
+clipped, noised sum over the plan's expected batch size (public), not the exact one.
+`release_histogram` answers a federated evaluation with noised histograms, accounted in the
+same history and ledger (`privacy.releases`).
 
 Per-student gradients of the recurrent layers come from `privacy.fused_rnn` by default (the same
 gradients as Opacus' hooks, computed faster: see ``docs/benchmarks.md``); Opacus still clips,
@@ -24,11 +33,12 @@ import logging
 import math
 import os
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from cryptography.hazmat.primitives.asymmetric import ec
 from opacus import PrivacyEngine
@@ -41,14 +51,16 @@ from torch.utils.data import DataLoader
 from privacy.accountant_store import (
     AccountantState,
     AccountantStore,
-    Segment,
     compute_epsilon,
     extend_history,
     reconcile_state,
 )
-from privacy.budget import DPPlan, PrivacyBudget, PrivacyConfigError
+from privacy.budget import NEIGHBOURING, DPPlan, PrivacyBudget, PrivacyConfigError, Segment
 from privacy.fused_rnn import fuse_recurrent_layers
 from privacy.ledger.institution import InstitutionLedger
+from privacy.noise import SecureRandom, install_secure_noise
+from privacy.releases import Release, gaussian_release, histogram_key
+from privacy.sampling import student_loader
 from shared_models.errors import PrivacyBudgetExceeded
 
 logger = logging.getLogger(__name__)
@@ -80,9 +92,8 @@ class DPSession:
         self._fused_rnn = fused_rnn
         self._unfuse: Callable[[], None] | None = None
         with warnings.catch_warnings():
-            # secure_mode needs torchcsprng (not installable here): noise comes from torch's
-            # PRNG, seeded from os.urandom every round (`unpredictable_generator`). Said once in
-            # the docs, not on every round.
+            # secure_mode needs torchcsprng (not installable here): make_private installs a
+            # ChaCha20 source (privacy.noise) for noise and sampling instead.
             warnings.filterwarnings("ignore", "Secure RNG turned off", UserWarning)
             self._engine = PrivacyEngine(accountant=budget.accountant)
         self._engine.accountant.history = list(state.history)
@@ -136,7 +147,9 @@ class DPSession:
 
     @property
     def plan(self) -> DPPlan:
-        return self._state.plan
+        plan = self._state.plan
+        assert plan is not None, "DPSession.open reconciles the state with a plan"
+        return plan
 
     @property
     def epsilon_spent(self) -> float:
@@ -161,10 +174,21 @@ class DPSession:
         """The epsilon one more full round would bring the institution to.
 
         Raises:
-            PrivacyBudgetExceeded: that epsilon would exceed the budget.
+            PrivacyBudgetExceeded: that epsilon would exceed the budget, or the calibrated noise
+                multiplier is above the node's ceiling (the round is declined).
         """
         self.ledger.refuse_if_voided()
-        plan = self._state.plan
+        plan = self.plan
+        ceiling = self.budget.max_noise_multiplier
+        if self.noise_multiplier > ceiling:
+            raise PrivacyBudgetExceeded(
+                f"{self._state.institution} declines this round: the budget left "
+                f"(epsilon {self.epsilon_spent:.4g} of {self.budget.epsilon:g} spent after "
+                f"{self.rounds_done} round(s)) calls for noise multiplier "
+                f"{self.noise_multiplier:.3g} over {plan.planned_rounds - self.rounds_done} "
+                f"round(s), above this node's ceiling {ceiling:g} (dp-max-noise): the update "
+                "would be mostly noise; nothing was trained or spent"
+            )
         segment = (self.noise_multiplier, plan.sample_rate, plan.steps_per_round)
         projected = self._epsilon(extend_history(self._state.history, segment))
         if projected > self.budget.epsilon:
@@ -177,19 +201,31 @@ class DPSession:
         return projected
 
     def make_private(
-        self, model: nn.Module, optimizer: Optimizer, loader: DataLoader[Any]
+        self,
+        model: nn.Module,
+        optimizer: Optimizer,
+        loader: DataLoader[Any],
+        *,
+        student_ids: Sequence[Any] | np.ndarray | None = None,
     ) -> tuple[nn.Module, Optimizer, DataLoader[Any]]:
         """Opacus' DP-SGD wrappers for one round, after checking the round fits the budget.
 
-        Poisson sampling at the plan's rate, per-student clipping at ``max_grad_norm``,
-        Gaussian noise at the calibrated multiplier. Matches ``client.local.Privatizer``.
-        With ``fused_rnn`` the model's recurrent layers are swapped for `privacy.fused_rnn`
-        twins sharing their parameters until `spend_round` or `abandon_round` puts them back.
+        Poisson sampling of students at the plan's rate (one record per sampled student per
+        step), per-student clipping at ``max_grad_norm``, Gaussian noise at the calibrated
+        multiplier, ``plan.steps_per_round / local epochs`` steps per pass over the loader.
+        Matches ``client.local.Privatizer``. With ``fused_rnn`` the model's recurrent layers
+        are swapped for `privacy.fused_rnn` twins sharing their parameters until `spend_round`
+        or `abandon_round` puts them back.
+
+        Args:
+            loader: only its dataset is used: batches are drawn per student.
+            student_ids: the pseudonymous student of each record of ``loader``'s dataset; None
+                treats each record as its own student.
 
         Raises:
-            PrivacyBudgetExceeded: the round would exceed the budget (nothing was changed), or,
-                during training, the round takes more steps than ``plan.steps_per_round``.
-            PrivacyConfigError: the loader's sample rate is not the plan's.
+            PrivacyBudgetExceeded: the round would exceed the budget or needs noise above the
+                node's ceiling (nothing was changed), or, during training, the round takes
+                more steps than ``plan.steps_per_round``.
         """
         if self._round is not None:
             raise RuntimeError(
@@ -197,7 +233,27 @@ class DPSession:
                 "abandon_round() first if that round's training failed"
             )
         self.check_round()
-        plan = self._state.plan
+        plan = self.plan
+        batches = round(1.0 / plan.sample_rate)
+        size = loader.batch_size
+        if size is not None and math.ceil(plan.n_students / size) != batches:
+            raise PrivacyConfigError(
+                f"the loader's batch size {size} gives {plan.n_students} students sampling rate "
+                f"{1 / math.ceil(plan.n_students / size):.6g}, the budget was calibrated for "
+                f"{plan.sample_rate:.6g}; build the plan with DPPlan.for_training(n, batch_size, "
+                "local_epochs, rounds) from the same batch size"
+            )
+        # Noise and who is sampled come from a ChaCha20 keystream (privacy.noise), not
+        # torch's generator: amplification by subsampling assumes no one can tell whether a
+        # student was in a batch, and a Mersenne Twister's outputs predict its later ones.
+        source = SecureRandom()
+        students = student_loader(
+            loader,
+            student_ids,
+            sample_rate=plan.sample_rate,
+            steps_per_epoch=batches,
+            source=source,
+        )
         # Attach the persisted history: this engine's accountant composes across rounds.
         self._engine.accountant.history = list(self._state.history)
         if self._fused_rnn:
@@ -209,26 +265,21 @@ class DPSession:
                 private_model, private_opt, private_loader = self._engine.make_private(
                     module=model,
                     optimizer=optimizer,
-                    data_loader=loader,
+                    data_loader=students,
                     noise_multiplier=self.noise_multiplier,
                     max_grad_norm=self.budget.max_grad_norm,
-                    poisson_sampling=True,
-                    noise_generator=(rng := unpredictable_generator()),
+                    poisson_sampling=False,  # students' Poisson sampling is `students`' own
                 )
-            # Who is sampled must be as unpredictable as the noise: amplification by
-            # subsampling assumes no one can tell whether a student was in a batch.
-            private_loader.batch_sampler.generator = rng
+            install_secure_noise(private_opt, source)
+            # Opacus divides the noised sum by len(dataset) * rate: records, and exact. The
+            # plan's expected batch size comes from the released count only.
+            private_opt.expected_batch_size = plan.expected_batch_size
+            # Opacus forbids accumulating per-sample gradients across steps under Poisson
+            # sampling (each step's clipped sum must stand alone); ours samples too.
+            private_model.forbid_grad_accumulation()
         except BaseException:
             self._restore_layers()
             raise
-        rate = 1.0 / len(private_loader)
-        if not math.isclose(rate, plan.sample_rate, rel_tol=1e-9):
-            self._restore_layers()
-            raise PrivacyConfigError(
-                f"the loader samples students at rate {rate:.6g}, the budget was calibrated for "
-                f"{plan.sample_rate:.6g}; build the plan with DPPlan.for_training(n, batch_size, "
-                "local_epochs, rounds) from the same batch size"
-            )
         self._round = _Round()
         self._guard_steps(private_opt)
         if self._max_physical is not None:
@@ -240,6 +291,48 @@ class DPSession:
                 optimizer=private_opt,
             )
         return private_model, private_opt, private_loader
+
+    def release_histogram(
+        self,
+        run_id: str,
+        server_round: int,
+        node: str,
+        counts: Sequence[float],
+        *,
+        digest: str = "",
+    ) -> Release:
+        """Release ``counts`` (each student in exactly one) with Gaussian noise, accounted.
+
+        The noise's standard deviation is ``plan.histogram_noise_std``. The same run, round and
+        ``digest`` (of the evaluated weights) get the stored release back, without a new draw.
+
+        Raises:
+            PrivacyBudgetExceeded: the budget cannot pay for it; nothing drawn or written.
+        """
+        plan = self.plan
+        key = histogram_key(run_id, server_round, digest)
+        with self._store.locked():
+            base = self._store.load() or self._state
+            if (done := base.releases.get(key)) is not None:
+                return Release.from_json(done)
+            state, release = gaussian_release(
+                base,
+                self.ledger,
+                self.budget,
+                key=key,
+                kind="histogram",
+                exact=counts,
+                noise_std=plan.histogram_noise_std,
+                n_public=plan.n_students,
+                fields={"node": str(node), "run_id": str(run_id), "round": int(server_round)},
+            )
+            state = state.model_copy(
+                update={"plan": plan, "noise_multiplier": self.noise_multiplier}
+            )
+            self._store.save(state)
+            self.ledger.append(release.entry)
+        self._state = state
+        return release
 
     def spend_round(self, run_id: str, server_round: int, node: str) -> dict[str, Any]:
         """Commit the round's steps to disk and the ledger; returns the signed ledger entry.
@@ -256,7 +349,7 @@ class DPSession:
             raise RuntimeError("spend_round without make_private: no round was trained")
         self._restore_layers()
         steps, self._round = self._round.steps, None
-        plan = self._state.plan
+        plan = self.plan
         segment: Segment = (self.noise_multiplier, plan.sample_rate, steps)
         mine = [tuple(h) for h in self._engine.accountant.history]
         if mine != extend_history(self._state.history, segment):
@@ -320,7 +413,7 @@ class DPSession:
     def _guard_steps(self, optimizer: DPOptimizer) -> None:
         """Stop a round at its checked number of steps, before the update that would exceed."""
         account = optimizer.step_hook
-        limit = self._state.plan.steps_per_round
+        limit = self.plan.steps_per_round
         current = self._round
         assert account is not None and current is not None
 
@@ -339,9 +432,12 @@ class DPSession:
         self, run_id: str, server_round: int, node: str, steps: int, epsilon: float
     ) -> dict[str, Any]:
         self.ledger.refuse_if_voided()
-        plan = self._state.plan
+        plan = self.plan
         return self.ledger.sign_next(
             {
+                "kind": "train",
+                "neighbouring": NEIGHBOURING,
+                "n_noised": plan.n_noised,
                 "node": str(node),
                 "run_id": str(run_id),
                 "round": int(server_round),

@@ -21,3 +21,13 @@ class PrivacyBudgetExceeded(EduflError, RuntimeError):
 
 class PrivacyConfigError(EduflError, ValueError):
     """A privacy budget or DP setting that cannot protect an institution's students as given."""
+
+
+class PublicError(Exception):
+    """Mixin: an error whose message says nothing about a student, so a node may send it.
+
+    A node's ClientApp replies to a failed task with the error's text (`client.app`); only
+    errors of this kind (and the configuration, protocol and budget errors it names) keep their
+    text there. Anything else, a data error above all (it may quote a value of the export), is
+    replaced by its kind and stays in the node's log.
+    """

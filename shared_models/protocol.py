@@ -9,7 +9,12 @@ Three vocabularies, each validated where it is received:
 - the node config (`NodeConfig`): what ``flower-supernode --node-config`` (or the simulation)
   gives a node, parsed once per message; the launcher writes it with `NodeConfig.to_flower_arg`;
 - the reply schema (`Reply`): the only things a reply may carry. `encode_reply` is the node's
-  single way to build a reply's content and `read_reply` the server's way to read one.
+  single way to build a reply's content and `read_reply` the server's way to read one. A reply
+  of a DP node (``Reply.private``) has its own, much shorter allow-list (`PRIVATE_METRIC_KEYS`):
+  the noised update, the released student count as `NUM_EXAMPLES`, noised risk histograms for an
+  evaluation, the public noise levels and the signed ledger entries that account for each
+  release. No training loss, time, step count, validation or exact evaluation metric: each of
+  them depends on the students and is not inside the guarantee (docs/privacy.md).
 
 Light by design: importing it imports neither torch nor flwr nor opacus (the launcher and the
 CLI use it), so the model overrides are validated in `RoundSettings.model_settings`, which
@@ -20,12 +25,17 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from shared_models.errors import DataContractError, EduflError, PrivacyConfigError
+from shared_models.errors import (
+    DataContractError,
+    EduflError,
+    PrivacyConfigError,
+    PublicError,
+)
 from shared_models.model_names import MODEL_NAMES
 
 Task = Literal["risk", "grade", "multitask"]
@@ -62,6 +72,7 @@ def _problems(exc: ValidationError, what: str) -> str:
 SERVER_ROUND = "server-round"
 PROXIMAL_MU = "proximal-mu"
 RUN_ID = "run-id"
+PLANNED_EVALUATIONS = "planned-evaluations"
 
 
 class RoundSettings(BaseModel):
@@ -83,6 +94,12 @@ class RoundSettings(BaseModel):
     run_id: str = Field(default="", alias=RUN_ID, max_length=64)
     server_round: Annotated[int, Field(ge=0, alias=SERVER_ROUND)] = 0  # set by every strategy
     planned_rounds: Annotated[int, Field(ge=1, alias="planned-rounds")] = 1  # the run's total
+    #: Federated evaluations the server plans to ask of a node in the run: under DP each is a
+    #: histogram release the node's noise calibration pays for up front. None (not sent): one
+    #: per planned round, as with evaluation after every round (``fraction-evaluate`` > 0).
+    planned_evaluations: Annotated[int, Field(ge=0)] | None = Field(
+        default=None, alias=PLANNED_EVALUATIONS
+    )
     #: The server's proposed DP budget; None (on the wire `NO_DP_EPSILON`) proposes no DP. The
     #: other DP fields are None when the server sent none: the node's defaults then apply
     #: (`privacy.budget.node_budget`).
@@ -114,6 +131,13 @@ class RoundSettings(BaseModel):
     @classmethod
     def _no_dp(cls, value: Any) -> Any:
         return None if value == NO_DP_EPSILON else value
+
+    @property
+    def evaluations(self) -> int:
+        """The evaluations planned for the run (`planned_evaluations`, else one per round)."""
+        if self.planned_evaluations is None:
+            return self.planned_rounds
+        return self.planned_evaluations
 
     def model_settings(self) -> Any:
         """The validated model config (raises pydantic's error for a bad override)."""
@@ -163,12 +187,20 @@ PRIVACY_STATE = "privacy-state"
 PRIVACY_ROOT = "privacy-root"
 PRIVACY_KEY = "privacy-key"
 DP_MODE = "dp"
+#: The largest DP-SGD noise multiplier this node trains at; above it a round is declined.
+DP_MAX_NOISE = "dp-max-noise"
 #: The most parameters a message's weights may have on this node (`client.node.own_code`).
 MAX_MODEL_PARAMS = "max-model-params"
 #: What Flower's simulation puts in every virtual node's config.
 PARTITION_ID = "partition-id"
 NUM_PARTITIONS = "num-partitions"
-_DP_KEYS = (DP_MODE, DP_EPSILON, DP_DELTA)
+#: This institution's edufl home: the final global model is adopted into HOME/models.
+HOME_PATH = "home-path"
+_DP_KEYS = (DP_MODE, DP_EPSILON, DP_DELTA, DP_MAX_NOISE)
+
+
+class MissingDataPath(DataContractError, PublicError):
+    """A node config without the export's path (public: names no student)."""
 
 
 class NodeConfigError(ProtocolError):
@@ -182,7 +214,9 @@ class NodeConfig(BaseModel):
     ``edufl client start`` sets ``dp="required"`` (every round trains with DP-SGD, whatever the
     server asks) unless started with ``--no-dp`` (``dp="off"``: a round the server asks without
     DP trains without it and is recorded as non-private in the signed ledger). ``dp-epsilon`` /
-    ``dp-delta`` are the institution's budget for a run and override the server's proposal.
+    ``dp-delta`` are the institution's budget for a run and override the server's proposal;
+    ``dp-max-noise`` is the noise multiplier above which it declines a round (its budget left
+    could only pay for an update that is mostly noise).
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
@@ -198,12 +232,17 @@ class NodeConfig(BaseModel):
     dp: DPMode | None = Field(default=None, alias=DP_MODE)
     dp_epsilon: Annotated[float, Field(gt=0)] | None = Field(default=None, alias=DP_EPSILON)
     dp_delta: Annotated[float, Field(gt=0, lt=1)] | None = Field(default=None, alias=DP_DELTA)
+    #: None: `privacy.budget.DEFAULT_MAX_NOISE_MULTIPLIER`. The server cannot raise it.
+    dp_max_noise: Annotated[float, Field(gt=0)] | None = Field(default=None, alias=DP_MAX_NOISE)
     partition_id: Annotated[int, Field(ge=0)] | None = Field(default=None, alias=PARTITION_ID)
     num_partitions: Annotated[int, Field(ge=1)] | None = Field(default=None, alias=NUM_PARTITIONS)
     #: A deployed node refuses larger weights before building anything; None: no bound.
     max_model_params: Annotated[int, Field(ge=1)] | None = Field(
         default=None, alias=MAX_MODEL_PARAMS
     )
+    #: Where a delivered final model is adopted (`client.early_warning.adopt`); None: the
+    #: node keeps none (a simulation's virtual nodes).
+    home_path: str | None = Field(default=None, alias=HOME_PATH)
 
     @field_validator("*", mode="before")
     @classmethod
@@ -248,7 +287,7 @@ class NodeConfig(BaseModel):
             DataContractError: it is not set; the message says how to set it.
         """
         if not self.data_path:
-            raise DataContractError(
+            raise MissingDataPath(
                 f"this node has no {DATA_PATH!r} in its node config; start it with "
                 f"--node-config '{DATA_PATH}=\"/path/to/export\"'"
             )
@@ -307,6 +346,17 @@ HEAD_METRICS: dict[str, tuple[str, ...]] = {
     "engagement": ("mse", "rmse", "mae", "r2"),
 }
 
+#: Under DP a train reply's metrics hold only `NUM_EXAMPLES` (the node's noised student count,
+#: the DP count release of the run) and an evaluate reply's only these too: the noised histograms
+#: of predicted risk on the node's test students (one count per student), at-risk students in
+#: `RISK_HIST_POS` and the others in `RISK_HIST_NEG`, `RISK_HIST_BINS` equal bins over [0, 1],
+#: with `NOISE_HIST_STD` the standard deviation of the Gaussian noise on each count (public).
+RISK_HIST_BINS = 10
+RISK_HIST_POS = "risk/hist-pos"  # list[float], RISK_HIST_BINS noised counts
+RISK_HIST_NEG = "risk/hist-neg"
+NOISE_HIST_STD = "noise/hist-std"
+NOISE_COUNT_STD = "noise/count-std"  # std of the noise on NUM_EXAMPLES under DP
+
 #: The privacy record's keys: the round's signed entry, and the run's earlier entries of the
 #: node's chain (a JSON list), so the server's ledger can fill a gap.
 LEDGER_ENTRY = "privacy-ledger-entry"
@@ -349,6 +399,13 @@ METRIC_KEYS: frozenset[str] = frozenset(
         *evaluation_keys(VAL_PREFIX),
     )
 )
+#: The allow-list of a DP node's reply metrics (besides `NUM_EXAMPLES`, the released count):
+#: values released through a Gaussian mechanism accounted in the node's ledger, and the public
+#: standard deviations of their noise. Nothing else leaves a DP node.
+PRIVATE_METRIC_KEYS: frozenset[str] = frozenset(
+    (NOISE_COUNT_STD, RISK_HIST_POS, RISK_HIST_NEG, NOISE_HIST_STD)
+)
+_HISTOGRAM_KEYS = (RISK_HIST_POS, RISK_HIST_NEG)
 RecordKind = Literal["ArrayRecord", "MetricRecord", "ConfigRecord"]
 
 
@@ -356,12 +413,17 @@ RecordKind = Literal["ArrayRecord", "MetricRecord", "ConfigRecord"]
 class Reply:
     """Everything a node's reply may carry; `encode_reply` lays it out on the wire."""
 
-    num_examples: int  # training (or test) records behind the update or the metrics
-    metrics: Mapping[str, float]  # aggregate only, each key in `METRIC_KEYS`
+    #: Training (or test) records behind the update or the metrics; under DP the node's
+    #: released (noised) student count, never an exact one.
+    num_examples: int
+    #: Aggregate only, each key in `METRIC_KEYS`; under DP in `PRIVATE_METRIC_KEYS` (the
+    #: histograms as lists of `RISK_HIST_BINS` floats).
+    metrics: Mapping[str, float | list[float]]
     institution: str
     weights: Mapping[str, Any] | None = None  # name -> numpy array; train replies only
     ledger_entry: str | None = None  # the round's signed ledger entry (text)
     ledger_earlier: str = ""  # the run's earlier entries of the chain (a JSON list's text)
+    private: bool = False  # a DP node's reply: only released values may leave (see above)
 
 
 @dataclass(frozen=True)
@@ -377,13 +439,22 @@ def encode_reply(reply: Reply) -> tuple[ReplyRecord, ...]:
     """The records of ``reply``: the one way a node builds a reply's content.
 
     Raises:
-        ProtocolError: a metric is not in the allow-list `METRIC_KEYS` or not a number.
+        ProtocolError: a metric is not in the allow-list (`METRIC_KEYS`, or for a private reply
+            `PRIVATE_METRIC_KEYS`) or not a number (a histogram: not `RISK_HIST_BINS`
+            numbers), or a private reply carries no ledger entry.
     """
-    unknown = sorted(set(reply.metrics) - METRIC_KEYS)
+    allowed = PRIVATE_METRIC_KEYS if reply.private else METRIC_KEYS
+    unknown = sorted(set(reply.metrics) - allowed)
     if unknown:
-        raise ProtocolError(f"metrics {unknown} are not in the reply schema; they may not leave")
-    metrics: dict[str, int | float] = {NUM_EXAMPLES: int(reply.num_examples)}
+        schema = "the DP reply schema (released values only)" if reply.private else "the schema"
+        raise ProtocolError(f"metrics {unknown} are not in {schema}; they may not leave")
+    if reply.private and reply.ledger_entry is None:
+        raise ProtocolError("a DP reply must carry the signed ledger entry of what it releases")
+    metrics: dict[str, int | float | list[float]] = {NUM_EXAMPLES: int(reply.num_examples)}
     for key, value in reply.metrics.items():
+        if key in _HISTOGRAM_KEYS:
+            metrics[key] = _histogram(key, value)
+            continue
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise ProtocolError(f"metric {key!r} must be a number, got {value!r}")
         metrics[key] = value
@@ -398,6 +469,16 @@ def encode_reply(reply: Reply) -> tuple[ReplyRecord, ...]:
     return tuple(records)
 
 
+def _histogram(key: str, value: Any) -> list[float]:
+    if (
+        not isinstance(value, list | tuple)
+        or len(value) != RISK_HIST_BINS
+        or not all(isinstance(v, int | float) and not isinstance(v, bool) for v in value)
+    ):
+        raise ProtocolError(f"metric {key!r} must be {RISK_HIST_BINS} numbers, got {value!r}")
+    return [float(v) for v in value]
+
+
 @dataclass(frozen=True)
 class ReceivedReply:
     """What the server reads from a reply (besides the weights the guard checks)."""
@@ -406,6 +487,8 @@ class ReceivedReply:
     institution: str = ""  # "" if the reply names none
     ledger_entry: str = ""  # "" if it sent none
     ledger_earlier: str = ""
+    #: A DP evaluation's noised histograms (`RISK_HIST_POS`, `RISK_HIST_NEG`), if it sent any.
+    histograms: dict[str, list[float]] = field(default_factory=dict)
 
 
 def reply_institution(config_records: Mapping[str, Mapping[str, Any]]) -> str:
@@ -420,12 +503,124 @@ def read_reply(
 ) -> ReceivedReply:
     """Read a reply's records (name -> items): the server's one way to interpret a reply."""
     metrics: dict[str, float] = {}
+    histograms: dict[str, list[float]] = {}
     for record in metric_records.values():
         metrics |= {k: float(v) for k, v in record.items() if isinstance(v, int | float)}
+        histograms |= {
+            k: [float(x) for x in v]
+            for k, v in record.items()
+            if k in _HISTOGRAM_KEYS and isinstance(v, list | tuple)
+        }
     privacy = config_records.get(PRIVACY_RECORD, {})
     return ReceivedReply(
         metrics=metrics,
         institution=reply_institution(config_records),
         ledger_entry=str(privacy.get(LEDGER_ENTRY, "")),
         ledger_earlier=str(privacy.get(LEDGER_EARLIER, "")),
+        histograms=histograms,
+    )
+
+
+# --- the final model's delivery -----------------------------------------------------------------
+
+#: After the last round the server sends every connected node a ``query`` message: the final
+#: global weights in `ARRAYS_RECORD` and, in this ConfigRecord, the round settings of the final
+#: checkpoint (model, overrides, task, seed, spec fingerprint, run id, round) with
+#: `WEIGHTS_SHA256`. The node's acknowledgement carries this record too, holding only `ADOPTED`
+#: and `WEIGHTS_SHA256`, beside the `NODE_RECORD`.
+DELIVERY_RECORD = "delivery"
+WEIGHTS_SHA256 = "weights-sha256"  # `weights_sha256` of the delivered weights
+ADOPTED = "adopted"  # bool: the node verified the model and adopted it into its home
+
+
+class DeliveryError(ProtocolError):
+    """A delivery message that does not say which model it carries."""
+
+
+def weights_sha256(weights: Mapping[str, Any]) -> str:
+    """SHA-256 over the names, dtypes, shapes and bytes of ``weights`` (name -> array), by name.
+
+    The same weights give the same digest on every machine, whatever order they travel in.
+    """
+    import hashlib
+
+    import numpy as np  # here, not at the top: the launcher and the CLI import this module
+
+    digest = hashlib.sha256()
+    for name in sorted(weights):
+        array = np.ascontiguousarray(weights[name])
+        digest.update(f"{name}|{array.dtype.str}|{array.shape}|".encode())
+        digest.update(array.tobytes())
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """What a delivery message says about the weights it carries."""
+
+    #: The final checkpoint's model, overrides, task, seed, spec fingerprint, run id and round.
+    settings: RoundSettings
+    weights_sha256: str
+
+    def to_config(self) -> dict[str, bool | int | float | str]:
+        """The flat form of the message's `DELIVERY_RECORD`."""
+        return {**self.settings.to_config(), WEIGHTS_SHA256: self.weights_sha256}
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> Delivery:
+        """Validate a received delivery record.
+
+        Raises:
+            DeliveryError: no checksum, run id, round or spec fingerprint.
+            RoundSettingsError: a round setting is unknown or invalid.
+        """
+        values = dict(config)
+        checksum = values.pop(WEIGHTS_SHA256, None)
+        settings = RoundSettings.from_config(values)
+        missing = [
+            key
+            for key, ok in (
+                (WEIGHTS_SHA256, isinstance(checksum, str) and len(checksum) == 64),
+                (RUN_ID, bool(settings.run_id)),
+                (SERVER_ROUND, settings.server_round >= 1),
+                ("spec-fingerprint", bool(settings.spec_fingerprint)),
+            )
+            if not ok
+        ]
+        if missing:
+            raise DeliveryError(
+                f"the server's delivery of the final model lacks {', '.join(missing)}; it "
+                "cannot be verified, so it was not adopted. Are server and node running the "
+                "same edufl version?"
+            )
+        return cls(settings, str(checksum))
+
+
+@dataclass(frozen=True)
+class Acknowledgement:
+    """A node's answer to a delivery: nothing about its students (see `client.app`)."""
+
+    adopted: bool
+    weights_sha256: str  # of the weights the node received and verified
+    institution: str
+
+
+def encode_acknowledgement(ack: Acknowledgement) -> tuple[ReplyRecord, ...]:
+    """The records of a node's acknowledgement: the one way a node builds one."""
+    delivery = {ADOPTED: bool(ack.adopted), WEIGHTS_SHA256: str(ack.weights_sha256)}
+    return (
+        ReplyRecord(DELIVERY_RECORD, "ConfigRecord", delivery),
+        ReplyRecord(NODE_RECORD, "ConfigRecord", {INSTITUTION: ack.institution}),
+    )
+
+
+def read_acknowledgement(config_records: Mapping[str, Mapping[str, Any]]) -> Acknowledgement:
+    """What the server reads from an acknowledgement (an unreadable one: not adopted)."""
+    record = config_records.get(DELIVERY_RECORD, {})
+    adopted = record.get(ADOPTED)
+    checksum = record.get(WEIGHTS_SHA256)
+    return Acknowledgement(
+        adopted=adopted is True,
+        weights_sha256=checksum if isinstance(checksum, str) else "",
+        institution=reply_institution(config_records),
     )

@@ -8,6 +8,7 @@ from client.cli import app as client_app
 from privacy.cli import app as audit_app
 from server.cli import app as server_app
 from shared_models.cli_support import configure_logging, new_app
+from simulations.channel_attack import channel_attack
 from simulations.demo import demo
 from simulations.reproduce.cli import reproduce
 from simulations.simulate_cli import app as simulate_app
@@ -24,6 +25,8 @@ app.add_typer(client_app, name="client")
 app.add_typer(simulate_app, name="simulate")
 app.add_typer(server_app, name="server")
 app.add_typer(audit_app, name="audit")
+# The node-driving attack needs client and server: registered here, the one layer above both.
+audit_app.command("channel-attack")(channel_attack)
 app.command()(train)
 app.command()(demo)
 app.command()(reproduce)

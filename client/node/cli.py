@@ -63,7 +63,10 @@ def start(
     ),
     spec: Path | None = typer.Option(None, "--spec", help="Feature spec TOML; default spec."),
     home: Path | None = typer.Option(
-        None, "--home", help="Node working folder (log, unpacked apps); default ~/.edufl/NAME."
+        None,
+        "--home",
+        help="Node working folder (log, privacy state, the final models the server delivers, "
+        "in HOME/models: `edufl client report --home HOME`); default ~/.edufl/NAME.",
     ),
     runtime_port: int = typer.Option(
         0, "--runtime-port", min=0, max=65535, help="Local Runtime API port; 0 picks a free one."
@@ -151,7 +154,7 @@ def start(
     from privacy.keys import check_name
     from shared_models import processes
 
-    root_cert, key = check_credentials(root_cert, key, insecure)
+    root_cert, key = check_credentials(root_cert, key, insecure, superlink)
     name = check_name(name or (key.name if key is not None else data.resolve().name))
     report = check_export(data, spec)
     typer.echo(f"export {data}: {report.n_students} students, usable")
@@ -184,13 +187,16 @@ def start(
             f"export's {report.n_students} students",
             param_hint="--dp-delta",
         )
+    home = (home or Path.home() / ".edufl" / name).resolve()
+    if not no_dp:
+        _check_recorded_budget(privacy_state or home / "privacy", dp_epsilon, dp_delta)
     options = NodeOptions(
         data_dir=data,
         superlink=superlink,
         root_cert=root_cert,
         private_key=key,
         name=name,
-        home=(home or Path.home() / ".edufl" / name).resolve(),
+        home=home,
         runtime_port=runtime_port or processes.free_port(),
         spec=spec,
         insecure=insecure,
@@ -229,3 +235,30 @@ def start(
                 processes.stop(child)
     if code:
         raise typer.Exit(1)
+
+
+def _check_recorded_budget(
+    state_dir: Path, dp_epsilon: float | None, dp_delta: float | None
+) -> None:
+    """Refuse --dp-epsilon/--dp-delta that differ from the budget this node's state records.
+
+    A state folder accounts for one budget: a round under another one would fail when it
+    arrives (`privacy.accountant_store.reconcile_state`), after the node had started.
+    Unset flags are not compared: the server's proposal may lower the default budget.
+    """
+    from privacy.accountant_store import AccountantStore
+
+    state = AccountantStore(state_dir).load()
+    if state is None:
+        return
+    given = {"--dp-epsilon": dp_epsilon, "--dp-delta": dp_delta}
+    recorded = {"--dp-epsilon": state.epsilon_budget, "--dp-delta": state.delta}
+    for flag, value in given.items():
+        if value is not None and value != recorded[flag]:
+            raise typer.BadParameter(
+                f"{flag} {value:g} differs from the budget recorded in {state_dir} (epsilon "
+                f"{state.epsilon_budget:g}, delta {state.delta:g}, {state.epsilon_spent:.4g} "
+                f"spent); start with --dp-epsilon {state.epsilon_budget:g} --dp-delta "
+                f"{state.delta:g}, or give a new --privacy-state folder for a new budget",
+                param_hint=flag,
+            )

@@ -6,10 +6,17 @@ accountants that produced the claims: its RDP accountant for ``rdp`` claims, its
 privacy-loss-distribution (PLD) accountant for ``prv`` claims (PLD and PRV are both numerically
 tight accountants of the same subsampled Gaussian mechanism).
 
-Besides the claims it checks what the accounting assumes of each entry: no epsilon above the
-institution's budget (no tolerance: the tolerance is for claimed vs recomputed), delta below
-1/n, a sample rate that a batch size gives for n students (Opacus' Poisson rate is
-1 / ceil(n / batch size)), and each round counted once.
+Every entry is composed into its institution's chain: DP-SGD rounds (``kind`` ``train``) as
+Poisson-subsampled Gaussians, and the node's other releases (``count``, ``histogram``: Gaussian
+mechanisms of sensitivity 1, `privacy.releases`) as the same event with sample rate 1.
+
+Besides the claims it checks what the accounting assumes of each entry: the neighbouring
+relation it claims is `privacy.budget.NEIGHBOURING` (add or remove one student; an entry
+written before entries named one was accounted per record and is reported as record-level,
+never as student-level; any other relation fails), no epsilon above the institution's budget
+(no tolerance: the tolerance is for claimed vs recomputed), delta below 1/n, a sample rate that
+a batch size gives for n students (Opacus' Poisson rate is 1 / ceil(n / batch size)), a release
+recorded as one unsubsampled step of sensitivity 1, and each entry counted once.
 """
 
 from __future__ import annotations
@@ -24,7 +31,7 @@ from typing import Any
 import dp_accounting
 from dp_accounting import pld, rdp
 
-from privacy.budget import PRV_EPS_ERROR
+from privacy.budget import LEGACY_NEIGHBOURING, NEIGHBOURING, PRV_EPS_ERROR
 from privacy.ledger.entries import LedgerEntry
 
 logger = logging.getLogger(__name__)
@@ -55,14 +62,17 @@ class BudgetRow:
     recomputed: float  # math.inf once DP was off
     budget: float | None
     # ok | overstated (conservative) | UNDERSTATED | OVER BUDGET | NOT PRIVATE | DELTA NOT
-    # BELOW 1/N | SAMPLE RATE INCONSISTENT | DUPLICATE (a round already counted), or, for an
-    # entry without its DP parameters or with ones no accountant can evaluate (and every later
-    # entry of its chain): INCOMPLETE | UNVERIFIABLE
+    # BELOW 1/N | SAMPLE RATE INCONSISTENT | RELEASE NOT AS ACCOUNTED | UNKNOWN NEIGHBOURING
+    # RELATION | DUPLICATE (a round already counted), or, for an entry without its DP
+    # parameters or with ones no accountant can evaluate (and every later entry of its chain):
+    # INCOMPLETE | UNVERIFIABLE; ", record-level (legacy entry)" follows an old entry's status
     status: str
+    kind: str = "train"  # train | count | histogram
+    neighbouring: str = NEIGHBOURING  # LEGACY_NEIGHBOURING for an entry that names none
 
     @property
     def failed(self) -> bool:
-        return self.status.isupper()
+        return self.status.split(",")[0].isupper()  # the legacy note is not a failure
 
 
 @dataclass(frozen=True)
@@ -74,6 +84,8 @@ class InstitutionSummary:
     recomputed: float
     remaining: float | None  # budget minus the larger of claimed and recomputed
     ok: bool
+    #: The weakest relation of the chain: record-level if any entry was accounted per record.
+    neighbouring: str = NEIGHBOURING
 
 
 @dataclass
@@ -108,6 +120,11 @@ def recompute_budget(entries: Sequence[LedgerEntry]) -> BudgetReport:
                 recomputed=end.recomputed,
                 remaining=None if end.budget is None else end.budget - used,
                 ok=not any(r.failed for r in chain_rows),
+                neighbouring=(
+                    LEGACY_NEIGHBOURING
+                    if any(r.neighbouring == LEGACY_NEIGHBOURING for r in chain_rows)
+                    else NEIGHBOURING
+                ),
             )
         )
     return BudgetReport(rows, summaries)
@@ -171,8 +188,16 @@ def _recompute_chain(chain: Sequence[LedgerEntry]) -> Iterator[BudgetRow]:
 def _assumption_problem(entry: LedgerEntry) -> str | None:
     """A failed status when the entry breaks what its accounting assumes; None if it holds."""
     assert entry.delta is not None
+    if entry.neighbouring not in (None, NEIGHBOURING):
+        return "UNKNOWN NEIGHBOURING RELATION"
     if entry.delta * entry.n_students >= 1:
         return "DELTA NOT BELOW 1/N"
+    if entry.kind != "train":
+        # A release is one Gaussian of sensitivity 1 on everyone's data: a smaller rate, more
+        # steps or another sensitivity would misstate what the recorded noise protects.
+        if (entry.sample_rate, entry.steps, entry.max_grad_norm) != (1.0, 1, 1.0):
+            return "RELEASE NOT AS ACCOUNTED"
+        return None
     if not sample_rate_fits(entry.sample_rate, entry.n_students):
         return "SAMPLE RATE INCONSISTENT"
     return None
@@ -216,6 +241,10 @@ def _status(entry: LedgerEntry, recomputed: float) -> str:
 
 
 def _row(entry: LedgerEntry, recomputed: float, status: str) -> BudgetRow:
+    legacy = entry.neighbouring is None
+    if legacy:
+        # Accounted per record: a student with k records got about k times this epsilon.
+        status += ", record-level (legacy entry)"
     return BudgetRow(
         institution=entry.institution,
         run_id=entry.run_id,
@@ -230,6 +259,8 @@ def _row(entry: LedgerEntry, recomputed: float, status: str) -> BudgetRow:
         recomputed=recomputed,
         budget=entry.epsilon_budget,
         status=status,
+        kind=entry.kind,
+        neighbouring=LEGACY_NEIGHBOURING if legacy else str(entry.neighbouring),
     )
 
 

@@ -6,6 +6,15 @@ the institution's EC key over every other field. Entries hold aggregate DP param
 student data), travel to the server with the round's update, and the server's consortium ledger
 interleaves the chains of all institutions in one file.
 
+Each entry names its ``kind`` (``train``: a round of local training, DP-SGD or, with
+``private`` false, none; ``count`` / ``histogram``: a value released through a Gaussian mechanism
+of L2 sensitivity 1, with its noise multiplier as the noise's standard deviation, sample rate 1,
+one step and ``max_grad_norm`` 1, the sensitivity) and the ``neighbouring`` relation its epsilon
+is claimed under (`privacy.budget.NEIGHBOURING`). Entries written before these fields existed
+still verify: a missing ``kind`` is a training round, a missing ``neighbouring`` the record-level
+relation they were accounted under (`privacy.budget.LEGACY_NEIGHBOURING`), which the budget
+audit reports as such. ``n_noised`` says ``n_students`` is the node's released (noised) count.
+
 A line is valid only in its canonical form (sorted keys, no spaces, ASCII), so any changed byte
 either breaks the JSON, breaks the canonical form, or changes a signed value. Dropping the *last*
 entries of a chain cannot be seen from the chain itself; `heads` records each chain's end so an
@@ -36,6 +45,8 @@ from shared_models.user_files import loads_json
 logger = logging.getLogger(__name__)
 
 LEDGER_FILE = "ledger.jsonl"
+#: What an entry may record: a training round, or a release of sensitivity 1 (`privacy.releases`).
+Kind = Literal["train", "count", "histogram"]
 GENESIS = "0" * 64
 ENTRY_VERSION = 1
 _SIGNATURE_ALGORITHM = ec.ECDSA(hashes.SHA256())
@@ -68,9 +79,22 @@ class LedgerEntry(BaseModel):
     n_students: Annotated[int, Field(ge=1)]
     epsilon_after: Annotated[float, Field(ge=0)] | None  # cumulative; None once DP was off
     epsilon_budget: Annotated[float, Field(gt=0)] | None  # None when DP was off
+    # Newer fields: absent from older entries, so left out of their canonical form (model_dump).
+    kind: Kind = "train"
+    neighbouring: Annotated[str, Field(max_length=64)] | None = None  # None: record-level (old)
+    n_noised: bool = False  # n_students is the node's DP-released count, not the exact one
     prev_hash: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
     public_key: str  # OpenSSH line of the signing key
     signature: str  # base64 DER ECDSA-SHA256 over the canonical JSON of all other fields
+
+    def model_dump(self, **kwargs: Any) -> dict[str, Any]:
+        """The entry's fields as signed: a field the signed line did not hold stays out.
+
+        An entry written before a field existed was signed without it; dumping its default
+        would change the bytes, the hash and the signature's payload.
+        """
+        kwargs.setdefault("exclude_unset", True)
+        return super().model_dump(**kwargs)
 
 
 def canonical_json(obj: Any) -> bytes:
@@ -222,7 +246,7 @@ def append_entry(path: Path, entry: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     _cut_torn_tail(path)
     line = canonical_json(entry) + b"\n"
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)  # a ledger is private
     try:
         os.write(fd, line)
         os.fsync(fd)

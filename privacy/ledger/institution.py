@@ -14,6 +14,7 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from privacy.accountant_store import AccountantStore
+from privacy.budget import NEIGHBOURING
 from privacy.keys import init_institution_keys, load_node_private_key, public_key_line
 from privacy.ledger.entries import (
     GENESIS,
@@ -131,6 +132,9 @@ def record_non_private_round(
                 "n_students": int(n_students),
                 "epsilon_after": None,
                 "epsilon_budget": None,
+                "kind": "train",
+                "neighbouring": NEIGHBOURING,
+                "n_noised": False,  # nothing is private in this round, n included
             }
         )
         ledger.append(entry)

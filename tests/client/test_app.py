@@ -114,6 +114,8 @@ def test_train_reply_holds_only_the_weights_and_aggregate_metrics(
     assert all(isinstance(v, int | float) for v in metrics.values()), "scalars only, no lists"
     split = prepare_node_data(export_copy, SPEC, seed=config.seed, institution="uni_north")
     assert metrics["num-examples"] == len(split.train)
+    # Without DP (the server proposes none, the node sets no policy) the exact metrics stay;
+    # under DP they never leave (test_app_privacy: only released values).
     assert {"train/loss", "val/loss", "val/risk/roc_auc"} <= set(metrics)
     assert dict(reply.content["node"]) == {"institution": "uni_north"}
 

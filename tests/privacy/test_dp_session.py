@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 
@@ -223,3 +225,124 @@ def test_prv_accountant_is_selectable_and_stays_within_budget(
     assert entries[0]["epsilon_after"] < entries[1]["epsilon_after"] <= prv.epsilon
     state = json.loads((tmp_path / STATE_FILE).read_text())
     assert state["accountant"] == "prv" and state["history"][0][2] == 2 * plan.steps_per_round
+
+
+def _three_term_cohort(n_students: int = 40) -> tuple[ModelInputs, np.ndarray]:
+    """Students with one term each, except student "s0", who has three."""
+    from tests.privacy.conftest import random_inputs
+
+    inputs = random_inputs(n_students + 2, seed=3)
+    ids = np.array(["s0", "s0", "s0", *(f"s{i}" for i in range(1, n_students))], dtype=object)
+    return dataclasses.replace(inputs, student_ids=ids), ids
+
+
+@pytest.mark.filterwarnings("ignore:Full backward hook is firing")
+def test_a_student_with_three_terms_moves_each_step_by_one_clipped_contribution(
+    tmp_path: Path,
+) -> None:
+    inputs, ids = _three_term_cohort()
+    budget = PrivacyBudget(epsilon=8.0, delta=1e-3, max_grad_norm=1.0)
+    plan = DPPlan.for_training(40, 20, local_epochs=1, planned_rounds=1)  # q = 1/2: s0 often in
+    session = DPSession.open(tmp_path, budget, plan, institution="uni_a")
+    model = tiny_model()
+    _, optimizer, loader = session.make_private(
+        model, make_optimizer(model), make_loader(inputs, 20), student_ids=ids
+    )
+    seen_s0 = 0
+    for _ in range(30):  # many passes: each student is sampled at most once per step
+        for batch in loader.batch_sampler:
+            students = ids[batch]
+            assert len(set(students)) == len(students), "a student gave two records to one step"
+            seen_s0 += int("s0" in set(students))
+    assert seen_s0 > 0
+
+    # Removing s0 changes one step's clipped sum by one clipped gradient: at most C.
+    # Poisson sampling: s0 is in a given step with probability 1/2, so look over many passes.
+    batch = next(b for _ in range(50) for b in loader.batch_sampler if "s0" in set(ids[b]))
+    without = [i for i in batch if ids[i] != "s0"]
+    summed = [_clipped_sum(model, optimizer, inputs, rows) for rows in (batch, without)]
+    moved = torch.sqrt(sum(((a - b) ** 2).sum() for a, b in zip(*summed, strict=True)))
+    assert 0 < float(moved) <= budget.max_grad_norm * (1 + 1e-5)
+    session.abandon_round()
+
+
+def _clipped_sum(
+    model: torch.nn.Module, optimizer: Any, inputs: ModelInputs, rows: list[int]
+) -> list[torch.Tensor]:
+    """Opacus' per-student clipped gradient sum for the records ``rows`` (no noise added)."""
+    from shared_models.evaluation import input_tensors
+    from shared_models.losses import task_loss
+
+    batch = [t[rows] for t in input_tensors(inputs)]
+    optimizer.zero_grad(set_to_none=True)
+    out = model(batch[0], batch[1], batch[2])
+    task_loss(out, batch[3], batch[4], "risk").backward()
+    optimizer.clip_and_accumulate()
+    sums = [p.summed_grad.detach().clone() for p in optimizer.params]
+    optimizer.zero_grad(set_to_none=True)
+    return sums
+
+
+def test_a_resume_past_the_planned_rounds_is_declined_not_trained_on_pure_noise(
+    tmp_path: Path, budget: PrivacyBudget, plan: DPPlan, run_round: RunRound, students: ModelInputs
+) -> None:
+    """The scenario of the issue: a --resume with more rounds than planned recalibrated the
+    little budget left to sigma ~121 and the server aggregated noise as a success."""
+    for r in range(1, plan.planned_rounds + 1):
+        run_round(tmp_path, budget, plan, r)
+    before = _snapshot(tmp_path)
+    longer = plan.model_copy(update={"planned_rounds": 2 * plan.planned_rounds})
+    session = DPSession.open(tmp_path, budget, longer, institution="uni_a")
+    assert session.noise_multiplier > budget.max_noise_multiplier  # what it would have used
+    model = tiny_model()
+
+    with pytest.raises(PrivacyBudgetExceeded, match="declines this round"):
+        session.make_private(model, make_optimizer(model), make_loader(students, BATCH))
+
+    assert _snapshot(tmp_path) == before  # nothing trained, nothing spent
+
+
+def test_the_noise_pays_for_the_count_and_the_planned_evaluations_too(tmp_path: Path) -> None:
+    from privacy.releases import release_count
+
+    budget = PrivacyBudget(epsilon=2.0, delta=1e-3)
+    release = release_count(
+        tmp_path,
+        budget,
+        institution="uni_a",
+        run_id="r",
+        server_round=1,
+        node="7",
+        n_students=64,
+    )
+    again = release_count(
+        tmp_path,
+        budget,
+        institution="uni_a",
+        run_id="r",
+        server_round=2,
+        node="7",
+        n_students=64,
+    )
+    assert again == release  # once per run: never a second draw
+    plan = DPPlan.for_training(
+        release.n_public,
+        BATCH,
+        local_epochs=1,
+        planned_rounds=3,
+        planned_evaluations=3,
+        n_noised=True,
+    )
+    session = DPSession.open(tmp_path, budget, plan, institution="uni_a")
+    bare = DPPlan.for_training(release.n_public, BATCH, local_epochs=1, planned_rounds=3)
+    assert (
+        session.noise_multiplier
+        > DPSession.open(tmp_path / "bare", budget, bare, institution="uni_a").noise_multiplier
+    )
+    history = [
+        (20.0, 1.0, 1),
+        (session.noise_multiplier, plan.sample_rate, plan.total_steps),
+        (plan.histogram_noise_std, 1.0, 3),
+    ]
+    planned = compute_epsilon("rdp", history, budget.delta)
+    assert 0.97 * budget.epsilon <= planned <= budget.epsilon

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from privacy.budget import DPPlan, PrivacyBudget
 from privacy.dp import DPSession
 from privacy.fused_rnn import FusedGRU, FusedLSTM, FusedRNNError, fuse_recurrent_layers
+from privacy.noise import SecureRandom
 from shared_models.data.cohort import ModelInputs
 from shared_models.models.registry import build_model
 from shared_models.models.weights import named_weights
@@ -155,11 +156,9 @@ def _dp_round(state_dir: Path, fused: bool, name: str, task: str) -> tuple[Any, 
 def test_a_fused_dp_round_trains_the_same_weights_and_spends_the_same_epsilon(
     tmp_path: Path, name: str, task: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # DP noise and sampling are unpredictable by design (privacy.dp.unpredictable_generator);
-    # comparing two rounds needs the same draws for both.
-    monkeypatch.setattr(
-        "privacy.dp.unpredictable_generator", lambda: torch.Generator().manual_seed(1234)
-    )
+    # DP noise and sampling are unpredictable by design (a fresh ChaCha20 key each round);
+    # comparing two rounds needs the same draws for both: the same key.
+    monkeypatch.setattr("privacy.dp.SecureRandom", lambda: SecureRandom(bytes(32)))
     hooks_model, hooks_entry = _dp_round(tmp_path / "hooks", False, name, task)
     fused_model, fused_entry = _dp_round(tmp_path / "fused", True, name, task)
 

@@ -11,7 +11,9 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
+from privacy.audit.budget import recompute_budget
 from privacy.audit.verify import load_heads, load_keys, verify_ledger
+from privacy.budget import LEGACY_NEIGHBOURING, NEIGHBOURING
 from privacy.keys import init_institution_keys, load_node_private_key
 from privacy.ledger.consortium import ConsortiumLedger, encode_entry
 from privacy.ledger.entries import (
@@ -19,6 +21,7 @@ from privacy.ledger.entries import (
     LedgerEntry,
     LedgerError,
     canonical_json,
+    parse_entries,
     sign_entry,
 )
 from privacy.ledger.institution import InstitutionLedger
@@ -29,6 +32,7 @@ _FIELDS = (
     *("v", "institution", "node", "run_id", "round", "seq", "time", "private", "accountant"),
     *("noise_multiplier", "sample_rate", "steps", "max_grad_norm", "delta", "n_students"),
     *("epsilon_after", "epsilon_budget", "prev_hash", "public_key", "signature"),
+    *("kind", "neighbouring", "n_noised"),
 )
 
 
@@ -47,6 +51,9 @@ def _fields(server_round: int) -> dict[str, Any]:
         "n_students": 640,
         "epsilon_after": 0.5 * server_round,
         "epsilon_budget": 8.0,
+        "kind": "train",
+        "neighbouring": NEIGHBOURING,
+        "n_noised": True,
     }
 
 
@@ -223,3 +230,41 @@ def test_consortium_ledger_refuses_forged_and_gapped_entries_and_ignores_resends
 
 def test_tampering_tests_cover_every_field_of_the_entry_schema(lines: list[bytes]) -> None:
     assert sorted(json.loads(lines[0])) == sorted(_FIELDS) == sorted(LedgerEntry.model_fields)
+
+
+def test_an_entry_signed_before_kind_and_neighbouring_existed_still_verifies_as_record_level(
+    tmp_path: Path, keys_dir: Path
+) -> None:
+    key = load_node_private_key(keys_dir / "uni_a")
+    own = InstitutionLedger(tmp_path, "uni_a", key)
+    old = {k: v for k, v in _fields(1).items() if k not in ("kind", "neighbouring", "n_noised")} | {
+        "sample_rate": 0.125,
+        "n_students": 64,
+        "delta": 1e-3,
+        "epsilon_after": 0.0,
+    }
+    own.append(own.sign_next(old))
+    new = _fields(2) | {"n_students": 64, "delta": 1e-3, "epsilon_after": 0.0}
+    own.append(own.sign_next(new))
+
+    assert verify_ledger(own.path, {"uni_a": key.public_key()}).ok  # its signed bytes hold
+    first, second = parse_entries(own.path)
+    assert "kind" not in first.model_dump() and second.model_dump()["kind"] == "train"
+
+    rows = recompute_budget([first, second]).rows
+    # Accounted per record, and said so, never passed off as student-level.
+    assert rows[0].neighbouring == LEGACY_NEIGHBOURING
+    assert "record-level (legacy entry)" in rows[0].status
+    assert rows[1].neighbouring == NEIGHBOURING and "record-level" not in rows[1].status
+
+
+def test_an_entry_claiming_another_neighbouring_relation_fails_the_budget_audit(
+    tmp_path: Path, keys_dir: Path
+) -> None:
+    own = InstitutionLedger(tmp_path, "uni_a", load_node_private_key(keys_dir / "uni_a"))
+    own.append(own.sign_next(_fields(1) | {"neighbouring": "replace-one-record"}))
+
+    report = recompute_budget(parse_entries(own.path))
+
+    assert [row.status for row in report.rows] == ["UNKNOWN NEIGHBOURING RELATION"]
+    assert not report.ok

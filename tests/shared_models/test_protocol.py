@@ -37,6 +37,7 @@ PROTOCOL = Path("shared_models/protocol.py")
 #: else, so for them only those modules are checked.
 COMMON_WORDS = frozenset(
     {"model", "task", "seed", "institution", "dp", "arrays", "metrics", "node", "privacy", "loss"}
+    | {"delivery", "adopted"}
 )
 WIRE_MODULES = (
     "client/app.py",
@@ -61,6 +62,7 @@ def _wire_keys() -> set[str]:
     keys |= {f.alias or name for name, f in NodeConfig.model_fields.items()}
     keys |= {protocol.ARRAYS_RECORD, protocol.METRICS_RECORD, protocol.NODE_RECORD}
     keys |= {protocol.PRIVACY_RECORD, protocol.LEDGER_ENTRY, protocol.LEDGER_EARLIER}
+    keys |= {protocol.DELIVERY_RECORD, protocol.WEIGHTS_SHA256, protocol.ADOPTED}
     return keys | METRIC_KEYS
 
 
@@ -241,3 +243,25 @@ def test_every_metric_a_node_computes_is_in_the_allow_list() -> None:
     assert protocol.metric_key("risk", "roc_auc", validation=True) == "val/risk/roc_auc"
     with pytest.raises(ProtocolError):
         protocol.metric_key("risk", "student_id")
+
+
+def test_a_private_reply_may_carry_released_values_only() -> None:
+    """Under DP the exact training loss once told a server whether a student trained."""
+    base = {"num_examples": 212, "institution": "uni_a", "ledger_entry": "{}", "private": True}
+    with pytest.raises(protocol.ProtocolError, match="DP reply schema"):
+        protocol.encode_reply(protocol.Reply(metrics={"train/loss": 0.69}, **base))
+    with pytest.raises(protocol.ProtocolError, match="DP reply schema"):
+        protocol.encode_reply(protocol.Reply(metrics={"risk/roc_auc": 0.8}, **base))
+    with pytest.raises(protocol.ProtocolError, match="ledger entry"):
+        protocol.encode_reply(protocol.Reply(**(base | {"ledger_entry": None}), metrics={}))
+    with pytest.raises(protocol.ProtocolError, match="10 numbers"):
+        protocol.encode_reply(protocol.Reply(metrics={protocol.RISK_HIST_POS: [1.0]}, **base))
+
+    histograms = {protocol.RISK_HIST_POS: [0.5] * 10, protocol.RISK_HIST_NEG: [-1.0] * 10}
+    records = protocol.encode_reply(
+        protocol.Reply(metrics=histograms | {protocol.NOISE_HIST_STD: 20.0}, **base)
+    )
+    metrics = next(r.items for r in records if r.name == protocol.METRICS_RECORD)
+    assert metrics[protocol.NUM_EXAMPLES] == 212 and metrics[protocol.RISK_HIST_NEG] == [-1.0] * 10
+    received = protocol.read_reply({"metrics": metrics}, {})
+    assert received.histograms == histograms
