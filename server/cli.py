@@ -249,6 +249,13 @@ def start(
         "--no-dp",
         help="Propose training without DP (nodes still use DP unless started with --no-dp).",
     ),
+    dp_evaluate_every: int | None = typer.Option(
+        None,
+        "--dp-evaluate-every",
+        min=0,
+        help="Under DP, evaluate every N rounds and after the last (default: after the last "
+        "only; 0: never). Each evaluation is a noised release the nodes pay for.",
+    ),
 ) -> None:
     """Start the SuperLink with TLS and node authentication, then run the federation.
 
@@ -270,8 +277,10 @@ def start(
     from server.config import FederationConfig
     from server.superlink import launcher as deploy
     from server.superlink.control import FINISHED
+    from shared_models.deployment import check_flower_version, check_insecure_address
     from shared_models.processes import DeploymentError, split_address, terminate_on_sigterm
 
+    check_flower_version()
     if no_dp and dp_epsilon is not None:
         raise typer.BadParameter(
             "--no-dp and --dp-epsilon exclude each other", param_hint="--no-dp"
@@ -283,6 +292,7 @@ def start(
         "strategy": strategy,
         "model": model,
         "resume": resume or None,
+        "dp_evaluate_every": dp_evaluate_every,
     }
     federation = FederationConfig.from_options(config, options)
     if no_dp:
@@ -305,9 +315,10 @@ def start(
             "spec_path": federation.spec_path.resolve() if federation.spec_path else None,
         }
     )
-    split_address(address)
+    host, _ = split_address(address)
     layout = deploy.ServerLayout(state)
     if insecure:
+        check_insecure_address(host, "--address")
         typer.secho(
             "WARNING: --insecure: plaintext transport and no node authentication; anyone who "
             f"can reach {address} can join the federation and read the model. Local tests only.",
@@ -354,6 +365,10 @@ def start(
             )
             status = deploy.wait_for_run(layout, superlink, run_id, timeout=timeout)
             typer.echo(f"run {run_id} {status}; results in {federation.out_dir}")
+            from server.delivery import delivery_summary  # here: it imports Flower
+
+            for line in delivery_summary(federation.out_dir):
+                typer.echo(line)
             if keep_running:
                 typer.echo("SuperLink still running; Ctrl-C stops it")
                 superlink.process.wait()

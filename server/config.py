@@ -69,6 +69,10 @@ class FederationConfig(BaseModel):
     dp_delta: Annotated[float, Field(gt=0, lt=1)] = DEFAULT_DELTA
     dp_max_grad_norm: Annotated[float, Field(gt=0)] = DEFAULT_MAX_GRAD_NORM
     dp_accountant: Mechanism = DEFAULT_ACCOUNTANT
+    # Under DP, a federated evaluation every this many rounds, and always after the last one;
+    # None: after the last round only (each is a histogram release the nodes pay for); 0: none.
+    # Without DP the server evaluates after every round, whatever this says.
+    dp_evaluate_every: Annotated[int, Field(ge=0)] | None = None
 
     @model_validator(mode="after")
     def _consistent(self) -> FederationConfig:
@@ -118,7 +122,9 @@ class FederationConfig(BaseModel):
                     raise FederationConfigError(
                         f"run config {key}: not valid JSON ({exc})"
                     ) from None
-            if name in ("spec_path", "dp_epsilon", "learning_rate") and value == "":
+            if name in ("spec_path", "dp_epsilon", "learning_rate", "dp_evaluate_every") and (
+                value == ""
+            ):
                 value = None
             raw[name] = value
         if guard:
@@ -164,6 +170,29 @@ class FederationConfig(BaseModel):
             accountant=self.dp_accountant,
         )
 
+    def evaluates(self, server_round: int) -> bool:
+        """Whether the server asks the nodes for a federated evaluation after ``server_round``.
+
+        Without DP after every round (exact metrics, as always). Under DP each evaluation is a
+        noised release every node pays for from its budget, and its noise grows with the number
+        of evaluations the run plans (`privacy.budget.histogram_noise_std`): by default only the
+        last round's, the figure a consortium needs, else every ``dp_evaluate_every`` rounds and
+        the last.
+        """
+        if self.fraction_evaluate == 0 or not 1 <= server_round <= self.rounds:
+            return False
+        if self.privacy_budget is None:
+            return True
+        every = self.dp_evaluate_every
+        if every == 0:
+            return False
+        return server_round == self.rounds or (every is not None and server_round % every == 0)
+
+    @property
+    def planned_evaluations(self) -> int:
+        """The federated evaluations the run asks of a node (the rounds `evaluates` picks)."""
+        return sum(self.evaluates(r) for r in range(1, self.rounds + 1))
+
     @property
     def local_learning_rate(self) -> float:
         """The nodes' learning rate: ``learning_rate``, else the model config's."""
@@ -189,6 +218,9 @@ class FederationConfig(BaseModel):
             spec_fingerprint=spec_fingerprint,
             run_id=run_id,
             planned_rounds=self.rounds,
+            # A node under DP pays for exactly these up front (its training noise is calibrated
+            # for them); each evaluation's noise std follows from their number.
+            planned_evaluations=self.planned_evaluations,
             dp_epsilon=budget.epsilon if budget is not None else None,
             dp_delta=self.dp_delta,
             dp_max_grad_norm=self.dp_max_grad_norm,

@@ -11,8 +11,8 @@ from __future__ import annotations
 import logging
 import math
 import uuid
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 from typing import Any
 
 from flwr.app import Array, ArrayRecord
@@ -22,14 +22,29 @@ from torch import nn
 from server.checkpoints import CheckpointError, CheckpointStore
 from server.config import FederationConfig
 from server.guard import GuardedStrategy
+from server.release import (
+    LedgerRef,
+    is_dp_evaluate,
+    is_dp_train,
+    released_evaluation,
+    released_train,
+)
 from server.report import write_report
-from server.rounds import RoundReport, run_rounds
+from server.rounds import NodeResult, RoundReport, run_rounds
 from server.strategies import build_strategy, restore_strategy_state, strategy_state
 from shared_models.data.contract import FeatureSpec, load_spec
 from shared_models.errors import EduflError
 from shared_models.models.registry import build_model
 from shared_models.models.weights import assign_weights, named_weights
-from shared_models.protocol import LOSS, TRAIN_LOSS, metric_key
+from shared_models.protocol import (
+    LOSS,
+    NOISE_COUNT_STD,
+    NOISE_HIST_STD,
+    NUM_EXAMPLES,
+    RISK_ROC_AUC,
+    TRAIN_LOSS,
+    VAL_RISK_ROC_AUC,
+)
 from shared_models.training import set_seed
 
 logger = logging.getLogger(__name__)
@@ -49,7 +64,11 @@ class FederationResult:
 
     first_round: int  # the first round this invocation ran (> last_round if none was left)
     last_round: int
-    evaluate: dict[str, float]  # aggregated test metrics after the last round run here
+    #: Aggregated test metrics after the last round run here; under DP computed from the
+    #: nodes' noised histograms (``noised``), their figures with noise and ledger in ``released``.
+    evaluate: dict[str, Any]
+    noised: bool = False
+    released: dict[str, Any] = field(default_factory=dict)  # `server.release` figures (DP)
 
 
 def run_federation(
@@ -57,6 +76,7 @@ def run_federation(
     config: FederationConfig,
     *,
     on_round: Callable[[RoundReport], None] | None = None,
+    deliver: bool = False,
 ) -> FederationResult:
     """Run (or resume) the federation ``config`` describes on ``grid``.
 
@@ -64,6 +84,8 @@ def run_federation(
         grid: Flower's grid of connected nodes.
         config: the validated federation config.
         on_round: called after each committed round; logs a progress line by default.
+        deliver: after the last round, send the final model to every node to adopt
+            (`server.delivery`; a deployment's nodes, which have homes of their own).
 
     Raises:
         CheckpointError: the run directory holds another run's checkpoints, or holds checkpoints
@@ -97,12 +119,13 @@ def run_federation(
         "run_id": run_id,
         "dp_epsilon": config.dp_epsilon,  # None: the server asked for no DP (nodes may still)
     }
-    final: dict[str, float] = {}
+    final: dict[str, Any] = {}
+    final_record: dict[str, Any] = {}
 
     ledger = _consortium_ledger(config)
 
     def commit(report: RoundReport) -> None:
-        nonlocal final
+        nonlocal final, final_record
         if report.failures and not report.train_nodes:
             # Nothing was trained: stop before committing a round that did not happen.
             reason = report.failures[0].error.strip().splitlines() or ["unknown"]
@@ -112,19 +135,27 @@ def run_federation(
             )
         assign_weights(model, {k: v.numpy() for k, v in report.arrays.items()})
         _record_privacy(ledger, report, dp_requested=config.privacy_budget is not None)
+        record = round_record(
+            report,
+            config.strategy,
+            ledger_entries=ledger.entries(),
+            run_id=run_id,
+            dp_requested=config.privacy_budget is not None,
+        )
         store.save(
             report.server_round,
             model,
             {
                 **manifest,
-                "train": report.train,
-                "evaluate": report.evaluate,
+                # Under DP the released figures only, as in metrics.jsonl (`server.release`).
+                "train": record["train"],
+                "evaluate": record["evaluate"],
                 "update_digests": strategy.seen,  # replays stay detectable after a restart
             },
             state=strategy_state(strategy.inner),
-            metrics_record=round_record(report, config.strategy),
+            metrics_record=record,
         )
-        final = report.evaluate
+        final, final_record = report.evaluate, record
         if on_round is not None:
             on_round(report)
         else:
@@ -142,9 +173,27 @@ def run_federation(
         evaluate_config=train_config,
         timeout=config.round_timeout,
         on_round=commit,
+        evaluate_round=config.evaluates,
     )
     write_report(config.out_dir)
-    return FederationResult(first_round, config.rounds, final)
+    if deliver:
+        from server.delivery import deliver_final_model
+
+        deliver_final_model(
+            grid,
+            config.out_dir,
+            spec,
+            institution=strategy.institution,
+            timeout=config.round_timeout,
+        )
+    noised = final_record.get("release") == "dp"
+    return FederationResult(
+        first_round,
+        config.rounds,
+        final,
+        noised=noised,
+        released=final_record.get("evaluate", {}) if noised else {},
+    )
 
 
 def _run_id(store: CheckpointStore, first_round: int) -> str:
@@ -167,42 +216,59 @@ def _consortium_ledger(config: FederationConfig) -> Any:
 
 
 def _record_privacy(ledger: Any, report: RoundReport, *, dp_requested: bool) -> None:
-    """Append each node's signed entry; a refused one is logged, never silently kept."""
+    """Append each node's signed entries (training and evaluation releases); a refused one is
+    logged, never silently kept."""
     from privacy.ledger.entries import LedgerError
 
-    for result in report.train_nodes:
-        if not result.privacy:
-            if dp_requested:
-                logger.warning(
-                    "round %d: %s sent no privacy ledger entry in a DP run",
-                    report.server_round,
-                    result.institution or result.node_id,
-                )
-            continue
-        try:
-            ledger.receive_text(result.privacy, earlier=result.privacy_earlier)
-        except LedgerError as exc:
-            logger.error("round %d: %s", report.server_round, exc)
+    for phase, results in (("train", report.train_nodes), ("evaluate", report.evaluate_nodes)):
+        for result in results:
+            if not result.privacy:
+                if dp_requested and phase == "train":
+                    logger.warning(
+                        "round %d: %s sent no privacy ledger entry in a DP run",
+                        report.server_round,
+                        result.institution or result.node_id,
+                    )
+                continue
+            try:
+                ledger.receive_text(result.privacy, earlier=result.privacy_earlier)
+            except LedgerError as exc:
+                logger.error("round %d: %s", report.server_round, exc)
 
 
-def node_epsilons(report: RoundReport) -> dict[str, float]:
-    """Epsilon each institution reported spent after the round (DP runs only)."""
+def _decoded(result: NodeResult) -> dict[str, Any] | None:
+    """The node's signed entry of the round, or None (none sent, or not valid JSON)."""
     from privacy.ledger.consortium import decode_entry
     from privacy.ledger.entries import LedgerError
 
-    spent: dict[str, float] = {}
-    for result in report.train_nodes:
-        if not result.privacy:
-            continue
-        try:
-            entry = decode_entry(result.privacy)
-        except LedgerError:
+    if not result.privacy:
+        return None
+    try:
+        return decode_entry(result.privacy)
+    except LedgerError:
+        return None
+
+
+def node_epsilons(report: RoundReport) -> dict[str, float]:
+    """Epsilon each institution reported spent after the round, all its releases counted.
+
+    The latest entry (highest ``seq``) of each institution, training or evaluation, holds its
+    cumulative epsilon; DP runs only.
+    """
+    latest: dict[str, tuple[int, float]] = {}
+    for result in [*report.train_nodes, *report.evaluate_nodes]:
+        entry = _decoded(result)
+        if entry is None:
             continue
         name = result.institution or str(result.node_id)
         epsilon = entry.get("epsilon_after", math.nan)
         # None: the institution trained this round without DP, its epsilon is unbounded.
-        spent[name] = math.inf if epsilon is None else float(epsilon)
-    return spent
+        spent = math.inf if epsilon is None else float(epsilon)
+        seq = entry.get("seq", -1)
+        seq = seq if isinstance(seq, int) else -1
+        if name not in latest or seq >= latest[name][0]:
+            latest[name] = (seq, spent)
+    return {name: spent for name, (_, spent) in latest.items()}
 
 
 def global_model(config: FederationConfig, spec: FeatureSpec) -> nn.Module:
@@ -275,8 +341,27 @@ def _restore(
     return last.round + 1
 
 
-def round_record(report: RoundReport, strategy: str) -> dict[str, Any]:
-    """The round's line in ``metrics.jsonl``: aggregates and each institution's metrics."""
+def round_record(
+    report: RoundReport,
+    strategy: str,
+    *,
+    ledger_entries: Iterable[Any] = (),
+    run_id: str = "",
+    dp_requested: bool = False,
+) -> dict[str, Any]:
+    """The round's line in ``metrics.jsonl``: aggregates and each institution's metrics.
+
+    Exact metrics as the nodes sent them in a run without DP; under DP only released figures
+    (`server.release`), each traced to the entries of ``ledger_entries`` (the run's consortium
+    ledger after the round) it comes from.
+    """
+    refs = _LedgerIndex(ledger_entries, run_id)
+    epsilons = node_epsilons(report)
+    dp = dp_requested or is_dp_round(report)
+    rejected_evaluations = {r.node_id for r in report.rejected if r.reason.startswith("evaluation")}
+    rejected_updates = {r.node_id for r in report.rejected if not r.reason.startswith("evaluation")}
+    train_refs: list[LedgerRef] = []
+    evaluate_refs: list[LedgerRef] = []
     nodes: dict[int, dict[str, Any]] = {}
     for phase, results in (("train", report.train_nodes), ("evaluate", report.evaluate_nodes)):
         for result in results:
@@ -284,18 +369,55 @@ def round_record(report: RoundReport, strategy: str) -> dict[str, Any]:
                 result.node_id, {"node_id": result.node_id, "institution": result.institution}
             )
             entry["institution"] = entry["institution"] or result.institution
-            entry[phase] = result.metrics
-    epsilons = node_epsilons(report)
+            who = result.institution or f"node {result.node_id}"
+            if phase == "train" and is_dp_train(result.metrics):
+                own = refs.counts(result)
+                entry[phase] = released_train(result.metrics, own, who=who)
+                if result.node_id not in rejected_updates:
+                    train_refs += own
+            elif phase == "evaluate" and is_dp_evaluate(result.metrics):
+                own = refs.release(result)
+                entry[phase] = released_evaluation(result.metrics, own, who=who)
+                if result.node_id not in rejected_evaluations:
+                    evaluate_refs += own
+            elif dp and not math.isinf(epsilons.get(result.institution, math.nan)):
+                # Exact values in a DP round from a node whose ledger does not say it opted out
+                # of DP: not released by any mechanism, so not written.
+                logger.warning(
+                    "withheld %s's exact %s metrics from the run's outputs: not DP releases",
+                    who,
+                    phase,
+                )
+                entry[phase] = {}
+            else:
+                # No DP, or a node whose signed entry says it trained without DP (named in
+                # ``trained_without_dp``): its exact metrics, as in a run without DP.
+                entry[phase] = result.metrics
     for entry in nodes.values():
         if entry["institution"] in epsilons:
             epsilon = epsilons[entry["institution"]]
             entry["epsilon"] = None if math.isinf(epsilon) else epsilon  # None: trained w/o DP
+    train: dict[str, Any] = report.train
+    evaluate: dict[str, Any] = report.evaluate
+    all_without_dp = bool(epsilons) and all(math.isinf(e) for e in epsilons.values())
+    if is_dp_train(report.train):
+        train = released_train(report.train, train_refs)
+    elif dp and not all_without_dp and train:
+        logger.warning("withheld the round's exact train metrics: not DP releases")
+        train = {}
+    if is_dp_evaluate(report.evaluate):
+        evaluate = released_evaluation(report.evaluate, evaluate_refs)
+    elif dp and not all_without_dp and evaluate:
+        logger.warning("withheld the round's exact evaluation metrics: not DP releases")
+        evaluate = {}
     record: dict[str, Any] = {
         "round": report.server_round,
         "seconds": round(report.seconds, 3),
         "strategy": strategy,
-        "train": report.train,
-        "evaluate": report.evaluate,
+        "release": "dp" if dp else "exact",
+        "train": train,
+        "evaluate": evaluate,
+        "evaluated": report.evaluated,  # False: no evaluation was asked for (not a failure)
         "institutions": sorted(nodes.values(), key=lambda e: e["institution"] or str(e["node_id"])),
         "rejected": [vars(r) for r in report.rejected],
         "failures": [{"node_id": f.node_id, "error": f.error} for f in report.failures],
@@ -309,20 +431,86 @@ def round_record(report: RoundReport, strategy: str) -> dict[str, Any]:
     return record
 
 
+def is_dp_round(report: RoundReport) -> bool:
+    """Whether a reply of the round holds DP releases or a node's entry says it trained with DP."""
+    if is_dp_train(report.train) or is_dp_evaluate(report.evaluate):
+        return True
+    if any(is_dp_train(r.metrics) for r in report.train_nodes):
+        return True
+    if any(is_dp_evaluate(r.metrics) for r in report.evaluate_nodes):
+        return True
+    return any(not math.isinf(e) for e in node_epsilons(report).values())
+
+
+class _LedgerIndex:
+    """The run's ledger entries by institution, to trace a released figure to its entries."""
+
+    def __init__(self, entries: Iterable[Any], run_id: str) -> None:
+        self.held: set[LedgerRef] = set()
+        self.count_entries: dict[str, list[LedgerRef]] = {}
+        for entry in entries:
+            if run_id and entry.run_id != run_id:
+                continue
+            ref = (entry.institution, int(entry.seq))
+            self.held.add(ref)
+            if getattr(entry, "kind", None) == "count":
+                self.count_entries.setdefault(entry.institution, []).append(ref)
+
+    def release(self, result: NodeResult) -> list[LedgerRef]:
+        """The reply's own entry, if the consortium ledger holds it."""
+        entry = _decoded(result)
+        if entry is None:
+            return []
+        ref = (str(entry.get("institution")), entry.get("seq"))
+        if isinstance(ref[1], int) and ref in self.held:
+            return [ref]  # type: ignore[list-item]
+        logger.warning(
+            "%s's release is not in the run's ledger: its figures have no ledger entry",
+            result.institution or f"node {result.node_id}",
+        )
+        return []
+
+    def counts(self, result: NodeResult) -> list[LedgerRef]:
+        """The count release(s) of the node's institution in this run (its noised n)."""
+        entry = _decoded(result)
+        name = str(entry.get("institution")) if entry else result.institution
+        found = self.count_entries.get(name, [])
+        if not found:
+            logger.warning("%s sent a noised count without a count entry in the ledger", name)
+        return found
+
+
 def progress_line(report: RoundReport, total_rounds: int) -> str:
-    """One human-readable line per round."""
+    """One human-readable line per round; under DP, released figures only, marked as noised."""
 
     def fmt(value: float | None) -> str:
         return "n/a" if value is None or math.isnan(value) else f"{value:.4f}"
 
-    parts = [
-        f"round {report.server_round}/{total_rounds}",
-        f"{report.seconds:6.1f} s",
-        f"train loss {fmt(report.train.get(TRAIN_LOSS))}",
-        f"val ROC-AUC {fmt(report.train.get(metric_key('risk', 'roc_auc', validation=True)))}",
-        f"test loss {fmt(report.evaluate.get(LOSS))}",
-        f"federated ROC-AUC {fmt(report.evaluate.get(metric_key('risk', 'roc_auc')))}",
-    ]
+    parts = [f"round {report.server_round}/{total_rounds}", f"{report.seconds:6.1f} s"]
+    if is_dp_round(report):
+        parts.append(f"nodes {len(report.train_nodes)}")
+        if is_dp_train(report.train):
+            parts.append(
+                f"n {report.train.get(NUM_EXAMPLES, math.nan):.0f} "
+                f"(noised, std {report.train.get(NOISE_COUNT_STD, math.nan):.1f})"
+            )
+        if is_dp_evaluate(report.evaluate):
+            std = report.evaluate.get(NOISE_HIST_STD, math.nan)
+            parts.append(
+                f"federated ROC-AUC {fmt(report.evaluate.get(RISK_ROC_AUC))} "
+                f"(noised histograms, count std {std:.1f})"
+            )
+        elif not report.evaluated:  # no figure rather than an earlier round's
+            parts.append("not evaluated this round")
+        else:
+            parts.append("federated ROC-AUC n/a (no evaluation released)")
+    else:
+        parts += [
+            f"train loss {fmt(report.train.get(TRAIN_LOSS))}",
+            f"val ROC-AUC {fmt(report.train.get(VAL_RISK_ROC_AUC))}",
+            f"test loss {fmt(report.evaluate.get(LOSS))}",
+            f"federated ROC-AUC {fmt(report.evaluate.get(RISK_ROC_AUC))}",
+        ]
     epsilons = node_epsilons(report)
     bounded = [e for e in epsilons.values() if not math.isinf(e)]
     if bounded:

@@ -1,7 +1,9 @@
 """A run directory's human-readable results: ``summary.md`` and ``rounds.png``.
 
 Both are derived from ``metrics.jsonl`` only, so they can be regenerated at any time (after a
-resumed run they cover every round, whichever invocation ran it).
+resumed run they cover every round, whichever invocation ran it). A DP run's log holds released
+figures only (`server.release`): its summary shows those, says that they are noised and by how
+much (the noise std of the counts each comes from), and where in the ledger they come from.
 """
 
 from __future__ import annotations
@@ -12,12 +14,14 @@ from pathlib import Path
 from typing import Any
 
 from server.checkpoints import CheckpointStore
+from server.release import value_of
 from shared_models.atomic import write_atomic, write_text_atomic
 from shared_models.protocol import (
     LOSS,
     NUM_EXAMPLES,
     RISK_ACCURACY,
     RISK_F1,
+    RISK_HIST_POS,
     RISK_RECALL,
     RISK_ROC_AUC,
     TRAIN_LOSS,
@@ -48,7 +52,20 @@ _INSTITUTION_COLUMNS = (
 )
 
 
+#: The DP log's columns: (title, metric key), every figure computed from noised histograms.
+_DP_COLUMNS = (
+    ("test n", "risk/n"),
+    ("ROC-AUC", RISK_ROC_AUC),
+    ("accuracy", RISK_ACCURACY),
+    ("F1", RISK_F1),
+    ("recall", RISK_RECALL),
+    ("recall@0.40", "risk/recall@0.40"),
+    ("ECE", "risk/ece"),
+)
+
+
 def _fmt(value: Any, digits: int = 4) -> str:
+    value = value_of(value)
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "-"
     if isinstance(value, float) and value.is_integer() and abs(value) > 1:  # a count
@@ -73,10 +90,89 @@ def _per_institution(record: dict[str, Any], phase: str, key: str) -> dict[str, 
     }
 
 
+def _dp_fmt(figures: dict[str, Any], key: str) -> str:
+    # A noised count is fractional; its decimals mean nothing next to its noise.
+    return _fmt(figures.get(key), 0 if key == "risk/n" else 4)
+
+
+def _noise(figures: dict[str, Any], key: str) -> str:
+    found = figures.get(key)
+    return f"{found['noise_std']:.2f}" if isinstance(found, dict) else "-"
+
+
+def _ledger(figures: dict[str, Any], key: str) -> str:
+    found = figures.get(key)
+    refs = found.get("ledger", []) if isinstance(found, dict) else []
+    return ", ".join(f"{name}#{seq}" for name, seq in refs) or "-"
+
+
+def render_dp_summary(records: list[dict[str, Any]]) -> str:
+    """The markdown summary of a DP run: released figures only, each said to be noised."""
+    last = records[-1]
+    lines = [
+        f"# Federated run with differential privacy: {last['strategy']}, {len(records)} round(s)",
+        "",
+        "Every figure below is computed from the institutions' **noised** releases only (no "
+        "exact value about their students left a node): their noised student counts and "
+        "noised histograms of predicted risk on their test students (one count per student). "
+        "*count noise std* is the standard deviation of the Gaussian noise on each count a "
+        "figure comes from (the consortium's: the institutions' summed, sqrt(sum of their "
+        "variances)); negative noised counts are clipped to 0. Each figure's ledger entries "
+        "(institution#seq in `ledger.jsonl`) are in `metrics.jsonl`.",
+        "",
+        f"Final federated test ROC-AUC (noised): **{_fmt(last['evaluate'].get(RISK_ROC_AUC))}** "
+        f"(count noise std {_noise(last['evaluate'], RISK_ROC_AUC)}; ledger entries "
+        f"{_ledger(last['evaluate'], RISK_ROC_AUC)})",
+        "",
+        "## Per round (the consortium's summed releases)",
+        "",
+    ]
+    rows = []
+    for r in records:
+        row = [str(r["round"]), f"{r['seconds']:.1f}", _fmt(r["train"].get(NUM_EXAMPLES))]
+        row += [_noise(r["train"], NUM_EXAMPLES)]
+        row += [_dp_fmt(r["evaluate"], key) for _, key in _DP_COLUMNS]
+        row += [_noise(r["evaluate"], RISK_HIST_POS), _fmt(r.get("epsilon_max"))]
+        row += [str(len(r["rejected"])), str(len(r["failures"]))]
+        rows.append(row)
+    header = ["round", "seconds", "train n (noised)", "its noise std"]
+    header += [c[0] for c in _DP_COLUMNS]
+    header += ["count noise std", "epsilon max", "rejected", "failed"]
+    lines += _table(header, rows)
+
+    lines += ["", f"## Per institution after round {last['round']} (its own releases)", ""]
+    rows = []
+    for entry in sorted(last["institutions"], key=lambda e: e["institution"] or ""):
+        figures = entry.get("evaluate", {})
+        name = entry["institution"] or f"node {entry['node_id']}"
+        row = [name, *(_dp_fmt(figures, key) for _, key in _DP_COLUMNS)]
+        row += [_noise(figures, RISK_HIST_POS), _fmt(entry.get("epsilon"))]
+        rows.append(row)
+    header = ["institution", *(c[0] for c in _DP_COLUMNS), "count noise std", "epsilon"]
+    lines += _table(header, rows)
+    without_dp = sorted({n for r in records for n in r.get("trained_without_dp", [])})
+    if without_dp:
+        lines += ["", f"Trained WITHOUT DP (exact metrics): {', '.join(without_dp)}"]
+    return "\n".join(lines + _rejected(records)) + "\n"
+
+
+def _rejected(records: list[dict[str, Any]]) -> list[str]:
+    rejected = [(r["round"], x) for r in records for x in r["rejected"]]
+    if not rejected:
+        return []
+    rows = [
+        [str(rnd), str(x["node_id"]), x["institution"] or "-", x["reason"]] for rnd, x in rejected
+    ]
+    header = ["round", "node", "institution", "reason"]
+    return ["", "## Rejected updates", "", *_table(header, rows)]
+
+
 def render_summary(records: list[dict[str, Any]]) -> str:
     """The markdown summary of a run's metrics log."""
     if not records:
         return "# Federated run\n\nNo round has completed yet.\n"
+    if any(r.get("release") == "dp" for r in records):
+        return render_dp_summary(records)
     last = records[-1]
     lines = [
         f"# Federated run: {last['strategy']}, {len(records)} round(s)",
@@ -111,20 +207,15 @@ def render_summary(records: list[dict[str, Any]]) -> str:
         values = _per_institution(r, "evaluate", RISK_ROC_AUC)
         rows.append([str(r["round"]), *(_fmt(values.get(n)) for n in names)])
     lines += _table(["round", *names], rows)
-
-    rejected = [(r["round"], x) for r in records for x in r["rejected"]]
-    if rejected:
-        lines += ["", "## Rejected updates", ""]
-        rows = [
-            [str(rnd), str(x["node_id"]), x["institution"] or "-", x["reason"]]
-            for rnd, x in rejected
-        ]
-        lines += _table(["round", "node", "institution", "reason"], rows)
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + _rejected(records)) + "\n"
 
 
 def plot_rounds(records: list[dict[str, Any]], path: Path) -> None:
-    """Test ROC-AUC and test loss per round, one line per institution plus the federation's."""
+    """Test ROC-AUC and test loss per round, one line per institution plus the federation's.
+
+    A DP run has no test loss: its second panel is the expected calibration error, and the
+    titles say that the figures are computed from noised histograms.
+    """
     import matplotlib
 
     matplotlib.use("Agg")  # files only; never a display
@@ -133,12 +224,14 @@ def plot_rounds(records: list[dict[str, Any]], path: Path) -> None:
     rounds = [r["round"] for r in records]
     names = _institutions(records)
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    panels = ((RISK_ROC_AUC, "test ROC-AUC"), (LOSS, "test loss"))
+    panels: tuple[tuple[str, str], ...] = ((RISK_ROC_AUC, "test ROC-AUC"), (LOSS, "test loss"))
+    if any(r.get("release") == "dp" for r in records):
+        panels = ((RISK_ROC_AUC, "test ROC-AUC (noised)"), ("risk/ece", "test ECE (noised)"))
     for ax, (key, title) in zip(axes, panels, strict=True):
         for name in names:
-            values = [_per_institution(r, "evaluate", key).get(name) for r in records]
+            values = [value_of(_per_institution(r, "evaluate", key).get(name)) for r in records]
             ax.plot(rounds, [math.nan if v is None else v for v in values], marker="o", label=name)
-        federated = [r["evaluate"].get(key) for r in records]
+        federated = [value_of(r["evaluate"].get(key)) for r in records]
         ax.plot(
             rounds,
             [math.nan if v is None else v for v in federated],

@@ -13,13 +13,14 @@ import logging
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Message
 from flwr.serverapp import Grid
 
 from server.guard import GuardedStrategy, Rejection
 from server.superlink.retry import exchange
-from shared_models.protocol import read_reply
+from shared_models.protocol import RISK_HIST_NEG, RISK_HIST_POS, read_reply
 
 logger = logging.getLogger(__name__)
 
@@ -32,7 +33,7 @@ class NodeResult:
 
     node_id: int
     institution: str
-    metrics: dict[str, float]
+    metrics: dict[str, Any]  # numbers; under DP also its releases' lists (the histograms)
     error: str = ""  # why the node failed (an error reply, or no reply in time)
     privacy: str = ""  # the node's signed DP ledger entry (encode_entry's text), if it sent one
     privacy_earlier: str = ""  # the run's earlier entries of its chain (encode_entries' text)
@@ -45,12 +46,15 @@ class RoundReport:
     server_round: int
     seconds: float
     arrays: ArrayRecord  # the global model after the round
-    train: dict[str, float]  # aggregated train metrics (empty if nothing was aggregated)
-    evaluate: dict[str, float]  # aggregated evaluation metrics on the nodes' test splits
+    train: dict[str, Any]  # aggregated train metrics (empty if nothing was aggregated)
+    evaluate: dict[str, Any]  # aggregated evaluation metrics on the nodes' test splits
     train_nodes: list[NodeResult] = field(default_factory=list)
     evaluate_nodes: list[NodeResult] = field(default_factory=list)
     rejected: list[Rejection] = field(default_factory=list)
     failures: list[NodeResult] = field(default_factory=list)  # error or missing replies
+    #: Whether the nodes were asked for a federated evaluation this round (under DP, by
+    #: default the last round only); False leaves ``evaluate`` empty, not stale.
+    evaluated: bool = True
 
 
 def run_rounds(
@@ -64,8 +68,12 @@ def run_rounds(
     evaluate_config: ConfigValues,
     timeout: float,
     on_round: Callable[[RoundReport], None],
+    evaluate_round: Callable[[int], bool] | None = None,
 ) -> ArrayRecord:
     """Run rounds ``first_round..last_round``; ``on_round`` runs after each (e.g. to checkpoint).
+
+    ``evaluate_round`` says after which rounds the nodes are asked for a federated evaluation
+    (`FederationConfig.evaluates`); None: after every round.
 
     Returns:
         The global model after the last round.
@@ -83,16 +91,23 @@ def run_rounds(
             arrays = new_arrays
         rejected = list(strategy.rejections)
 
-        logger.info("round %d/%d: evaluating", server_round, last_round)
-        messages = list(
-            strategy.configure_evaluate(
-                server_round, arrays, ConfigRecord(dict(evaluate_config)), grid
+        evaluated = evaluate_round is None or evaluate_round(server_round)
+        evaluate_nodes: list[NodeResult] = []
+        eval_failures: list[NodeResult] = []
+        evaluate_metrics = None
+        if evaluated:
+            logger.info("round %d/%d: evaluating", server_round, last_round)
+            messages = list(
+                strategy.configure_evaluate(
+                    server_round, arrays, ConfigRecord(dict(evaluate_config)), grid
+                )
             )
-        )
-        replies = exchange(grid, messages, timeout)
-        evaluate_nodes, eval_failures = _node_results(messages, replies, strategy.institution)
-        evaluate_metrics = strategy.aggregate_evaluate(server_round, replies)
-        rejected += strategy.rejections[len(rejected) :]
+            replies = exchange(grid, messages, timeout)
+            evaluate_nodes, eval_failures = _node_results(messages, replies, strategy.institution)
+            evaluate_metrics = strategy.aggregate_evaluate(server_round, replies)
+            rejected += strategy.rejections[len(rejected) :]
+        else:
+            logger.info("round %d/%d: no federated evaluation planned", server_round, last_round)
 
         on_round(
             RoundReport(
@@ -105,9 +120,21 @@ def run_rounds(
                 evaluate_nodes=evaluate_nodes,
                 rejected=rejected,
                 failures=failures + eval_failures,
+                evaluated=evaluated,
             )
         )
     return arrays
+
+
+def _histograms(msg: Message) -> dict[str, list[float]]:
+    """A DP evaluate reply's noised histograms (`read_reply` reads numbers only)."""
+    found: dict[str, list[float]] = {}
+    for record in msg.content.metric_records.values():
+        for key in (RISK_HIST_POS, RISK_HIST_NEG):
+            value = record.get(key)
+            if isinstance(value, list) and all(isinstance(v, int | float) for v in value):
+                found[key] = [float(v) for v in value]
+    return found
 
 
 def _node_results(
@@ -132,7 +159,7 @@ def _node_results(
             NodeResult(
                 node_id,
                 institution(msg),
-                received.metrics,
+                received.metrics | _histograms(msg),
                 privacy=received.ledger_entry,
                 privacy_earlier=received.ledger_earlier,
             )

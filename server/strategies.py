@@ -1,9 +1,12 @@
-"""Flower strategies chosen by name, a NaN-aware metric average, and server-side strategy state.
+"""Flower strategies chosen by name, edufl's metric aggregation, and server-side strategy state.
 
 The classes are Flower's own (``flwr.serverapp.strategy``); edufl only picks one by name, passes
-the common sampling settings and the strategy's own parameters, and averages metrics so that a
-node whose ROC-AUC is undefined (one class in its test split) does not turn the round's average
-into NaN.
+the common sampling settings and the strategy's own parameters, and aggregates the replies'
+metrics with `aggregate_metrics` (Flower's hooks ``train_metrics_aggr_fn`` and
+``evaluate_metrics_aggr_fn``): exact metrics are averaged so that a node whose ROC-AUC is
+undefined (one class in its test split) does not turn the round's average into NaN; DP releases
+(`server.release`) are summed, never averaged: the noised counts, and the noised histograms,
+from which the consortium's evaluation figures are then computed.
 """
 
 from __future__ import annotations
@@ -30,7 +33,16 @@ from flwr.serverapp.strategy import (
     Strategy,
 )
 
+from server.release import evaluation_figures, histogram_release, is_dp_evaluate, is_dp_train
 from shared_models.errors import EduflError
+from shared_models.metrics import sum_histograms
+from shared_models.protocol import (
+    NOISE_COUNT_STD,
+    NOISE_HIST_STD,
+    NUM_EXAMPLES,
+    RISK_HIST_NEG,
+    RISK_HIST_POS,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -124,8 +136,8 @@ def build_strategy(
         min_train_nodes=min_nodes,
         min_evaluate_nodes=min_nodes if fraction_evaluate > 0 else 0,
         min_available_nodes=min_nodes,
-        train_metrics_aggr_fn=weighted_metrics,
-        evaluate_metrics_aggr_fn=weighted_metrics,
+        train_metrics_aggr_fn=aggregate_metrics,
+        evaluate_metrics_aggr_fn=aggregate_metrics,
         **kwargs,
     )
 
@@ -161,6 +173,52 @@ def weighted_metrics(records: list[RecordDict], weight_key: str) -> MetricRecord
                 totals[key] += weight
     out = MetricRecord({k: weighted[k] / totals[k] if totals[k] else math.nan for k in weighted})
     out[weight_key] = examples
+    return out
+
+
+def aggregate_metrics(records: list[RecordDict], weight_key: str) -> MetricRecord:
+    """The round's metrics: DP releases summed (`sum_releases`), exact ones `weighted_metrics`.
+
+    The guard lets only replies with the round's majority metric keys through, so a round's
+    replies are all DP releases or all exact.
+    """
+    metrics = [next(iter(r.metric_records.values())) for r in records]
+    released = [m for m in metrics if is_dp_train(m) or is_dp_evaluate(m)]
+    if not released:
+        return weighted_metrics(records, weight_key)
+    if len(released) < len(metrics):
+        logger.warning(
+            "%d reply(ies) with exact metrics in a round of DP releases: left out of the "
+            "round's metrics",
+            len(metrics) - len(released),
+        )
+    return sum_releases(released)
+
+
+def sum_releases(metrics: list[MetricRecord]) -> MetricRecord:
+    """Sum DP replies' releases: the noised counts and, for evaluations, the histograms.
+
+    Independent noise adds in variance, so the sums' noise std is ``sqrt(sum(sigma_i²))``. An
+    evaluation's figures (ROC-AUC, calibration, accuracy at the thresholds, ...) are computed
+    from the summed histograms (NaN where undefined).
+
+    Raises:
+        ValueError: the replies mix train and evaluate releases.
+    """
+    out = MetricRecord()
+    counts = [m for m in metrics if NUM_EXAMPLES in m]
+    out[NUM_EXAMPLES] = float(sum(float(m[NUM_EXAMPLES]) for m in counts))  # type: ignore[arg-type]
+    if all(is_dp_train(m) for m in metrics):
+        out[NOISE_COUNT_STD] = math.sqrt(sum(float(m[NOISE_COUNT_STD]) ** 2 for m in metrics))  # type: ignore[arg-type]
+        return out
+    if not all(is_dp_evaluate(m) for m in metrics):
+        raise ValueError("a round's replies mix noised histograms with noised counts")
+    pos, neg, std = sum_histograms([histogram_release(m) for m in metrics])
+    out[RISK_HIST_POS] = pos.tolist()
+    out[RISK_HIST_NEG] = neg.tolist()
+    out[NOISE_HIST_STD] = std
+    for key, value in evaluation_figures(pos.tolist(), neg.tolist(), std).items():
+        out[key] = math.nan if value is None else float(value)
     return out
 
 

@@ -7,6 +7,7 @@ and torch.
 from __future__ import annotations
 
 import json
+import math
 import time
 from pathlib import Path
 
@@ -117,6 +118,13 @@ def run(
     dp_max_grad_norm: float | None = typer.Option(
         None, "--dp-max-grad-norm", help="DP per-student gradient clipping bound (default 1)."
     ),
+    dp_evaluate_every: int | None = typer.Option(
+        None,
+        "--dp-evaluate-every",
+        min=0,
+        help="Under DP, evaluate every N rounds and after the last (default: after the last "
+        "only; 0: never). Each evaluation is a noised release the nodes pay for.",
+    ),
 ) -> None:
     """Run a federated simulation: one virtual node per institution export, on Ray.
 
@@ -171,6 +179,7 @@ def run(
         "dp_epsilon": dp_epsilon,
         "dp_delta": dp_delta,
         "dp_max_grad_norm": dp_max_grad_norm,
+        "dp_evaluate_every": dp_evaluate_every,
     }
     federation = FederationConfig.from_options(config, options, source="options")
     started = time.monotonic()
@@ -181,10 +190,14 @@ def run(
         on_round=lambda report: typer.echo(progress_line(report, federation.rounds)),
     )
     final = result.evaluate.get(RISK_ROC_AUC)
+    noised = ""
+    if result.noised:  # computed from the nodes' noised histograms, never from exact values
+        std = result.released.get(RISK_ROC_AUC, {}).get("noise_std", math.nan)
+        noised = f" (noised histograms, count noise std {std:.1f})"
     typer.echo(
         f"done in {time.monotonic() - started:.1f} s; final federated ROC-AUC: "
-        + ("n/a" if final is None else f"{final:.4f}")
-        + f"; see {out / 'summary.md'}"
+        + ("n/a" if final is None or math.isnan(final) else f"{final:.4f}")
+        + f"{noised}; see {out / 'summary.md'}"
     )
     if federation.dp_epsilon is not None:
         typer.echo(f"privacy ledger: {out / 'ledger.jsonl'} (edufl audit verify / budget)")

@@ -265,7 +265,9 @@ def train_federated(
 
     The model is scored on every institution's test split, normalised with that institution's
     own train split, and the predictions pooled; the federation's own weighted-average metrics
-    are kept in the details as ``federation_reported``. ``dp``: DP-SGD at every institution.
+    are kept in the details as ``federation_reported`` (under DP, ``federation_released``: the
+    figures computed from the nodes' noised histograms, each marked noised with its noise std
+    and ledger entries). ``dp``: DP-SGD at every institution.
     """
     from simulations.runner import simulate  # imports Ray and Flower's simulation engine
 
@@ -301,7 +303,13 @@ def train_federated(
     nodes = [prepare_node_data(p, data.spec, seed=seed) for p in data.exports]
     test = ModelInputs.concatenate([n.test for n in nodes])
     pred = predict(model, test)
-    details: dict[str, Any] = {"rounds": last.round, "federation_reported": result.evaluate}
+    details: dict[str, Any] = {"rounds": last.round}
+    if result.noised:
+        # Released figures (`server.release`: value, noised, noise_std, ledger), computed from
+        # noised histograms: kept as such and apart, never as bare numbers that read as exact.
+        details["federation_released"] = result.released
+    else:
+        details["federation_reported"] = result.evaluate
     records = store.read_metrics()
     if records and "epsilon_max" in records[-1]:
         details["epsilon_spent"] = records[-1]["epsilon_max"]

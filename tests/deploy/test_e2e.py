@@ -11,11 +11,19 @@ process, so nothing outlives a crashed test; the fixture stops every one of them
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
+from client.early_warning.adopt import ADOPTION_FILE, latest_adopted
+from server.checkpoints import CheckpointStore
 from server.institutions import load_registry
 from shared_models import processes
+from shared_models.data.contract import default_spec
+from shared_models.models.artifact import WEIGHTS_FILE
+from shared_models.models.checkpoints import checkpoint_model
+from shared_models.models.weights import load_tensors, named_weights
+from shared_models.protocol import weights_sha256
 from tests.deploy.harness import (
     Deployment,
     consortium,
@@ -59,7 +67,8 @@ def test_tls_federation_with_node_keys_trains_two_rounds_and_refuses_an_unenroll
     records = finished_rounds(server, out)
     for record in records:
         assert institutions(record) == {"uni-a", "uni-b"}
-        assert record["train"]["train/loss"] > 0  # type: ignore[index]
+        # Under DP (the default) a round's train figures are the nodes' noised counts only.
+        assert record["train"]["num-examples"]["noised"] is True  # type: ignore[index]
     # Each node was known by its enrolled key: the ids in the metrics log are the ones the
     # SuperLink gave the keys at registration.
     registry = load_registry(dep.state).institutions
@@ -78,13 +87,21 @@ def test_tls_federation_with_node_keys_trains_two_rounds_and_refuses_an_unenroll
     verified = edufl("audit", "verify", str(ledger), *keys, *heads)
     assert "=> INTACT" in verified and "registered keys" in verified
     entries = [json.loads(line) for line in ledger.read_text().splitlines()]
-    assert sorted((e["institution"], e["round"]) for e in entries) == [
+    trained = [e for e in entries if e.get("kind", "train") == "train"]
+    assert sorted((e["institution"], e["round"]) for e in trained) == [
         ("uni-a", 1), ("uni-a", 2), ("uni-b", 1), ("uni-b", 2),
     ]  # fmt: skip
+    # Besides, each node's noised student count, released once in the run.
+    assert sorted(e["institution"] for e in entries if e.get("kind") == "count") == list(nodes)
     assert all(e["private"] and 0 < e["epsilon_after"] <= 8.0 for e in entries)
     for name in nodes:
         own = (dep.home(name) / "privacy" / "ledger.jsonl").read_text().splitlines()
-        assert [json.loads(line)["round"] for line in own] == [1, 2]
+        assert [json.loads(line)["round"] for line in own] == [1, 1, 2]  # count, train, train
+
+    # After the last round every node received the final model, verified it and adopted it
+    # into its home: the advisors' score and report use it without --model, nothing copied.
+    _every_university_holds_the_final_model(dep, out, {n: data / e for n, e in nodes.items()})
+    assert "adopted by 2 of 2 node(s): uni-a, uni-b" in output(server)
 
     # No secret ever reaches a log: no line of any private key's body, in any process's log.
     secrets = [dep.keys / "ca.key", dep.keys / "server.key"]
@@ -101,6 +118,40 @@ def test_tls_federation_with_node_keys_trains_two_rounds_and_refuses_an_unenroll
     for log in logs:
         text = log.read_text(errors="replace")
         assert not [b for b in bodies if b in text], f"a private key leaked into {log}"
+
+
+def _every_university_holds_the_final_model(
+    dep: Deployment, out: Path, exports: dict[str, Path]
+) -> None:
+    final = CheckpointStore(out).latest()
+    assert final is not None
+    checksum = weights_sha256(named_weights(checkpoint_model(final, default_spec())))
+    delivered = json.loads((out / "delivery.json").read_text())
+    assert delivered == {
+        "run_id": final.manifest["run_id"],
+        "round": final.round,
+        "weights_sha256": checksum,
+        "adopted": sorted(exports),
+        "not_adopted": {},
+    }
+    for name, export in exports.items():
+        home = dep.home(name)
+        folder = latest_adopted(home)
+        adopted = load_tensors(folder / WEIGHTS_FILE)
+        assert weights_sha256({k: v.numpy() for k, v in adopted.items()}) == checksum
+        record = json.loads((folder / ADOPTION_FILE).read_text())
+        assert (record["run_id"], record["round"]) == (final.manifest["run_id"], final.round)
+        assert record["data_dir"] == str(export.resolve())
+
+        scored = edufl(
+            "client", "score", "--home", str(home), "--data", str(export),
+            "--db", str(dep.root / f"{name}.sqlite"),
+        )  # fmt: skip
+        assert f"model: {folder}" in scored
+        report = dep.root / "reports" / name
+        edufl("client", "report", "--home", str(home), "--data", str(export), "--out", str(report))
+        assert "<html" in (report / "report.html").read_text()[:2000].lower()
+        assert (report / "students.csv").is_file()
 
 
 def test_run_finishes_when_a_node_is_lost_mid_round_and_enough_remain(
