@@ -27,6 +27,12 @@ spec_app = new_app(
     "Example:\n\n  edufl client spec show --fingerprint"
 )
 app.add_typer(spec_app, name="spec")
+mapping_app = new_app(
+    "Column-mapping files (mapping.toml): how an export's columns, shape and codes meet the "
+    "contract (docs/mapping.md).\n\n"
+    "Example:\n\n  edufl client mapping init sis_export.csv --spec consortium.toml"
+)
+app.add_typer(mapping_app, name="mapping")
 
 SPEC_OPTION = typer.Option(None, "--spec", help="Feature spec TOML; the default spec if omitted.")
 
@@ -110,6 +116,39 @@ def spec_init(path: Path = typer.Argument(..., help="Where to write the editable
     typer.echo(f"wrote {path}")
 
 
+@mapping_app.command("init")
+@user_errors
+def mapping_init(
+    export: Path = typer.Argument(..., help="The export file (or a folder holding one file)."),
+    spec: Path | None = SPEC_OPTION,
+    out: Path | None = typer.Option(
+        None, "--out", help="Write here (refuses to overwrite); printed when omitted."
+    ),
+) -> None:
+    """Draft a mapping.toml from an export's header and codes: column matches, a wide table's
+    per-period patterns, and the distinct codes of each category column.
+
+    The matches are guesses by name; check them, then run `edufl client validate`.
+
+    Example:
+
+      edufl client mapping init sis/data.csv --spec consortium.toml --out sis/mapping.toml
+    """
+    from shared_models.atomic import write_text_atomic
+    from shared_models.data.contract import load_spec
+    from shared_models.data.mapping_draft import draft_mapping
+    from shared_models.errors import DataContractError
+
+    text = draft_mapping(export, load_spec(spec))
+    if out is None:
+        typer.echo(text, nl=False)
+        return
+    if out.exists():
+        raise DataContractError(f"{out} exists; choose another path or delete it first")
+    write_text_atomic(out, text)
+    typer.echo(f"wrote {out}; check the matches, then `edufl client validate`")
+
+
 def render_report(report: ValidationReport, max_problems: int = 100) -> str:
     """The human-readable validation report."""
     verdict = "USABLE" if report.usable else "NOT USABLE"
@@ -125,7 +164,8 @@ def render_report(report: ValidationReport, max_problems: int = 100) -> str:
     if report.weeks_covered:
         lo, hi = report.weeks_covered
         lines.append(
-            f"  weeks      {lo}-{hi}; {report.students_with_all_weeks} student(s) have every week"
+            f"  {report.period + 's':<10} {lo}-{hi}; {report.students_with_all_weeks} "
+            f"student(s) have every {report.period}"
         )
     if report.at_risk_rate is not None:
         lines.append(f"  at risk    {100 * report.at_risk_rate:7.1f} % of students with an outcome")
@@ -170,10 +210,19 @@ app.add_typer(keys_app, name="keys")
 app.command("start")(start)
 
 # Local early warning: scoring, advisor reports, actions, rules (client/early_warning/cli.py).
-from client.early_warning.cli import actions_app, report, rules_app, score  # noqa: E402
+from client.early_warning.cli import (  # noqa: E402
+    actions_app,
+    adopt,
+    report,
+    rules_app,
+    score,
+    watch,
+)
 
+app.command("adopt")(adopt)
 app.command("score")(score)
 app.command("report")(report)
+app.command("watch")(watch)
 app.add_typer(actions_app, name="actions")
 app.add_typer(rules_app, name="rules")
 

@@ -37,16 +37,32 @@ class InstitutionProfile:
     program_mix: tuple[float, ...]  # shares of the spec's programs
 
 
-def make_profiles(n_institutions: int, n_students: int, seed: int) -> list[InstitutionProfile]:
-    """Heterogeneous institutions whose sizes add up to ``n_students``."""
+def make_profiles(
+    n_institutions: int,
+    n_students: int,
+    seed: int,
+    sizes: tuple[int, ...] | None = None,
+) -> list[InstitutionProfile]:
+    """Heterogeneous institutions whose sizes add up to ``n_students``.
+
+    Args:
+        sizes: each institution's number of students instead of random shares of
+            ``n_students`` (which is then ignored); the other traits are drawn as usual.
+    """
     if n_institutions < 1:
         raise ValueError("need at least one institution")
     if n_students < 20 * n_institutions:
         raise ValueError(f"need at least 20 students per institution ({20 * n_institutions})")
+    if sizes is not None and (len(sizes) != n_institutions or min(sizes) < 20):
+        raise ValueError(f"sizes must be {n_institutions} numbers of at least 20, got {sizes}")
     rng = np.random.default_rng([seed, 0])
     shares = rng.dirichlet(np.full(n_institutions, 3.0))
-    sizes = np.maximum(20, np.floor(shares * n_students)).astype(int)
-    sizes[np.argmax(sizes)] += n_students - sizes.sum()
+    if sizes is None:
+        drawn = np.maximum(20, np.floor(shares * n_students)).astype(int)
+        drawn[np.argmax(drawn)] += n_students - drawn.sum()
+    else:  # the shares are still drawn, so every other trait is the same for a given seed
+        drawn = np.asarray(sizes, dtype=int)
+    sizes = tuple(int(v) for v in drawn)
     profiles = []
     for k in range(n_institutions):
         mix = rng.dirichlet(np.full(5, 1.5))
@@ -225,14 +241,22 @@ def write_consortium(
     seed: int = 0,
     spec: FeatureSpec | None = None,
     file_format: str = "csv",
+    sizes: tuple[int, ...] | None = None,
 ) -> list[Path]:
-    """Write one export per institution under ``out_dir`` and a manifest; returns the folders."""
+    """Write one export per institution under ``out_dir`` and a manifest; returns the folders.
+
+    Args:
+        sizes: each institution's number of students (``students`` is then their sum);
+            None: random shares of ``students``.
+    """
     spec = spec or default_spec()
     if weeks is not None and weeks != spec.weeks:
         spec = spec.model_copy(update={"weeks": weeks})
     if file_format not in ("csv", "parquet"):
         raise ValueError("file_format must be 'csv' or 'parquet'")
-    profiles = make_profiles(institutions, students, seed)
+    if sizes is not None:
+        students = sum(sizes)
+    profiles = make_profiles(institutions, students, seed, sizes)
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
     for k, profile in enumerate(profiles):

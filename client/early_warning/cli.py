@@ -1,16 +1,18 @@
-"""`edufl client score | report | actions | rules`: local early warning for advisors.
+"""`edufl client adopt | score | report | watch | actions | rules`: early warning for advisors.
 
 `actions` and `rules` run without torch: commands import what they run in their bodies.
 """
 
 from __future__ import annotations
 
+from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 import typer
 
 from client.early_warning.store import ACTIONS
-from shared_models.cli_support import new_app, user_errors
+from shared_models.cli_support import USER_ERROR, new_app, user_errors
 
 DEFAULT_DB = Path("edufl-client.sqlite")
 
@@ -19,12 +21,25 @@ actions_app = new_app(
     "Example:\n\n\b\n  edufl client actions record s1a2b3c4d5e6 --action contacted --note 'met'"
 )
 rules_app = new_app(
-    "Intervention rule files: check one, list the indicators rules may use.\n\n"
+    "Intervention rule files: draft one for a contract, check one, list the indicators rules "
+    "may use.\n\n"
     "Example:\n\n\b\n  edufl client rules check my_rules.toml"
 )
 
 DATA = typer.Option(..., "--data", help="The institution's export folder.")
-MODEL = typer.Option(..., "--model", help="Trained model folder (model.json + model.pt).")
+MODEL = typer.Option(
+    None,
+    "--model",
+    help="A model folder, its model.pt, a federated run folder or one checkpoint (adopted "
+    "first); default: the latest model adopted into --home.",
+)
+HOME = typer.Option(
+    None,
+    "--home",
+    envvar="EDUFL_HOME",
+    help="This institution's edufl home; adopted models live in HOME/models "
+    "(default ~/.edufl/client).",
+)
 WEEK = typer.Option(
     None, "--week", min=1, help="Score as after week K (default: the latest week in the export)."
 )
@@ -39,9 +54,78 @@ SPEC = typer.Option(None, "--spec", help="Feature spec TOML; the default spec if
 
 
 @user_errors
+def adopt(
+    source: Path = typer.Argument(
+        ...,
+        help="Federated run folder (its final global model) or one checkpoint "
+        "(checkpoints/round-NNNN.json).",
+    ),
+    data: Path = typer.Option(
+        ...,
+        "--data",
+        help="This institution's labelled export (a past term): fixes normalisation and "
+        "calibration with its own train and validation students.",
+    ),
+    out: Path | None = typer.Option(
+        None, "--out", help="Write the model folder here instead of HOME/models/."
+    ),
+    home: Path | None = HOME,
+    run_id: str | None = typer.Option(
+        None, "--run-id", help="Refuse a checkpoint of any other run (the id your node logged)."
+    ),
+    calibration: str = typer.Option(
+        "auto",
+        "--calibration",
+        help="auto (lowest cross-validated Brier score on the validation split) | isotonic | "
+        "sigmoid | identity.",
+    ),
+    spec: Path | None = SPEC,
+) -> None:
+    """Adopt the federation's model: verify it, calibrate it locally, keep it as the latest.
+
+    Checks the weights' checksum, the data contract against this institution's spec and the
+    run id; pairs the weights with this institution's normalisation; calibrates P(at risk) on
+    its own validation split and reports the calibration error on its test split. Nothing
+    leaves this machine. `edufl client score` and `report` then use it without --model.
+
+    Example:
+
+    \b
+      edufl client adopt runs/demo/federated --data demo/consortium/institution_01
+    """
+    from client.early_warning.adopt import LATEST, adopt
+    from shared_models.data.contract import load_spec
+
+    done = adopt(
+        source,
+        data,
+        load_spec(spec),
+        home=home,
+        out=out,
+        run_id=run_id,
+        calibration=calibration,
+    )
+    typer.echo(f"adopted round {done.round} of run {done.run_id or '(no id)'} -> {done.model_dir}")
+    report = done.calibration
+    if report is not None:
+        typer.echo(
+            f"calibration: {report.calibrator.method}, fitted on {report.fitted_on['n']} "
+            "validation students"
+        )
+        if report.raw is not None and report.calibrated is not None:
+            typer.echo(
+                f"test split ({report.calibrated.n} students): ECE {report.raw.ece:.3f} raw, "
+                f"{report.calibrated.ece:.3f} calibrated"
+            )
+    if out is None:
+        typer.echo(f"now the latest ({done.model_dir.parent / LATEST}): score without --model")
+
+
+@user_errors
 def score(
     data: Path = DATA,
-    model: Path = MODEL,
+    model: Path | None = MODEL,
+    home: Path | None = HOME,
     week: int | None = WEEK,
     db: Path = DB,
     rules: Path | None = RULES,
@@ -57,8 +141,7 @@ def score(
     Example:
 
     \b
-      edufl client score --data demo/consortium/institution_01 \\
-          --model runs/demo/centralized --week 6
+      edufl client score --data demo/consortium/institution_01 --week 6
     """
     from client.early_warning.pipeline import run_early_warning, save_to_store
     from client.early_warning.scoring import RiskThresholds, tier_outcomes
@@ -66,13 +149,21 @@ def score(
 
     cut = RiskThresholds.parse(thresholds)
     warning = run_early_warning(
-        data, model, observed_weeks=week, thresholds=cut, rules_path=rules, spec=load_spec(spec)
+        data,
+        model,
+        home=home,
+        observed_weeks=week,
+        thresholds=cut,
+        rules_path=rules,
+        spec=load_spec(spec),
     )
     run_id = save_to_store(warning, db)
     scores = warning.scores
     counts = scores.tier_counts()
+    calibrated = "calibrated" if warning.calibration else "uncalibrated"
+    typer.echo(f"model: {warning.info.model_dir} ({calibrated} probabilities)")
     typer.echo(
-        f"scored {len(scores)} students after week {scores.observed_weeks} "
+        f"scored {len(scores)} students after {warning.spec.period} {scores.observed_weeks} "
         f"({cut}): " + ", ".join(f"{counts[t]} {t}" for t in counts)
     )
     if warning.unscored_ids:
@@ -97,7 +188,8 @@ def score(
 @user_errors
 def report(
     data: Path = DATA,
-    model: Path = MODEL,
+    model: Path | None = MODEL,
+    home: Path | None = HOME,
     out: Path = typer.Option(..., "--out", help="Folder for report.html and students.csv."),
     week: int | None = WEEK,
     db: Path | None = typer.Option(
@@ -110,15 +202,15 @@ def report(
 ) -> None:
     """Write the advisor report: a self-contained HTML page and a CSV.
 
-    Cohort overview (tier counts, risk distribution, risk by program and by week), a sortable
+    Cohort overview (tier counts, risk distribution, risk by program and by week), the
+    calibration (reliability diagram, expected calibration error on the test split), a sortable
     student table with tier, probability, top reasons, recommendations and trend sparklines.
     The page loads nothing from the network; only pseudonymous IDs appear.
 
     Example:
 
     \b
-      edufl client report --data demo/consortium/institution_01 \\
-          --model runs/demo/centralized --out runs/report --week 6
+      edufl client report --data demo/consortium/institution_01 --out runs/report --week 6
     """
     from client.early_warning.report import score_and_report
     from client.early_warning.scoring import RiskThresholds
@@ -128,6 +220,7 @@ def report(
         data,
         model,
         out,
+        home=home,
         observed_weeks=week,
         db_path=db,
         rules_path=rules,
@@ -138,6 +231,92 @@ def report(
     counts = result.warning.scores.tier_counts()
     typer.echo("tiers: " + ", ".join(f"{counts[t]} {t}" for t in counts))
     typer.echo(f"report: {result.html}\ncsv:    {result.csv}")
+
+
+@user_errors
+def watch(
+    data: Path = DATA,
+    reports: Path = typer.Option(
+        ...,
+        "--reports",
+        help="Folder for the reports: one subfolder per re-scoring, LATEST names the newest.",
+    ),
+    model: Path | None = MODEL,
+    home: Path | None = HOME,
+    db: Path = DB,
+    rules: Path | None = RULES,
+    thresholds: str = THRESHOLDS,
+    spec: Path | None = SPEC,
+    every: str = typer.Option(
+        "7d", "--every", help="Re-score this long after the last time even if nothing changed."
+    ),
+    poll: str = typer.Option(
+        "1m", "--poll", help="How often to check the export's files for a change."
+    ),
+    keep: int = typer.Option(20, min=1, help="Report folders kept (the newest)."),
+    once: bool = typer.Option(False, "--once", help="Check once, then exit (for cron)."),
+    max_runs: int | None = typer.Option(
+        None, "--max-runs", min=1, help="Exit after this many re-scorings."
+    ),
+) -> None:
+    """Keep scoring as the term goes on: re-score when the export or the model changes.
+
+    Checks the export's files (SHA-256) every --poll; re-scores when they or the adopted
+    model changed, or --every after the last re-scoring. Each re-scoring writes a new report
+    folder (report.html, students.csv, changes.csv: students who moved up a tier first) and a
+    run in the store; earlier reports are kept. A corrupt export is reported and the previous
+    report stays the latest. Stop with Ctrl-C.
+
+    Example:
+
+    \b
+      edufl client watch --data /srv/sis/export --reports /srv/edufl/reports --every 7d
+    """
+    from client.early_warning.scoring import RiskThresholds
+    from client.early_warning.watch import WatchConfig, parse_duration
+    from client.early_warning.watch import watch as run_watch
+    from shared_models.data.contract import load_spec
+
+    config = WatchConfig(
+        data_dir=data,
+        reports_dir=reports,
+        db_path=db,
+        model=model,
+        home=home,
+        rules_path=rules,
+        thresholds=RiskThresholds.parse(thresholds),
+        spec=load_spec(spec),
+        every=parse_duration(every),
+        poll=parse_duration(poll),
+        keep=keep,
+    )
+    failed = False
+
+    def show(result: Any) -> None:
+        nonlocal failed
+        stamp = datetime.now().astimezone().strftime("%Y-%m-%d %H:%M:%S")
+        if result.outcome == "scored":
+            counts = result.changes["change"].value_counts()
+            typer.echo(
+                f"{stamp} re-scored ({result.reason}) -> {result.report_dir}: "
+                f"{int(counts.get('up', 0))} moved up a tier, {int(counts.get('new', 0))} new, "
+                f"{int(counts.get('down', 0))} moved down"
+            )
+        elif result.outcome == "failed":
+            typer.secho(f"{stamp} error: {result.error}", fg=typer.colors.RED, err=True)
+        else:
+            typer.echo(f"{stamp} no re-scoring: {result.reason}")
+        failed = result.outcome == "failed"
+
+    if not once and max_runs is None:
+        typer.echo(f"watching {data} (checks every {poll}, re-scores every {every}); Ctrl-C stops")
+    try:
+        run_watch(config, once=once, max_runs=max_runs, on_check=show)
+    except KeyboardInterrupt:
+        typer.echo("stopped")
+        return
+    if failed and (once or max_runs is not None):
+        raise typer.Exit(USER_ERROR)
 
 
 @actions_app.command("record")
@@ -211,6 +390,37 @@ def rules_check(
 
     ruleset = load_rules(path, load_spec(spec))
     typer.echo(f"{path}: {len(ruleset.rules)} rule(s), valid")
+
+
+@rules_app.command("init")
+@user_errors
+def rules_init(
+    spec: Path = typer.Option(..., "--spec", help="The contract the rules are for (TOML)."),
+    out: Path | None = typer.Option(
+        None, "--out", help="Write the rule file here (refuses to overwrite); stdout if omitted."
+    ),
+) -> None:
+    """Draft a commented rule file for a contract: its indicators listed, a few example rules.
+
+    Example:
+
+    \b
+      edufl client rules init --spec my_spec.toml --out my_rules.toml
+    """
+    from client.early_warning.rules import draft_rules
+    from shared_models.data.contract import load_spec
+
+    text = draft_rules(load_spec(spec), str(spec))
+    if out is None:
+        typer.echo(text, nl=False)
+        return
+    if out.exists():
+        raise typer.BadParameter(
+            f"{out} exists; choose another --out or remove it", param_hint="--out"
+        )
+    out.write_text(text, "utf-8")
+    typer.echo(f"{out}: drafted {text.count('[[rule]]')} rule(s); edit, then check with "
+               f"`edufl client rules check {out} --spec {spec}`")  # fmt: skip
 
 
 @rules_app.command("indicators")

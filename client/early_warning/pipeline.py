@@ -9,9 +9,12 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import pandas as pd
 
+from client.early_warning.adopt import resolve_model
 from client.early_warning.indicators import compute_indicators
 from client.early_warning.reasons import Reason, explain, occlusion
 from client.early_warning.rules import Recommendation, apply_rules, load_rules
@@ -37,6 +40,9 @@ class EarlyWarning:
     Attributes:
         trajectory: (n, observed_weeks) P(at risk) as scored after each week so far, when asked
             for (the report's risk-by-week view and sparklines), else None.
+        calibration: the model's ``calibration.json`` (None: scores are uncalibrated).
+        changes: tier changes since the previous report (`client.early_warning.watch`), when
+            a watch made this run; ``changes_since`` names that report (None: the first).
     """
 
     cohort: CohortArrays
@@ -48,12 +54,16 @@ class EarlyWarning:
     info: RunInfo
     spec: FeatureSpec
     trajectory: np.ndarray | None = None
+    calibration: dict[str, Any] | None = None
+    changes: pd.DataFrame | None = None
+    changes_since: str | None = None
 
 
 def run_early_warning(
     data_dir: Path,
-    model_dir: Path,
+    model_dir: Path | None,
     *,
+    home: Path | None = None,
     observed_weeks: int | None = None,
     thresholds: RiskThresholds | None = None,
     rules_path: Path | None = None,
@@ -63,7 +73,10 @@ def run_early_warning(
 ) -> EarlyWarning:
     """Score an export after ``observed_weeks`` weeks (all weeks in it when None).
 
-    The model and the rule file are validated before the export is read, so a typo fails fast.
+    ``model_dir`` is anything `resolve_model` takes: a model folder, its ``model.pt``, a run
+    folder or a checkpoint (adopted into ``home`` first), or None for the latest adoption in
+    ``home``. The model and the rule file are validated before the export is read, so a typo
+    fails fast.
 
     Raises:
         DataContractError: unusable export, or a model trained on another contract.
@@ -71,17 +84,22 @@ def run_early_warning(
         ScoringError: a model without a risk head, or an export without activity.
     """
     spec = spec or default_spec()
-    scorer = load_scoring_model(Path(model_dir), spec)
+    model_dir = resolve_model(model_dir, Path(data_dir), spec, home=home)
+    scorer = load_scoring_model(model_dir, spec)
     ruleset = load_rules(rules_path, spec)
     term = load_observed_term(Path(data_dir), spec, observed_weeks)
     k = term.observed_weeks
     scores = score_cohort(scorer, term.cohort, k, thresholds)
     indicators = compute_indicators(
-        term.cohort, k, probability=scores.probability, grade=scores.grade
+        term.cohort,
+        k,
+        probability=scores.probability,
+        grade=scores.grade,
+        recent=spec.recent_periods,
     )
     assert scorer.normalizer.dyn_mean is not None  # a loaded normaliser is always fitted
     reasons = explain(
-        occlusion(scorer, term.cohort, k),
+        occlusion(scorer, term.cohort, k, recent=spec.recent_periods),
         indicators,
         spec,
         scorer.normalizer.dyn_mean,
@@ -103,6 +121,7 @@ def run_early_warning(
         info=info,
         spec=spec,
         trajectory=risk_trajectory(scorer, term.cohort, k) if with_trajectory else None,
+        calibration=scorer.calibration,
     )
 
 

@@ -10,6 +10,7 @@ import base64
 import html
 import io
 from collections.abc import Mapping
+from typing import Any
 
 import matplotlib
 
@@ -65,8 +66,10 @@ def tier_shares_by_group(groups: Mapping[str, Mapping[str, int]]) -> str:
     return _data_uri(fig)
 
 
-def tier_shares_by_week(trajectory: np.ndarray, thresholds: RiskThresholds) -> str:
-    """Stacked areas: share of the cohort in each tier as scored after each week so far."""
+def tier_shares_by_week(
+    trajectory: np.ndarray, thresholds: RiskThresholds, *, period: str = "week"
+) -> str:
+    """Stacked areas: share of the cohort in each tier as scored after each period so far."""
     weeks = np.arange(1, trajectory.shape[1] + 1)
     tiers = assign_tiers(trajectory, thresholds)
     shares = {tier: (tiers == tier).mean(axis=0) for tier in TIERS}
@@ -74,8 +77,8 @@ def tier_shares_by_week(trajectory: np.ndarray, thresholds: RiskThresholds) -> s
     ax = fig.subplots()
     ax.stackplot(weeks, *shares.values(), labels=list(shares), colors=list(TIER_COLOURS.values()))
     ax.plot(weeks, trajectory.mean(axis=0), color="black", lw=1.5, label="mean P(at risk)")
-    ax.set(xlabel="scored after week", ylabel="share of students", ylim=(0, 1))
-    ax.set(xlim=(weeks[0], max(weeks[-1], weeks[0] + 1)), title="Risk by week of the term")
+    ax.set(xlabel=f"scored after {period}", ylabel="share of students", ylim=(0, 1))
+    ax.set(xlim=(weeks[0], max(weeks[-1], weeks[0] + 1)), title=f"Risk by {period} of the term")
     ax.legend(ncols=2, loc="upper center", bbox_to_anchor=(0.5, -0.22), frameon=False, fontsize=8)
     return _data_uri(fig)
 
@@ -117,3 +120,32 @@ def sparkline(
         f'{lines}<polyline fill="none" stroke="{colour}" stroke-width="1.5" points="{points}"/>'
         f"{dot}</svg>"
     )
+
+
+def reliability_diagram(raw: Mapping[str, Any], calibrated: Mapping[str, Any]) -> str:
+    """Observed at-risk rate against mean predicted probability per bin, raw and calibrated.
+
+    ``raw`` and ``calibrated`` are `calibration.Reliability` as stored in ``calibration.json``;
+    marker area follows the bin's number of students.
+    """
+    fig = Figure(figsize=(4.4, 3.2))
+    ax = fig.subplots()
+    ax.plot([0, 1], [0, 1], color="#999", ls="--", lw=0.8, label="perfect calibration")
+    styles = (("raw model", raw, "#999999", "s"), ("calibrated", calibrated, "#009e73", "o"))
+    for label, rel, colour, marker in styles:
+        sizes = 12 + 4 * np.asarray(rel["count"], dtype=float)
+        ax.plot(rel["predicted"], rel["observed"], color=colour, lw=1)
+        ax.scatter(
+            rel["predicted"],
+            rel["observed"],
+            s=sizes,
+            color=colour,
+            marker=marker,
+            label=f"{label} (ECE {rel['ece']:.3f})",
+            zorder=3,
+        )
+    ax.set(xlabel="predicted P(at risk)", ylabel="observed at-risk rate", xlim=(0, 1), ylim=(0, 1))
+    ax.set_title(f"Reliability on the test split (n={int(calibrated['n'])})")
+    ax.legend(loc="upper left", frameon=False, fontsize=8)
+    ax.spines[["top", "right"]].set_visible(False)
+    return _data_uri(fig)

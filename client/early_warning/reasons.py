@@ -12,7 +12,8 @@ Cost: one forward pass per (feature, window) block, 2 x 7 with the default contr
 
 Only behaviour is offered as a reason. Static attributes (gender, age band, program...) feed the
 model but are never occluded or named: an advisor cannot act on them, and naming them invites
-profiling a student by who they are rather than by what they did.
+profiling a student by who they are rather than by what they did. `explain` refuses an
+attribution that names an attribute the contract marks protected.
 """
 
 from __future__ import annotations
@@ -22,7 +23,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from client.early_warning.indicators import RECENT_WEEKS, alias, display, format_value
+from client.early_warning.indicators import (
+    RECENT_WEEKS,
+    alias,
+    display,
+    format_value,
+    protected_names,
+    recent_suffix,
+)
 from client.early_warning.scoring import ScoringModel
 from shared_models.data.cohort import CohortArrays, ModelInputs
 from shared_models.data.contract import DynamicFeature, FeatureSpec
@@ -60,17 +68,26 @@ class Reason:
     text: str
 
 
-def window_weeks(observed_weeks: int) -> dict[str, slice]:
-    """Week slices (0-based) of each non-empty window after ``observed_weeks`` weeks."""
-    split = max(observed_weeks - RECENT_WEEKS, 0)
-    windows = {"last4": slice(split, observed_weeks)}
+def window_weeks(observed_weeks: int, recent: int = RECENT_WEEKS) -> dict[str, slice]:
+    """Period slices (0-based) of each non-empty window after ``observed_weeks`` periods.
+
+    ``recent`` is the contract's recent window (`FeatureSpec.recent_periods`), as in the
+    indicators: the windows are named ``last<recent>`` and ``earlier``.
+    """
+    split = max(observed_weeks - recent, 0)
+    windows = {recent_suffix(recent): slice(split, observed_weeks)}
     if split:
         windows["earlier"] = slice(0, split)
     return windows
 
 
 def occlusion(
-    scorer: ScoringModel, cohort: CohortArrays, observed_weeks: int, batch_size: int = 4096
+    scorer: ScoringModel,
+    cohort: CohortArrays,
+    observed_weeks: int,
+    batch_size: int = 4096,
+    *,
+    recent: int = RECENT_WEEKS,
 ) -> Attribution:
     """Contribution of every (feature, window) block to each student's risk."""
     inputs = scorer.normalizer.transform(cohort)
@@ -80,7 +97,7 @@ def occlusion(
     blocks: list[tuple[str, str]] = []
     columns: list[np.ndarray] = []
     for j, feature in enumerate(cohort.dynamic_names):
-        for window, weeks in window_weeks(observed_weeks).items():
+        for window, weeks in window_weeks(observed_weeks, recent).items():
             saved = dynamic[:, weeks, j].copy()
             dynamic[:, weeks, j] = 0.0  # the training mean after z-scoring
             occluded = predict(scorer.model, probe, batch_size)["risk"]
@@ -111,7 +128,16 @@ def explain(
         top_k: most reasons per student.
         min_effect: smallest contribution (probability points) worth naming; smaller ones are
             within what retraining noise moves.
+    Raises:
+        ValueError: ``attribution`` has a block on a protected attribute.
     """
+    named = sorted({feature for feature, _ in attribution.blocks} & protected_names(spec))
+    if named:
+        raise ValueError(
+            f"reasons may not name protected attribute(s) {', '.join(named)} of contract "
+            f"{spec.name!r}: a reason must be a behaviour an advisor can act on; occlude "
+            "weekly features only"
+        )
     features = {f.name: f for f in spec.dynamic}
     index = {name: j for j, name in enumerate(spec.dynamic_names)}
     contrib = attribution.contribution
@@ -132,6 +158,7 @@ def explain(
                 i,
                 typical[index[feature]],
                 int(observed[i]),
+                spec,
             )
             mine.append(Reason(feature, window, effect, f"{body} (+{100 * effect:.0f} pts risk)"))
         reasons.append(mine)
@@ -145,17 +172,20 @@ def _sentence(
     i: int,
     typical: float,
     k: int,
+    spec: FeatureSpec,
 ) -> str:
     label, kind = display(feature)
-    name = alias(feature.name)
-    value = format_value(indicators[f"{name}_{window}"][i], kind)
-    reference = f"typical {format_value(typical, kind)}"
+    name, period, recent = alias(feature.name), spec.period, spec.recent_periods
+    value = format_value(indicators[f"{name}_{window}"][i], kind, period)
+    reference = f"typical {format_value(typical, kind, period)}"
     if window == "earlier":
-        return f"{label.capitalize()} in weeks 1-{k - RECENT_WEEKS}: {value} ({reference})"
+        span = f"{period} 1" if k - recent == 1 else f"{spec.periods} 1-{k - recent}"
+        return f"{label.capitalize()} in {span}: {value} ({reference})"
     earlier = indicators[f"{name}_earlier"][i]
     if not np.isnan(earlier):
-        reference = f"earlier {format_value(earlier, kind)}; {reference}"
-    missed = indicators.get("quizzes_missed_last4")
+        reference = f"earlier {format_value(earlier, kind, period)}; {reference}"
+    missed = indicators.get(f"quizzes_missed_{recent_suffix(recent)}")
     if feature.name == "quiz_submitted" and missed is not None:
-        reference = f"{int(missed[i])} of {min(RECENT_WEEKS, k)} missed; {reference}"
-    return f"{label.capitalize()} over the last {min(RECENT_WEEKS, k)} weeks: {value} ({reference})"
+        reference = f"{int(missed[i])} of {min(recent, k)} missed; {reference}"
+    last = f"{min(recent, k)} {spec.periods}" if min(recent, k) > 1 else period
+    return f"{label.capitalize()} over the last {last}: {value} ({reference})"

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from client.early_warning import plots
+from client.early_warning import fairness, plots
 from client.early_warning.pipeline import EarlyWarning, run_early_warning, save_to_store
 from client.early_warning.scoring import TIERS, RiskThresholds
 from client.early_warning.store import ActionRecord, Store
@@ -131,10 +131,96 @@ def students_frame(
 def render_html(
     warning: EarlyWarning, rows: np.ndarray, actions: Mapping[str, ActionRecord]
 ) -> str:
-    """The page; ``rows`` are the record indices shown in the table, in order."""
+    """The page; ``rows`` are the record indices shown in the table, in order.
+
+    The body is the list `sections` returns; a new section is one more function there.
+    """
     scores, spec, esc = warning.scores, warning.spec, html.escape
-    n, counts = len(scores), scores.tier_counts()
     institution = str(warning.cohort.institution[0]) if len(warning.cohort.institution) else ""
+    k, thresholds = scores.observed_weeks, scores.thresholds
+    generated = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
+    body = "\n".join(s for s in sections(warning, rows, actions) if s)
+    return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8">
+<meta http-equiv="Content-Security-Policy" content="{_CSP}">
+<meta name="viewport" content="width=device-width,initial-scale=1">
+<link rel="icon" href="data:,"><title>Early-warning report: {esc(institution)}</title>
+<style>{_CSS}</style></head><body>
+<h1>Early-warning report: {esc(institution)}</h1>
+<p class="meta">Scored after {spec.period} {k} of {spec.weeks} &middot;
+model {esc(warning.info.model_name)}
+&middot; tiers {esc(str(thresholds))} {_calibration_note(warning)} &middot; rules:
+{esc(warning.info.rules)} &middot; {generated}. Pseudonymous IDs only; computed on this
+institution's machine.</p>
+{body}
+<script>{_JS}</script>
+</body></html>
+"""
+
+
+def sections(
+    warning: EarlyWarning, rows: np.ndarray, actions: Mapping[str, ActionRecord]
+) -> list[str]:
+    """The page's sections in order, each an HTML fragment (empty ones are left out)."""
+    return [
+        overview_section(warning),
+        calibration_section(warning),
+        changes_section(warning),
+        fairness.report_section(warning),
+        students_section(warning, rows, actions),
+    ]
+
+
+def changes_section(warning: EarlyWarning, max_rows: int = 50) -> str:
+    """Tier changes since the previous report (a watch's run): students who moved up first."""
+    changes = warning.changes
+    if changes is None:
+        return ""
+    esc = html.escape
+    if warning.changes_since is None:
+        return (
+            '<h2 id="changes">Change since the last report</h2><p class="meta">The first '
+            "report of this watch: the next one lists the students whose tier changed.</p>"
+        )
+    counts = changes["change"].value_counts()
+    summary = ", ".join(
+        f"{int(counts.get(c, 0))} {label}"
+        for c, label in [
+            ("up", "moved up a tier"),
+            ("new", "new"),
+            ("down", "moved down"),
+            ("left", "no longer in the export"),
+        ]
+    )
+    shown = changes[changes["change"].isin(["up", "new"])].head(max_rows)
+    rows = "\n".join(
+        f'<tr data-change="{esc(str(r.change))}"><td><code>{esc(str(r.student_id))}</code></td>'
+        f"<td>{esc(str(r.change))}</td>"
+        f"<td>{'' if pd.isna(r.previous_tier) else esc(str(r.previous_tier))}</td>"
+        f"<td>{esc(str(r.tier))}</td>"
+        f"<td>{'' if pd.isna(r.previous_probability) else f'{r.previous_probability:.2f}'}</td>"
+        f"<td>{r.probability:.2f}</td></tr>"
+        for r in shown.itertuples()
+    )
+    table = (
+        '<table id="changes-table"><thead><tr><th>Student</th><th>Change</th><th>Was</th>'
+        f"<th>Now</th><th>P before</th><th>P now</th></tr></thead><tbody>\n{rows}\n"
+        "</tbody></table>"
+        if rows
+        else ""
+    )
+    return (
+        f'<h2 id="changes">Change since the last report</h2><p class="meta">Since report '
+        f"{esc(warning.changes_since)}: {summary}. Students who moved up a tier come first"
+        f"{f' (the first {max_rows} shown)' if len(shown) == max_rows else ''}; changes.csv "
+        f"beside this page lists every change.</p>{table}"
+    )
+
+
+def overview_section(warning: EarlyWarning) -> str:
+    """Tier counts and the cohort's figures."""
+    scores, esc = warning.scores, html.escape
+    n, counts = len(scores), scores.tier_counts()
     cards = "".join(
         f'<div class="card" style="background:{plots.TIER_COLOURS[t]}"><b>{counts[t]}</b>'
         f"{t} ({100 * counts[t] / max(n, 1):.0f} %)</div>"
@@ -149,7 +235,11 @@ def render_html(
         }
         figures.append(plots.tier_shares_by_group(by_group))
     if warning.trajectory is not None and warning.trajectory.shape[1]:
-        figures.append(plots.tier_shares_by_week(warning.trajectory, scores.thresholds))
+        figures.append(
+            plots.tier_shares_by_week(
+                warning.trajectory, scores.thresholds, period=warning.spec.period
+            )
+        )
     images = "".join(f'<img alt="figure {k + 1}" src="{uri}">' for k, uri in enumerate(figures))
     unscored = ""
     if warning.unscored_ids:
@@ -158,6 +248,64 @@ def render_html(
             f"<details><summary>{len(warning.unscored_ids)} record(s) not scored: too little "
             f"data so far (run <code>edufl client validate</code>)</summary>{ids}</details>"
         )
+    return (
+        f'<h2>Cohort overview</h2><div class="cards">{cards}</div>{unscored}\n'
+        f'<div class="figs">{images}</div>'
+    )
+
+
+def calibration_section(warning: EarlyWarning) -> str:
+    """Reliability diagram and expected calibration error (ECE) of the model's probabilities."""
+    found = warning.calibration
+    if not found:
+        return (
+            '<h2 id="calibration">Calibration</h2><p class="meta">This model is not calibrated '
+            "for this institution: its probabilities are the raw model's and the tiers may not "
+            "match observed rates. Adopt it with <code>edufl client adopt RUN_DIR --data "
+            "EXPORT</code> to calibrate it on your own validation students.</p>"
+        )
+    fit, test = found.get("fitted_on", {}), found.get("test")
+    method = str(found.get("calibrator", {}).get("method", "?"))
+    chosen = found.get("selection") or {}
+    how = (
+        "chosen by cross-validated Brier score ("
+        + ", ".join(f"{html.escape(m)} {v:.4f}" for m, v in chosen.items())
+        + ")"
+        if chosen
+        else "as asked"
+    )
+    method_line = (
+        f"Method: {html.escape(method)} calibration ({how}), fitted on this institution's own "
+        f"validation split ({fit.get('n', '?')} students, {fit.get('at_risk', '?')} at risk) "
+        "on this machine; nothing left the institution, so it costs no privacy. Tiers use the "
+        "calibrated probabilities."
+    )
+    if not test:
+        return f'<h2 id="calibration">Calibration</h2><p class="meta">{method_line}</p>'
+    raw, cal = test["raw"], test["calibrated"]
+    floor = found.get("ece_noise_floor")
+    noise = (
+        f" A perfectly calibrated model would still show an ECE of about {floor:.3f} on "
+        f"{cal['n']} students (sampling noise)."
+        if floor is not None
+        else ""
+    )
+    return f"""<h2 id="calibration">Calibration</h2>
+<p class="meta">{method_line}</p>
+<p id="ece">Expected calibration error on the test split ({cal["n"]} held-out students,
+{cal["n_bins"]} equal-width bins): <b>{cal["ece"]:.3f}</b> calibrated, {raw["ece"]:.3f}
+raw.{noise}</p>
+<div class="figs"><img id="reliability" alt="reliability diagram"
+src="{plots.reliability_diagram(raw, cal)}"></div>"""
+
+
+def students_section(
+    warning: EarlyWarning, rows: np.ndarray, actions: Mapping[str, ActionRecord]
+) -> str:
+    """The sortable, filterable student table."""
+    scores, esc = warning.scores, html.escape
+    n = len(scores)
+    groups = group_labels(warning)
     shown = (
         f"{len(rows)} highest-risk of {n} students; students.csv lists everyone"
         if len(rows) < n
@@ -179,32 +327,23 @@ def render_html(
         ]
     )
     body = "\n".join(_row(warning, int(i), groups, has_grade, actions) for i in rows)
-    k, thresholds = scores.observed_weeks, scores.thresholds
-    generated = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
-    return f"""<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8">
-<meta http-equiv="Content-Security-Policy" content="{_CSP}">
-<meta name="viewport" content="width=device-width,initial-scale=1">
-<link rel="icon" href="data:,"><title>Early-warning report: {esc(institution)}</title>
-<style>{_CSS}</style></head><body>
-<h1>Early-warning report: {esc(institution)}</h1>
-<p class="meta">Scored after week {k} of {spec.weeks} &middot; model {esc(warning.info.model_name)}
-&middot; tiers {esc(str(thresholds))} &middot; rules: {esc(warning.info.rules)} &middot;
-{generated}. Pseudonymous IDs only; computed on this institution's machine.</p>
-<h2>Cohort overview</h2><div class="cards">{cards}</div>{unscored}
-<div class="figs">{images}</div>
-<h2>Students</h2><p class="meta">{shown}. Click a column to sort. Record what you did with
-<code>edufl client actions record STUDENT_ID --action contacted</code>.</p>
+    return f"""<h2>Students</h2><p class="meta">{shown}. Click a column to sort. Record what you
+did with <code>edufl client actions record STUDENT_ID --action contacted</code>.</p>
 <div class="controls"><input id="q" type="search" placeholder="filter (ID, reason, owner...)">
 <select id="tier"><option value="">all tiers</option>
 {"".join(f'<option value="{t}">{t}</option>' for t in TIERS)}</select></div>
 <table id="students"><thead><tr>{header}</tr></thead>
 <tbody>
 {body}
-</tbody></table>
-<script>{_JS}</script>
-</body></html>
-"""
+</tbody></table>"""
+
+
+def _calibration_note(warning: EarlyWarning) -> str:
+    found = warning.calibration
+    if not found:
+        return "(uncalibrated probabilities)"
+    method = html.escape(str(found.get("calibrator", {}).get("method", "?")))
+    return f"on probabilities calibrated locally ({method})"
 
 
 def _row(
@@ -222,13 +361,16 @@ def _row(
     if warning.trajectory is not None:
         risk = warning.trajectory[i]
         trend += plots.sparkline(
-            risk, colour=colour, marks=(cut.moderate, cut.high), title="P(at risk) by week"
+            risk,
+            colour=colour,
+            marks=(cut.moderate, cut.high),
+            title=f"P(at risk) by {warning.spec.period}",
         )
     if "attendance_rate" in warning.cohort.dynamic_names:
         j = warning.cohort.dynamic_names.index("attendance_rate")
         k, cohort = scores.observed_weeks, warning.cohort
         seen = np.where(cohort.week_mask[i, :k] > 0, cohort.dynamic[i, :k, j], np.nan)
-        trend += plots.sparkline(seen, colour="#555", title="attendance by week")
+        trend += plots.sparkline(seen, colour="#555", title=f"attendance by {warning.spec.period}")
     slope = float(warning.indicators.get("attendance_trend", np.full(i + 1, np.nan))[i])
     reasons = "".join(f"<li>{esc(r.text)}</li>" for r in warning.reasons[i])
     recs = "".join(
@@ -269,9 +411,10 @@ class ReportResult:
 
 def score_and_report(
     data_dir: Path,
-    model_dir: Path,
+    model_dir: Path | None,
     out_dir: Path,
     *,
+    home: Path | None = None,
     observed_weeks: int | None = None,
     db_path: Path | None = None,
     rules_path: Path | None = None,
@@ -281,12 +424,14 @@ def score_and_report(
 ) -> ReportResult:
     """Score an export and write the advisor report (``report.html`` + ``students.csv``).
 
+    ``model_dir`` and ``home``: as in `run_early_warning` (None: the latest adopted model).
     With ``db_path`` the run is also saved to the store, and advisors' latest recorded actions
     appear in the report's table.
     """
     warning = run_early_warning(
         data_dir,
         model_dir,
+        home=home,
         observed_weeks=observed_weeks,
         thresholds=thresholds,
         rules_path=rules_path,

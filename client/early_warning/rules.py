@@ -14,14 +14,20 @@ A rule file is TOML (the default ships as ``client/default_rules.toml``)::
     message = "Attendance {attendance_last4:.0%} over the last 4 weeks."
 
 Indicators are the vocabulary of `client.early_warning.indicators.vocabulary`; a condition on a
-missing (NaN)
-indicator never holds, so a rule fires only on evidence. The file is validated once, against the
-data contract's vocabulary, and every problem is reported with the rule it belongs to.
+missing (NaN) indicator never holds, so a rule fires only on evidence. The file is validated
+once, against the data contract's vocabulary, and every problem is reported with the rule it
+belongs to. A rule may never name an attribute the contract marks protected (gender, disability,
+socio-economic band, age band...): interventions follow from what a student does, not who they
+are. The default rules are written for the default contract: on another contract the ones whose
+indicators it lacks are skipped with one warning; `draft_rules` writes a starting file for any
+contract. docs/rules.md documents the format.
 """
 
 from __future__ import annotations
 
 import difflib
+import json
+import logging
 import math
 import operator
 import re
@@ -44,11 +50,19 @@ from pydantic import (
     model_validator,
 )
 
-from client.early_warning.indicators import IndicatorInfo, vocabulary
+from client.early_warning.indicators import (
+    IndicatorInfo,
+    alias,
+    display,
+    protected_names,
+    vocabulary,
+)
 from client.early_warning.tiers import TIERS
 from shared_models.data.contract import FeatureSpec, default_spec
 from shared_models.errors import EduflError
 from shared_models.user_files import describe_read_error, loads_toml, read_text
+
+logger = logging.getLogger(__name__)
 
 DEFAULT_ROLES: tuple[str, ...] = ("advisor", "tutor", "wellbeing", "instructor")
 OPERATORS: dict[str, Callable[[Any, Any], Any]] = {
@@ -85,7 +99,7 @@ class Condition(_Strict):
 
     @model_validator(mode="after")
     def _known(self, info: ValidationInfo) -> Condition:
-        problems = _check_condition(self, _vocabulary(info))
+        problems = _check_condition(self, _vocabulary(info), _protected(info))
         if problems:
             raise ValueError("; ".join(problems))
         return self
@@ -105,7 +119,7 @@ class Rule(_Strict):
     @field_validator("message")
     @classmethod
     def _placeholders(cls, message: str, info: ValidationInfo) -> str:
-        problems = _check_message(message, _vocabulary(info))
+        problems = _check_message(message, _vocabulary(info), _protected(info))
         if problems:
             raise ValueError("; ".join(problems))
         return message
@@ -143,7 +157,25 @@ def _vocabulary(info: ValidationInfo) -> dict[str, IndicatorInfo]:
     return vocab if vocab is not None else vocabulary(default_spec())
 
 
-def _check_condition(cond: Condition, vocab: dict[str, IndicatorInfo]) -> list[str]:
+def _protected(info: ValidationInfo) -> frozenset[str]:
+    """Names a rule may not use: the contract's protected attributes (and their encoded columns)."""
+    found: frozenset[str] | None = (info.context or {}).get("protected")
+    return found if found is not None else protected_names(default_spec())
+
+
+def _protected_error(name: str) -> str:
+    return (
+        f"{name!r} is a protected attribute of the data contract: rules and reasons never name "
+        "it (interventions follow from what a student does, not who they are); write the "
+        "condition on a behaviour indicator (`edufl client rules indicators`)"
+    )
+
+
+def _check_condition(
+    cond: Condition, vocab: dict[str, IndicatorInfo], protected: frozenset[str] = frozenset()
+) -> list[str]:
+    if cond.indicator in protected:
+        return [_protected_error(cond.indicator)]
     info = vocab.get(cond.indicator)
     if info is None:
         return [_unknown_indicator(cond.indicator, vocab)]
@@ -160,7 +192,9 @@ def _check_condition(cond: Condition, vocab: dict[str, IndicatorInfo]) -> list[s
     return []
 
 
-def _check_message(message: str, vocab: dict[str, IndicatorInfo]) -> list[str]:
+def _check_message(
+    message: str, vocab: dict[str, IndicatorInfo], protected: frozenset[str] = frozenset()
+) -> list[str]:
     try:
         fields = [
             (f, spec, conversion)
@@ -171,6 +205,9 @@ def _check_message(message: str, vocab: dict[str, IndicatorInfo]) -> list[str]:
         return [f"{exc}; write literal braces as {{{{ and }}}}"]
     problems = []
     for name, spec, conversion in fields:
+        if name in protected:
+            problems.append(_protected_error(name))
+            continue
         if name not in vocab:
             problems.append(_unknown_indicator(name, vocab))
             continue
@@ -206,7 +243,8 @@ def parse_rules(text: str, spec: FeatureSpec | None = None, source: str = "<rule
         raw = loads_toml(text)
     except tomllib.TOMLDecodeError as exc:
         raise RuleFileError(f"{source}: not valid TOML ({exc}); fix the syntax") from None
-    context = {"vocabulary": vocabulary(spec or default_spec())}
+    spec = spec or default_spec()
+    context = {"vocabulary": vocabulary(spec), "protected": protected_names(spec)}
     try:
         return RuleSet.model_validate(raw, context=context)
     except ValidationError as exc:
@@ -217,7 +255,7 @@ def load_rules(path: Path | str | None = None, spec: FeatureSpec | None = None) 
     """Load a rule file, or the default rules that ship with edufl when ``path`` is None."""
     if path is None:
         text = resources.files("client").joinpath("default_rules.toml").read_text("utf-8")
-        return parse_rules(text, spec, "default rules")
+        return _default_rules(text, spec or default_spec())
     p = Path(path)
     try:
         text = read_text(p)
@@ -226,6 +264,134 @@ def load_rules(path: Path | str | None = None, spec: FeatureSpec | None = None) 
     except (OSError, UnicodeDecodeError) as exc:
         raise RuleFileError(f"{p}: cannot read rule file ({describe_read_error(exc)})") from None
     return parse_rules(text, spec, str(p))
+
+
+def _default_rules(text: str, spec: FeatureSpec) -> RuleSet:
+    """The shipped rules, less those naming indicators ``spec`` lacks (one warning names them).
+
+    The defaults are written for the default contract; an institution on a custom contract
+    still gets every default rule that makes sense for it rather than a failure.
+    """
+    raw = loads_toml(text)
+    vocab = vocabulary(spec)
+    kept, skipped = [], []
+    for rule in raw["rule"]:
+        names = [c["indicator"] for c in rule.get("when", [])]
+        names += [f for _, f, _, _ in string.Formatter().parse(rule.get("message", "")) if f]
+        missing = sorted({n for n in names if n not in vocab})
+        if missing:
+            skipped.append(f"{rule['id']} ({', '.join(missing)})")
+        else:
+            kept.append(rule)
+    if skipped:
+        logger.warning(
+            "default rules: skipped %d of %d that name indicators contract %r lacks: %s; write "
+            "rules for this contract with `edufl client rules init --spec SPEC`",
+            len(skipped),
+            len(raw["rule"]),
+            spec.name,
+            "; ".join(skipped),
+        )
+    if not kept:
+        raise RuleFileError(
+            f"none of the default rules applies to contract {spec.name!r}; write a rule file "
+            "with `edufl client rules init --spec SPEC` and pass it with --rules"
+        )
+    context = {"vocabulary": vocab, "protected": protected_names(spec)}
+    try:
+        return RuleSet.model_validate(raw | {"rule": kept}, context=context)
+    except ValidationError as exc:
+        raise RuleFileError(_describe(exc, raw | {"rule": kept}, "default rules")) from None
+
+
+def draft_rules(spec: FeatureSpec, source: str = "") -> str:
+    """A commented starting rule file for ``spec``: every indicator listed, a few example rules.
+
+    The result always validates against ``spec`` (`parse_rules`); thresholds are placeholders
+    an institution should set from its own experience.
+    """
+    vocab = vocabulary(spec)
+    width = max(len(n) for n in vocab)
+    marked = [a.name for a in spec.static if a.protected]
+    protected = f" ({', '.join(marked)})" if marked else ""
+    lines = [
+        f"# Intervention rules for contract {spec.name!r} {spec.version}"
+        + (f" ({source})" if source else "")
+        + ".",
+        "# Drafted by `edufl client rules init`; check edits with `edufl client rules check FILE"
+        + (f" --spec {source}`." if source else "`."),
+        "#",
+        "# A rule fires for a student whose tier is in `tiers` and for whom every `when`",
+        "# condition holds; a condition on a missing indicator never holds. priority: 1 is the",
+        "# most urgent. owner: one of `roles`. The message may name indicators, with a format:",
+        "# {name:.0%} for a share, {name:.1f} for a number. Protected attributes are never",
+        f"# named{protected}. The format is documented in docs/rules.md.",
+        "#",
+        "# Indicators of this contract (name, range, meaning):",
+        *(
+            f"#   {i.name:<{width}}  [{i.low:g}, {i.high:g}]  {_one_line(i.description)}"
+            for i in vocab.values()
+        ),
+        "",
+        "version = 1",
+        "roles = [" + ", ".join(_toml_str(r) for r in DEFAULT_ROLES) + "]",
+    ]
+    rules: list[tuple[str, list[str]]] = [
+        (
+            "high-risk-review",
+            [
+                'tiers = ["high"]',
+                'recommend = "Advisor meeting within a week"',
+                "priority = 1",
+                'owner = "advisor"',
+                'message = "High risk ({risk_probability:.0%}): review engagement and coursework."',
+            ],
+        )
+    ]
+    for feature in spec.dynamic[:3]:  # a few examples; the indicator list above has the rest
+        name = alias(feature.name)
+        label = display(feature)[0]
+        message = f"{label.capitalize()} changed by {{{name}_trend:+.2f}} against earlier periods."
+        rules.append(
+            (
+                f"{name.replace('_', '-')}-falling"[:64],
+                [
+                    'tiers = ["moderate", "high"]',
+                    f'when = [{{ indicator = "{name}_trend", op = "<", value = 0 }}]'
+                    "  # placeholder: set a real drop",
+                    f"recommend = {_toml_str(f'Contact about falling {label}'[:200])}",
+                    "priority = 2",
+                    'owner = "advisor"',
+                    f"message = {_toml_str(message)}",
+                ],
+            )
+        )
+    rules.append(
+        (
+            "moderate-nudge",
+            [
+                'tiers = ["moderate"]',
+                'recommend = "Encouraging message with study resources"',
+                "priority = 4",
+                'owner = "instructor"',
+                'message = "Moderate risk ({risk_probability:.0%}): send study resources."',
+            ],
+        )
+    )
+    for rule_id, body in rules:
+        lines += ["", "[[rule]]", f"id = {_toml_str(rule_id)}", *body]
+    text = "\n".join(lines) + "\n"
+    parse_rules(text, spec, "drafted rules")  # a draft that does not validate is a bug here
+    return text
+
+
+def _toml_str(value: str) -> str:
+    # JSON's string escapes are all valid TOML basic-string escapes.
+    return json.dumps(value, ensure_ascii=False)
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
 
 
 def _describe(exc: ValidationError, raw: dict[str, Any], source: str) -> str:

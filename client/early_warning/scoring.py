@@ -12,17 +12,27 @@ import copy
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from torch import nn
 
+from client.early_warning.calibration import (
+    CalibrationReport,
+    Calibrator,
+    ece_noise_floor,
+    expected_calibration_error,
+    fit_calibrator,
+    load_calibration,
+    save_calibration,
+)
 from client.early_warning.tiers import TIERS
 from shared_models.data.cohort import CohortArrays, Normalizer
 from shared_models.data.contract import FeatureSpec
 from shared_models.data.loader import completeness, load_cohort
+from shared_models.data.node import split_node
 from shared_models.errors import EduflError
 from shared_models.evaluation import predict
 from shared_models.models.artifact import ModelCard, load_trained
@@ -90,22 +100,42 @@ def assign_tiers(probability: np.ndarray, thresholds: RiskThresholds | None = No
 
 @dataclass(frozen=True)
 class ScoringModel:
-    """A trained model ready to score: the network, its training normalisation, its card."""
+    """A trained model ready to score: the network, its training normalisation, its card.
+
+    Attributes:
+        calibrator: this institution's map from raw to calibrated P(at risk), None when the
+            folder has no ``calibration.json`` (scores are then the raw probabilities).
+        calibration: the whole ``calibration.json`` (fit, selection, test-split reliability).
+    """
 
     model: nn.Module
     normalizer: Normalizer
     card: ModelCard
     path: Path
+    calibrator: Calibrator | None = None
+    calibration: dict[str, Any] | None = None
+
+    def risk(self, raw: np.ndarray) -> np.ndarray:
+        """Calibrated P(at risk) of raw model outputs (unchanged without a calibrator)."""
+        return raw if self.calibrator is None else self.calibrator.apply(raw)
 
 
-def load_scoring_model(model_dir: Path, spec: FeatureSpec | None = None) -> ScoringModel:
-    """Load a model folder written by `edufl train` or a federation run.
+def load_scoring_model(
+    model_dir: Path, spec: FeatureSpec | None = None, *, calibrated: bool = True
+) -> ScoringModel:
+    """Load a model folder written by `edufl train`, `edufl client adopt` or a federation run.
+
+    ``model_dir`` may also be the folder's ``model.pt`` or ``model.json``. With ``calibrated``
+    the folder's ``calibration.json``, if any, is applied to every probability.
 
     Raises:
         DataContractError: missing or malformed files, or another data contract.
         ScoringError: the model has no risk head (trained with ``--target grade``).
     """
-    model, normalizer, card = load_trained(Path(model_dir), spec)
+    model_dir = Path(model_dir)
+    if model_dir.is_file():
+        model_dir = model_dir.parent
+    model, normalizer, card = load_trained(model_dir, spec)
     model.eval()
     generator = torch.Generator().manual_seed(0)
     probe = (
@@ -120,7 +150,54 @@ def load_scoring_model(model_dir: Path, spec: FeatureSpec | None = None) -> Scor
             f"{model_dir}: this model predicts {sorted(expected)} but no risk; scoring needs a "
             "model trained with --target risk or --target both"
         )
-    return ScoringModel(_inference_model(model, probe, expected), normalizer, card, Path(model_dir))
+    found = load_calibration(model_dir) if calibrated else None
+    return ScoringModel(
+        _inference_model(model, probe, expected),
+        normalizer,
+        card,
+        model_dir,
+        calibrator=found[0] if found else None,
+        calibration=found[1] if found else None,
+    )
+
+
+def calibrate_model_dir(
+    model_dir: Path, data_dir: Path, spec: FeatureSpec, *, seed: int = 0, method: str = "auto"
+) -> CalibrationReport:
+    """Fit the model's calibration on this institution's validation split; write it beside it.
+
+    The splits are `split_node`'s, with the federation's ``seed``: exactly the students the
+    node held out of training. The raw and calibrated reliability on the test split (never
+    used to fit) are stored too, for the report. Runs locally; nothing leaves the machine.
+
+    Raises:
+        DataContractError: the export is unusable or its validation split lacks an outcome.
+    """
+    scorer = load_scoring_model(model_dir, spec, calibrated=False)
+    splits = split_node(data_dir, spec, seed=seed)
+    val_raw = predict(scorer.model, scorer.normalizer.transform(splits.val))["risk"]
+    calibrator, selection = fit_calibrator(val_raw, splits.val.at_risk, method, seed=seed)
+    test_raw = predict(scorer.model, scorer.normalizer.transform(splits.test))["risk"]
+    test_cal = calibrator.apply(test_raw)
+    labelled = ~np.isnan(np.asarray(splits.test.at_risk, dtype=float))
+    report = CalibrationReport(
+        calibrator=calibrator,
+        fitted_on={
+            "split": "validation",
+            "n": int((~np.isnan(np.asarray(splits.val.at_risk, dtype=float))).sum()),
+            "at_risk": int(np.nansum(splits.val.at_risk)),
+            "seed": seed,
+            "method_asked": method,
+        },
+        selection=selection,
+        raw=expected_calibration_error(test_raw, splits.test.at_risk) if labelled.any() else None,
+        calibrated=(
+            expected_calibration_error(test_cal, splits.test.at_risk) if labelled.any() else None
+        ),
+        ece_noise_floor=ece_noise_floor(test_cal[labelled]) if labelled.any() else None,
+    )
+    save_calibration(model_dir, report)
+    return report
 
 
 def _inference_model(
@@ -212,11 +289,12 @@ class Scores:
 
     student_ids: np.ndarray
     terms: np.ndarray
-    probability: np.ndarray  # P(at risk), float32 in [0, 1]
+    probability: np.ndarray  # P(at risk), float32 in [0, 1], calibrated when the model is
     grade: np.ndarray  # predicted final grade on the contract's scale; NaN without a grade head
-    tier: np.ndarray  # object array of TIERS entries
+    tier: np.ndarray  # object array of TIERS entries, from ``probability``
     observed_weeks: int
     thresholds: RiskThresholds
+    raw_probability: np.ndarray | None = None  # the model's own output, before calibration
 
     def __len__(self) -> int:
         return len(self.student_ids)
@@ -240,14 +318,16 @@ def score_cohort(
         if "grade" in out
         else np.full(len(cohort), np.nan, dtype=np.float32)
     )
+    probability = scorer.risk(out["risk"])
     return Scores(
         student_ids=cohort.student_ids,
         terms=cohort.terms,
-        probability=out["risk"],
+        probability=probability,
         grade=grade,
-        tier=assign_tiers(out["risk"], cut),
+        tier=assign_tiers(probability, cut),
         observed_weeks=observed_weeks,
         thresholds=cut,
+        raw_probability=out["risk"],
     )
 
 
@@ -256,13 +336,17 @@ def risk_trajectory(
 ) -> np.ndarray:
     """P(at risk) of each record as it would have been scored after weeks 1..observed_weeks.
 
+    Calibrated as `score_cohort` is, so the weekly tiers use the same thresholds.
+
     Returns:
         float32 array (n, observed_weeks); column w - 1 is the score after week w.
     """
     columns = [
-        predict(scorer.model, scorer.normalizer.transform(cohort.truncate_weeks(week)), batch_size)[
-            "risk"
-        ]
+        scorer.risk(
+            predict(
+                scorer.model, scorer.normalizer.transform(cohort.truncate_weeks(week)), batch_size
+            )["risk"]
+        )
         for week in range(1, observed_weeks + 1)
     ]
     return np.stack(columns, axis=1) if columns else np.zeros((len(cohort), 0), np.float32)

@@ -7,8 +7,9 @@ parses on the way are handed to the loader, so an export is parsed once.
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +18,7 @@ import pandas as pd
 from shared_models.data.contract import STUDENT_ID, TERM, WEEK, FeatureSpec
 from shared_models.data.export import RawTable, is_missing, read_export
 from shared_models.data.identifiers import identifier_kind_by_name, identifier_kind_by_values
-from shared_models.data.mapping import ColumnMapping, find_mapping
+from shared_models.data.mapping import PERIOD, ColumnMapping, find_mapping, period_patterns
 from shared_models.errors import DataContractError
 
 KEYS = {
@@ -56,6 +57,7 @@ class ValidationReport:
     spec_name: str
     spec_version: str
     spec_fingerprint: str
+    period: str = "week"  # the contract's time step, for "weeks covered" and the like
     rows: dict[str, int] = field(default_factory=dict)
     files: dict[str, str] = field(default_factory=dict)
     n_students: int = 0
@@ -89,7 +91,9 @@ def validate_export(
     data_dir: Path, spec: FeatureSpec, mapping_path: Path | None = None
 ) -> tuple[ValidationReport, ParsedExport | None]:
     """Validate ``data_dir`` against ``spec``; the parsed tables come back only when usable."""
-    report = ValidationReport(data_dir, spec.name, spec.version, spec.fingerprint)
+    report = ValidationReport(
+        data_dir, spec.name, spec.version, spec.fingerprint, period=spec.period
+    )
     try:
         mapping = find_mapping(data_dir, mapping_path)
         raw = read_export(data_dir, mapping)
@@ -106,6 +110,7 @@ def validate_export(
         report.files[name] = table.path.name
     if report.errors:
         return report, None
+    raw = _project_shared(raw, spec)
 
     checker = _Checker(spec, mapping, report)
     students = checker.students(raw["students"])
@@ -142,6 +147,16 @@ class _Checker:
 
     def activity(self, table: RawTable) -> pd.DataFrame | None:
         required = [STUDENT_ID, TERM, WEEK, *self.spec.dynamic_names]
+        if WEEK not in table.frame.columns and self._looks_wide(table):
+            return None
+        if table.wide and self.mapping.wide and len(self.mapping.wide.periods) > self.spec.weeks:
+            self.report.error(
+                table.path.name,
+                f"[wide] in mapping.toml lists {len(self.mapping.wide.periods)} periods but the "
+                f"contract has {self.spec.weeks} {self.spec.periods}; list the first "
+                f"{self.spec.weeks} only",
+            )
+            return None
         if not self._columns(table, required):
             return None
         out = self._keys(table)
@@ -223,11 +238,37 @@ class _Checker:
 
     # -- cells ----------------------------------------------------------------------------
 
+    def _looks_wide(self, table: RawTable) -> bool:
+        """Report an activity table with one row per student and per-period columns."""
+        series = period_patterns(list(table.file_columns or table.frame.columns))
+        if not series:
+            return False
+        shown = list(series)[:3]
+        labels = list(next(iter(series.values())))
+        example = "\n".join(f'  feature_{k + 1} = "{p}"' for k, p in enumerate(shown))
+        self.report.error(
+            table.path.name,
+            f"the activity table has no '{WEEK}' column but per-period columns "
+            f"({', '.join(repr(p.replace(PERIOD, labels[0])) for p in shown)}, ...): it is a wide "
+            "table, one row per student, and needs a reshape. Declare it in mapping.toml:\n"
+            f"  [wide]\n  periods = {list(labels)}\n  [columns.activity]\n{example}\n"
+            "(contract feature = column pattern); `edufl client mapping init "
+            f"{table.path}` drafts the mapping",
+        )
+        return True
+
     def _columns(self, table: RawTable, required: list[str]) -> bool:
         cols = list(table.frame.columns)
         ok = True
+        for contract, export in table.missing_mapped.items():
+            if contract not in required:
+                self.report.error(
+                    f"{table.path.name}, column '{export}'",
+                    self._mapped_absent(table, contract, export),
+                )
+                ok = False
         for col in cols:
-            if col in required:
+            if col in required or col in table.added:
                 continue
             kind = identifier_kind_by_name(col) or identifier_kind_by_values(
                 table.frame[col].tolist(), numbers_allowed=False
@@ -245,11 +286,18 @@ class _Checker:
                     "not in the data contract; ignored",
                 )
         for col in required:
-            if col not in cols:
+            if col in table.missing_mapped:
+                export = table.missing_mapped[col]
+                self.report.error(
+                    f"{table.path.name}, column '{export}'",
+                    self._mapped_absent(table, col, export),
+                )
+                ok = False
+            elif col not in cols:
                 self.report.error(
                     f"{table.path.name}, column '{col}'",
                     f"required column is missing; add it, or map the export's column to '{col}' "
-                    f"in mapping.toml under [columns.{table.name}]",
+                    f"in mapping.toml under [columns.{table.name}]{self._closest(table, col)}",
                 )
                 ok = False
         if STUDENT_ID in cols:
@@ -263,6 +311,23 @@ class _Checker:
                 )
                 ok = False
         return ok
+
+    def _mapped_absent(self, table: RawTable, contract: str, export: str) -> str:
+        section = f"[columns.{table.name}] {contract}"
+        hint = _closest_column(export, table.file_columns)
+        fix = f"did you mean '{hint}'? " if hint else ""
+        return (
+            f"mapped to '{contract}' in mapping.toml ({section}), but {table.path.name} has no "
+            f"column '{export}'; {fix}fix the name in the mapping (columns: "
+            f"{_preview(table.file_columns)})"
+        )
+
+    def _closest(self, table: RawTable, contract: str) -> str:
+        """``; did you mean ...`` naming the unmapped export column closest to ``contract``."""
+        mapped = {file for col, file in table.original_columns.items() if col != file}
+        candidates = [c for c in table.file_columns if c not in mapped]
+        hint = _closest_column(contract, candidates)
+        return f"; the closest export column is '{hint}'" if hint else ""
 
     def _keys(self, table: RawTable) -> pd.DataFrame:
         out = pd.DataFrame(index=table.frame.index)
@@ -404,6 +469,54 @@ def _summarise(
                 f"{int(missing_outcome.sum())} student(s) have no outcome row; they can be "
                 "scored but are not used for training",
             )
+
+
+def _project_shared(raw: dict[str, RawTable], spec: FeatureSpec) -> dict[str, RawTable]:
+    """Tables read from one file keep their own columns; the file's unused ones go to the
+    first of them only, so each is reported (or refused as an identifier) once."""
+    needed = {
+        "students": {STUDENT_ID, TERM, *(a.name for a in spec.static)},
+        "activity": {STUDENT_ID, TERM, WEEK, *spec.dynamic_names},
+        "outcomes": {STUDENT_ID, TERM, spec.target.grade_column, spec.target.result_column},
+    }
+    out = dict(raw)
+    for path in {t.path for t in raw.values()}:
+        group = [name for name, t in raw.items() if t.path == path]
+        if len(group) < 2:
+            continue
+        claimed = set().union(*(needed[n] for n in group))
+        consumed = set().union(*(raw[n].consumed for n in group))
+        for k, name in enumerate(group):
+            table = raw[name]
+            keep = [
+                c
+                for c in table.frame.columns
+                if c in needed[name]
+                or (
+                    k == 0
+                    and c not in claimed
+                    and table.original_columns.get(c, c) not in consumed
+                    and c not in table.added
+                )
+            ]
+            out[name] = replace(table, frame=table.frame[keep])
+    return out
+
+
+def _closest_column(name: str, columns: tuple[str, ...] | list[str]) -> str | None:
+    """The column most like ``name``, ignoring case and punctuation; None when none is close."""
+
+    def norm(text: str) -> str:
+        return "".join(ch for ch in text.lower() if ch.isalnum())
+
+    by_norm = {norm(c): c for c in columns}
+    match = difflib.get_close_matches(norm(name), list(by_norm), n=1, cutoff=0.6)
+    return by_norm[match[0]] if match else None
+
+
+def _preview(columns: tuple[str, ...], limit: int = 8) -> str:
+    shown = ", ".join(f"'{c}'" for c in columns[:limit])
+    return shown + (f" and {len(columns) - limit} more" if len(columns) > limit else "")
 
 
 def _missing(text: pd.Series) -> pd.Series:

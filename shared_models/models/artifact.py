@@ -89,7 +89,7 @@ def save_trained(
 def load_trained(
     path: Path, spec: FeatureSpec | None = None
 ) -> tuple[nn.Module, Normalizer, ModelCard]:
-    """Rebuild a model saved by `save_trained` (``path``: its folder or its ``model.json``).
+    """Rebuild a model saved by `save_trained` (``path``: its folder, model.json or model.pt).
 
     Nothing in the folder is trusted: the card is validated, the weights are read without
     unpickling (`load_tensors`), and their names and shapes are checked against the card's
@@ -99,7 +99,10 @@ def load_trained(
     Raises:
         DataContractError: missing or malformed files, or a model trained on another contract.
     """
-    card_path = path / CARD_FILE if path.is_dir() else path
+    if path.is_dir():
+        card_path = path / CARD_FILE
+    else:  # the weights stand for their folder: both files are one model
+        card_path = path.with_name(CARD_FILE) if path.name == WEIGHTS_FILE else path
     try:
         raw = loads_json(read_text(card_path))
     except FileNotFoundError:

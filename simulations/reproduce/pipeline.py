@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Literal
 
 from server.rounds import RoundReport
+from simulations.reproduce import fairness
 from simulations.reproduce.config import (
     MODES,
     ExperimentConfig,
@@ -284,6 +285,8 @@ def _run(
                     entry, config.target, data.spec, split, config.training, seed
                 )
             )
+            if job.repeat == 0:
+                fairness.attach(scored, split.test, data.spec, seed)
             return [outcome(entry.label, "model", scored, seconds)]
         rows, seconds = timed(
             lambda: fit_baseline_rows(config.baselines, config.target, data.spec, split, seed)
@@ -311,6 +314,8 @@ def _run(
             on_round=lambda report: progress.round(report, rounds),
         )
     )
+    if job.repeat == 0:  # the federation's test students: each institution's seeded split
+        fairness.attach(scored, cache.holdout(seed).test, data.spec, seed)
     return [outcome(entry.label, "model", scored, seconds)]
 
 

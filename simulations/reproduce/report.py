@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from shared_models.atomic import write_text_atomic
+from simulations.reproduce import fairness
 from simulations.reproduce.config import (
     HEADS,
     LOWER_IS_BETTER,
@@ -104,6 +105,7 @@ def markdown(rep: Reproduction, tests: list[PairedResult], figures: list[Path]) 
         lines += [*_tests_table(rep, tests), ""]
     if cfg.references_for(rep.dataset):
         lines += [*_reference_table(rep), ""]
+    lines += fairness.markdown(rep.outcomes)
     if figures:
         lines += ["## Figures", ""]
         lines += [f"![{p.stem}]({p.name})" for p in figures] + [""]

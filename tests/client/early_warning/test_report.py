@@ -4,6 +4,7 @@ import asyncio
 import base64
 import io
 import json
+import re
 import shutil
 import subprocess
 import time
@@ -19,6 +20,7 @@ import pytest
 from typer.testing import CliRunner
 
 from client.early_warning.report import ReportResult, score_and_report
+from client.early_warning.scoring import calibrate_model_dir
 from client.early_warning.store import Store
 from shared_models.data.cohort import CohortArrays
 from shared_models.data.contract import default_spec
@@ -36,7 +38,10 @@ def model_dir(consortium_dir: Path, tmp_path_factory: pytest.TempPathFactory) ->
     train = CohortArrays.concatenate(
         [load_cohort(consortium_dir / f"institution_0{k}", SPEC) for k in (1, 2)]
     )
-    return train_risk_model(train, SPEC, tmp_path_factory.mktemp("model"), max_epochs=4)
+    model = train_risk_model(train, SPEC, tmp_path_factory.mktemp("model"), max_epochs=4)
+    # Calibrated on the reported institution's own validation split, as adoption does.
+    calibrate_model_dir(model, consortium_dir / "institution_03", SPEC, method="sigmoid")
+    return model
 
 
 @pytest.fixture(scope="module")
@@ -102,7 +107,11 @@ def test_report_html_is_self_contained_with_table_and_plots(report: ReportResult
     n = len(report.warning.scores)
     assert len(page.rows) == n
     assert {"Student", "Tier", "P(at risk)", "Top reasons", "Recommendations"} <= set(page.headers)
-    assert len(page.images) == 3  # distribution, by program, by week
+    # distribution, by program, by week, reliability diagram (+ later sections' figures)
+    assert len(page.images) >= 4
+    text = report.html.read_text("utf-8")
+    assert 'id="reliability"' in text and 'id="ece"' in text
+    assert "nothing left the institution" in text  # the calibration's method line
     for src in page.images:
         assert src.startswith("data:image/png;base64,")
         png = matplotlib.image.imread(io.BytesIO(base64.b64decode(src.split(",", 1)[1])))
@@ -124,7 +133,10 @@ def test_report_rows_are_ordered_by_risk_and_carry_reasons(report: ReportResult)
 
 
 def test_report_shows_pseudonymous_ids_only(report: ReportResult, consortium_dir: Path) -> None:
-    text = report.html.read_text("utf-8") + report.csv.read_text("utf-8")
+    page = report.html.read_text("utf-8")
+    # The fairness section names protected attributes as groupings, never as anyone's reason.
+    start, end = page.index('<h2 id="fairness">'), page.index("<h2>Students</h2>")
+    text = page[:start] + page[end:] + report.csv.read_text("utf-8")
     students = pd.read_csv(consortium_dir / "institution_03" / "students.csv")
     assert str(consortium_dir) not in text  # no local paths either
     assert "prior_gpa" not in text and "gender" not in text  # no attribute is named a reason
@@ -191,6 +203,8 @@ _PAGE_STATE = """JSON.stringify({
   images: Array.from(document.images).map(i => i.complete && i.naturalWidth > 0),
   sparklines: document.querySelectorAll('svg.spark polyline').length,
   firstHigh: document.querySelector('#students tbody tr').dataset.tier,
+  reliability: (document.getElementById('reliability') || {}).naturalWidth || 0,
+  ece: (document.getElementById('ece') || {}).textContent || '',
 })"""
 _SORT_BY_P = """(() => {
   const th = Array.from(document.querySelectorAll('#students th'))
@@ -322,7 +336,10 @@ def test_report_opens_in_headless_chromium_without_errors_or_requests(
 
     n = len(report.warning.scores)
     assert seen["state"]["rows"] == n
-    assert seen["state"]["images"] == [True, True, True]
+    assert len(seen["state"]["images"]) >= 4 and all(seen["state"]["images"])
+    assert seen["state"]["reliability"] > 200  # the reliability diagram was drawn
+    ece = r"calibration error .*: \d\.\d{3} calibrated, \d\.\d{3}\s+raw"
+    assert re.search(ece, seen["state"]["ece"], re.S), seen["state"]["ece"]
     assert seen["state"]["sparklines"] == 2 * n
     assert seen["sorted"] == sorted(seen["sorted"])  # clicking the header sorted the table
     assert seen["sorted"] != sorted(seen["sorted"], reverse=True)

@@ -176,6 +176,13 @@ def test_quick_centralized_run_writes_every_row_and_metric(tmp_path: Path) -> No
     assert len({(o["repeat"], o["n_test"]) for o in data["outcomes"]}) == 2
     assert (out / "metrics.png").stat().st_size > 1000
     assert (out / "roc_centralized.png").stat().st_size > 1000
+    # Fairness by protected group of the first repeat's LSTM, on its test students.
+    fairness = md.split("## Fairness by group", 1)[1]
+    for attribute in ("gender", "age_band", "first_generation"):
+        assert f"**{attribute}**" in fairness
+    (lstm,) = [o for o in data["outcomes"] if o["label"] == "LSTM" and o["repeat"] == 0]
+    for attribute in lstm["details"]["fairness"]:
+        assert sum(g["n"] for g in attribute["groups"]) == lstm["n_test"]
 
 
 def test_an_experiment_file_runs_and_a_rerun_replaces_the_earlier_outputs(tmp_path: Path) -> None:
@@ -266,6 +273,9 @@ def test_quick_run_in_every_mode_scores_federated_models_on_the_same_students(
     dp = by_mode[("federated-dp", 0)]
     assert dp["epsilon"] == 8.0 and 0 < dp["details"]["epsilon_spent"] <= 8.0
     assert "| **LSTM** | federated-dp (ε=8) |" in (out / "results.md").read_text("utf-8")
+    fairness = (out / "results.md").read_text("utf-8").split("## Fairness by group", 1)[1]
+    for mode in ("centralized", "federated", "federated-dp (ε=8)"):
+        assert f"| female | LSTM | {mode} |" in fairness
 
 
 def _outcome(label: str, mode: str, week: int, eps: float | None, auc: float) -> Outcome:
