@@ -126,6 +126,28 @@ def test_attack_refuses_a_split_that_is_not_the_models(
     assert code == 2 and "training split is not the random split (seed 4)" in out
 
 
+def test_attack_takes_a_model_normalised_with_the_contracts_constants(
+    consortium_dir: Path, tmp_path: Path
+) -> None:
+    """An adopted model's normaliser comes from the contract: the split rests on the seed."""
+    spec = default_spec()
+    cohort = load_cohort(consortium_dir / "institution_01", spec)
+    split = split_cohort(cohort, seed=3)
+    norm = Normalizer.from_contract(spec)
+    set_seed(3)
+    model = build_model("lstm", spec.weeks, cohort.n_dynamic, cohort.n_static, {"hidden_size": 8})
+    fit(model, norm.transform(cohort.subset(split.train)), None, "risk", FitConfig(max_epochs=1))
+    extra = {"split": {"mode": "random", "seed": 3}}
+    out = tmp_path / "adopted"
+    save_trained(out, model, name="lstm", task="risk", spec=spec, normalizer=norm, extra=extra)
+    data = str(consortium_dir / "institution_01")
+
+    code, text = _invoke("audit", "attack", str(out), "--data", data, "--json")
+
+    assert code == 0, text
+    assert json.loads(text)["n_members"] == len(split.train)
+
+
 def test_pseudonymize_command_writes_the_export_and_reports(
     export_copy: Path, tmp_path: Path
 ) -> None:
