@@ -113,9 +113,16 @@ def demo(
         federation, folders, on_round=lambda r: typer.echo("      " + progress_line(r, rounds))
     )
     auc = result.evaluate.get(RISK_ROC_AUC)
+    released = result.released.get(RISK_ROC_AUC) if result.noised else None
+    how = (
+        f" (from the institutions' noised histograms, noise std {released['noise_std']:.3g} "
+        "per count)"
+        if isinstance(released, dict)
+        else ""
+    )
     typer.echo(
         f"      done in {time.monotonic() - started:.0f} s; federated test ROC-AUC "
-        + ("n/a" if auc is None else f"{auc:.3f}")
+        + ("n/a" if auc is None else f"{auc:.3f}{how}")
     )
 
     typer.echo(
