@@ -247,11 +247,18 @@ def crash(child: Child) -> None:
 
 
 def ledger_rounds(path: Path, institution: str | None = None) -> list[int]:
-    """The rounds of a ledger file's entries (of one institution), in file order."""
+    """The rounds of a ledger file's training entries (of one institution), in file order.
+
+    The run's count and histogram releases are entries too (``kind``); they are left out.
+    """
     if not path.exists():
         return []
     entries = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return [e["round"] for e in entries if institution in (None, e["institution"])]
+    return [
+        e["round"]
+        for e in entries
+        if institution in (None, e["institution"]) and e.get("kind", "train") == "train"
+    ]
 
 
 def ledger_entries(path: Path) -> list[dict[str, object]]:
