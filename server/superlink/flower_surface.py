@@ -65,6 +65,8 @@ NAMES: tuple[FlowerName, ...] = (
     FlowerName("flwr.supercore.logger", "console_handler"),
     # serve.py: the pragmas Flower applies to each new SQLite connection (busy timeout raised).
     FlowerName("flwr.supercore.sql_mixin", "SQLITE_PRAGMAS"),
+    # serve.py: how many task heartbeats Flower's core state lets the ServerApp miss.
+    FlowerName("flwr.supercore.corestate.sql_corestate", "HEARTBEAT_PATIENCE"),
     PUBLIC_KEY_HEADER,
     ACTIVATION_FAILED,
     # retry.py: the ServerApp's connection to a SuperLink, polled by edufl itself.
@@ -78,7 +80,14 @@ NAMES: tuple[FlowerName, ...] = (
 #: serve.py replaces the module global this loop reads on every new connection.
 SQLITE_PRAGMA_LOOP = FlowerText("flwr.supercore.sql_mixin", "for pragma, value in SQLITE_PRAGMAS:")
 
+#: ... and the expiry of a task's claim that serve.py's patience lengthens.
+TASK_EXPIRY = FlowerText(
+    "flwr.supercore.corestate.sql_corestate",
+    "seconds=HEARTBEAT_PATIENCE * HEARTBEAT_DEFAULT_INTERVAL",
+)
+
 TEXTS: tuple[FlowerText, ...] = (
+    TASK_EXPIRY,
     ALREADY_REGISTERED,
     ACTIVATE_NODE_PATH,
     ERROR_EXTRA,

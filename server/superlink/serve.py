@@ -186,6 +186,7 @@ def build_app(args: argparse.Namespace) -> Any:
     from flwr.superlink.main import create_app
 
     _lengthen_busy_timeout()
+    _lengthen_task_patience()
     certificates = None
     if not args.insecure:
         certificates = tuple(
@@ -241,6 +242,27 @@ def _lengthen_busy_timeout() -> None:
     sql_mixin.SQLITE_PRAGMAS = tuple(  # type: ignore[attr-defined]
         (name, str(BUSY_TIMEOUT_MS) if name == "busy_timeout" else value) for name, value in pragmas
     )
+
+
+#: Heartbeats the ServerApp's task may miss before Flower fails the whole run ("No heartbeat
+#: received from the task"): Flower tolerates 2 x 30 s. While tens of nodes start on a loaded
+#: machine the ServerApp's heartbeat waits behind their requests for longer, and Flower failed
+#: a 50-node run it would have finished (docs/reliability.md, "Load"). A dead ServerApp is still
+#: noticed, after 3 minutes.
+TASK_HEARTBEAT_PATIENCE = 6
+
+
+def _lengthen_task_patience() -> None:
+    """Let the ServerApp's task miss `TASK_HEARTBEAT_PATIENCE` - 1 heartbeats, not 1.
+
+    Flower's SQL core state reads ``HEARTBEAT_PATIENCE`` from its module globals when it
+    expires task claims; nodes' heartbeats (the link state) keep Flower's patience.
+    """
+    from flwr.supercore.corestate import sql_corestate
+
+    if not hasattr(sql_corestate, "HEARTBEAT_PATIENCE"):
+        raise RuntimeError("Flower's task expiry changed; see flower_surface.py")
+    sql_corestate.HEARTBEAT_PATIENCE = TASK_HEARTBEAT_PATIENCE  # type: ignore[attr-defined]
 
 
 def superexec_argv(control_port: int, secret_file: str, parent_pid: int) -> list[str]:

@@ -161,3 +161,14 @@ def test_superlink_connections_wait_longer_for_sqlite_s_lock(
         assert conn.execute(text("PRAGMA busy_timeout")).scalar() == BUSY_TIMEOUT_MS
         assert conn.execute(text("PRAGMA journal_mode")).scalar() == "wal"
     engine.dispose()
+
+
+def test_the_serverapp_task_may_miss_more_heartbeats_than_flowers_default(
+    flower_app: Any,
+) -> None:
+    from flwr.common.constant import HEARTBEAT_PATIENCE
+    from flwr.supercore.corestate import sql_corestate
+
+    from server.superlink.serve import TASK_HEARTBEAT_PATIENCE
+
+    assert sql_corestate.HEARTBEAT_PATIENCE == TASK_HEARTBEAT_PATIENCE > HEARTBEAT_PATIENCE
