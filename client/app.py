@@ -39,7 +39,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricR
 from flwr.clientapp import ClientApp
 
 from client.local import build_local_model, local_evaluate, local_train, risk_histograms
-from client.release_cache import Release, ReleaseCache, weights_digest
+from client.release_cache import Release, ReleaseCache
 from privacy.accountant_store import AccountantStateError
 from privacy.budget import PrivacyBudget, node_budget
 from shared_models.data.contract import FeatureSpec, load_spec
@@ -70,6 +70,7 @@ from shared_models.protocol import (
     RoundSettings,
     encode_acknowledgement,
     encode_reply,
+    weights_sha256,
 )
 
 logger = logging.getLogger(__name__)
@@ -133,7 +134,7 @@ def train(msg: Message, context: Context) -> Message:
     run_id = settings.run_id or str(msg.metadata.run_id)
     recorded = budget is not None or own.dp == "off"
     cache = ReleaseCache(_privacy_state(own, node)) if recorded else None
-    digest = weights_digest(global_weights) if cache is not None else ""
+    digest = weights_sha256(global_weights) if cache is not None else ""
     if cache is not None and (done := cache.lookup(run_id, settings.server_round, digest)):
         logger.warning(
             "round %d of run %s was already trained and released by %s; re-sending that "
@@ -238,7 +239,7 @@ def evaluate(msg: Message, context: Context) -> Message:
         settings.server_round,
         str(context.node_id),
         [*pos, *neg],
-        digest=weights_digest(weights),
+        digest=weights_sha256(weights),
     )
     bins = len(pos)
     metrics: dict[str, Any] = {

@@ -19,7 +19,6 @@ import io
 import json
 import logging
 import re
-from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,7 +26,6 @@ from typing import Any
 import numpy as np
 
 from shared_models.atomic import write_atomic, write_text_atomic
-from shared_models.protocol import weights_sha256
 
 logger = logging.getLogger(__name__)
 
@@ -45,11 +43,6 @@ class Release:
     metrics: dict[str, Any]  # as sent: under DP only released values (`Reply.private`)
     entry: dict[str, Any]  # the round's signed ledger entry
     num_examples: int | None = None  # as sent (under DP the released count); None: not kept
-
-
-def weights_digest(weights: Mapping[str, np.ndarray]) -> str:
-    """SHA-256 over names, dtypes, shapes and bytes of ``weights`` (order-independent)."""
-    return weights_sha256(weights)
 
 
 class ReleaseCache:

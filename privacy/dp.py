@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -39,7 +38,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from cryptography.hazmat.primitives.asymmetric import ec
 from opacus import PrivacyEngine
 from opacus.optimizers import DPOptimizer
@@ -453,16 +451,3 @@ class DPSession:
                 "epsilon_budget": float(self.budget.epsilon),
             }
         )
-
-
-def unpredictable_generator() -> torch.Generator:
-    """A generator for DP noise and Poisson sampling, seeded from the OS's entropy pool.
-
-    The federation's seed (which the server knows and sends) fixes splits, shuffling and
-    initial weights; it must not fix the noise or the sampling, or whoever knows the seed could
-    regenerate the noise and subtract it. Opacus' ``secure_mode`` would draw both from a CSPRNG
-    but needs torchcsprng, which is not installable here; a 64-bit seed from ``os.urandom``
-    every round keeps them unknowable to the server, at the price of DP rounds not being
-    bit-for-bit reproducible.
-    """
-    return torch.Generator().manual_seed(int.from_bytes(os.urandom(8), "little") >> 1)

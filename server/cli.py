@@ -40,6 +40,16 @@ STATE_OPTION = typer.Option(
 )
 
 
+#: ``--dp-evaluate-every``, shared with ``edufl simulate run``.
+DP_EVALUATE_EVERY: int | None = typer.Option(
+    None,
+    "--dp-evaluate-every",
+    min=0,
+    help="Under DP, evaluate every N rounds and after the last (default: after the last "
+    "only; 0: never). Each evaluation is a noised release the nodes pay for.",
+)
+
+
 @keys_app.command("init")
 @user_errors
 def keys_init(
@@ -249,13 +259,7 @@ def start(
         "--no-dp",
         help="Propose training without DP (nodes still use DP unless started with --no-dp).",
     ),
-    dp_evaluate_every: int | None = typer.Option(
-        None,
-        "--dp-evaluate-every",
-        min=0,
-        help="Under DP, evaluate every N rounds and after the last (default: after the last "
-        "only; 0: never). Each evaluation is a noised release the nodes pay for.",
-    ),
+    dp_evaluate_every: int | None = DP_EVALUATE_EVERY,
 ) -> None:
     """Start the SuperLink with TLS and node authentication, then run the federation.
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import typer
 
+from server.cli import DP_EVALUATE_EVERY
 from shared_models.cli_support import new_app, user_errors
 from simulations.import_cli import import_dataset
 
@@ -118,13 +119,7 @@ def run(
     dp_max_grad_norm: float | None = typer.Option(
         None, "--dp-max-grad-norm", help="DP per-student gradient clipping bound (default 1)."
     ),
-    dp_evaluate_every: int | None = typer.Option(
-        None,
-        "--dp-evaluate-every",
-        min=0,
-        help="Under DP, evaluate every N rounds and after the last (default: after the last "
-        "only; 0: never). Each evaluation is a noised release the nodes pay for.",
-    ),
+    dp_evaluate_every: int | None = DP_EVALUATE_EVERY,
 ) -> None:
     """Run a federated simulation: one virtual node per institution export, on Ray.
 
