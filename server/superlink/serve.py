@@ -7,7 +7,8 @@ own `create_app` and serves it on two uvicorn listeners in one process:
 
 * the public listener (``--host``/``--port``, TLS and node authentication as before) answers
   only the Fleet API's routes and Flower's health check; every other request gets 404 from
-  `PublicPlane` before any of Flower's middleware or routes sees it;
+  `PublicPlane` before any of Flower's middleware or routes sees it, and at most
+  `PUBLIC_CONCURRENCY` Fleet requests are served at once (the rest wait their turn);
 * the control listener (127.0.0.1, ``--control-port``, plaintext on loopback) answers
   everything: the `flwr` command, edufl's own control calls, the SuperExec and the ServerApp.
 
@@ -47,6 +48,15 @@ FLEET_PREFIX = "/v1/fleet/"
 #: Flower's health route: answers with no state, so it may face the network.
 HEALTH = ("GET", "/health")
 GRACEFUL_SHUTDOWN_S = 3
+#: Fleet requests the public listener serves at once; more wait in its queue. Flower's routes
+#: are synchronous, so every request in progress holds one of the worker threads the process's
+#: event loop runs them on (anyio's default limiter: 40 threads, for both listeners). With 50
+#: nodes pulling and pushing, their requests took every thread (each waiting up to
+#: `BUSY_TIMEOUT_MS` for SQLite's write lock) and the ServerApp's Runtime calls, on the control
+#: listener, timed out behind them: Flower failed the run (docs/reliability.md, "Load"). This
+#: bound keeps the rest of the threads for the control plane, and fewer writers contend for the
+#: lock; a waiting request costs a coroutine, not a thread.
+PUBLIC_CONCURRENCY = 16
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -86,17 +96,25 @@ class PublicPlane:
         app: ASGIApp,
         allowed: frozenset[tuple[str, str]],
         refusals: NodeRefusals | None = None,
+        concurrency: int = PUBLIC_CONCURRENCY,
     ) -> None:
+        if concurrency < 1:
+            raise ValueError(f"concurrency must be at least 1, not {concurrency}")
         self.app = app
         self.allowed = allowed
         self.refusals = refusals
+        self.concurrency = concurrency
+        self._slots: asyncio.Semaphore | None = None  # made in the serving loop, on first use
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
         if kind == "http" and (scope["method"], scope["path"]) in self.allowed:
             if self.refusals is not None:  # refused node keys are named in the log
                 send = self.refusals.watch(scope, send)
-            await self.app(scope, receive, send)
+            if self._slots is None:
+                self._slots = asyncio.Semaphore(self.concurrency)
+            async with self._slots:
+                await self.app(scope, receive, send)
             return
         if kind == "lifespan":
             return  # the control listener owns the app's lifespan (this one runs with it off)

@@ -172,3 +172,57 @@ def test_the_serverapp_task_may_miss_more_heartbeats_than_flowers_default(
     from server.superlink.serve import TASK_HEARTBEAT_PATIENCE
 
     assert sql_corestate.HEARTBEAT_PATIENCE == TASK_HEARTBEAT_PATIENCE > HEARTBEAT_PATIENCE
+
+
+def test_the_public_listener_serves_at_most_its_concurrency_at_once_and_queues_the_rest() -> None:
+    """50 nodes' Fleet requests must not take every worker thread from the control plane."""
+    import asyncio
+
+    inside = 0
+    most = 0
+    release = asyncio.Event()
+
+    async def slow_fleet(scope: Any, receive: Any, send: Any) -> None:
+        nonlocal inside, most
+        inside += 1
+        most = max(most, inside)
+        await release.wait()
+        inside -= 1
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    path = "/v1/fleet/pull-messages"
+    plane = PublicPlane(slow_fleet, frozenset({("POST", path)}), concurrency=3)
+
+    async def request(target: str) -> int:
+        statuses: list[int] = []
+
+        async def receive() -> dict[str, Any]:
+            return {"type": "http.request", "body": b"", "more_body": False}
+
+        async def send(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                statuses.append(message["status"])
+
+        scope = {"type": "http", "method": "POST", "path": target, "client": ("127.0.0.9", 1)}
+        await plane(scope, receive, send)
+        return statuses[0]
+
+    async def scenario() -> tuple[list[int], int, int]:
+        fleet = [asyncio.ensure_future(request(path)) for _ in range(10)]
+        await asyncio.sleep(0.05)
+        queued_most = most
+        # A refused request is answered at once, even while every slot is taken.
+        refused = await asyncio.wait_for(request("/v1/control/start-run"), timeout=1)
+        release.set()
+        return list(await asyncio.gather(*fleet)), queued_most, refused
+
+    statuses, queued_most, refused = asyncio.run(scenario())
+    assert queued_most == 3 and most == 3
+    assert statuses == [200] * 10
+    assert refused == 404
+
+
+def test_the_public_listener_needs_a_positive_concurrency() -> None:
+    with pytest.raises(ValueError, match="at least 1"):
+        PublicPlane(_recording_app([]), frozenset(), concurrency=0)
