@@ -27,6 +27,9 @@ from bench.common import RESULTS, Stats, log, machine, markdown
 REPO = Path(__file__).resolve().parents[1]
 #: The issue's question order; scripts not listed run after these, by name.
 ORDER = ("federation", "dp", "scale", "deploy", "data", "startup")
+#: Run only when named in ``--only``: ``gpu`` needs a CUDA device to answer its question, and
+#: its CPU epochs at 100,000 students take many minutes (``python -m bench --only gpu``).
+OPT_IN = ("gpu",)
 #: ``--quick`` for scripts that do not take it.
 QUICK_ARGS: dict[str, list[str]] = {"deploy": ["--modes", "warm", "--rounds", "3"]}
 DOCS = REPO / "docs" / "benchmarks.md"
@@ -37,7 +40,8 @@ def scripts(only: set[str] | None, skip: set[str]) -> list[str]:
     """Short names (``dp`` for ``bench_dp.py``) of the scripts to run, in the issue's order."""
     found = sorted(p.stem.removeprefix("bench_") for p in (REPO / "bench").glob("bench_*.py"))
     ranked = sorted(found, key=lambda n: (ORDER.index(n) if n in ORDER else len(ORDER), n))
-    return [n for n in ranked if (only is None or n in only) and n not in skip]
+    chosen = [n for n in ranked if (n in only if only is not None else n not in OPT_IN)]
+    return [n for n in chosen if n not in skip]
 
 
 def run_script(name: str, quick: bool, out: Path) -> dict[str, Any]:

@@ -44,6 +44,7 @@ from privacy.accountant_store import AccountantStateError
 from privacy.budget import PrivacyBudget, node_budget
 from shared_models.data.contract import FeatureSpec, load_spec
 from shared_models.data.node import NodeData, prepare_node_data
+from shared_models.devices import resolve_device
 from shared_models.errors import (
     DataContractError,
     EduflError,
@@ -54,6 +55,7 @@ from shared_models.errors import (
 from shared_models.models.weights import assign_weights, named_weights
 from shared_models.protocol import (
     DELIVERY_RECORD,
+    DEVICE,
     HOME_PATH,
     NOISE_COUNT_STD,
     NOISE_HIST_STD,
@@ -150,7 +152,7 @@ def train(msg: Message, context: Context) -> Message:
     if budget is not None:
         return _train_private(msg, context, settings, own, node, budget, run_id, digest)
 
-    model = build_local_model(settings, node.shapes)
+    model = build_local_model(settings, node.shapes, _device(own))
     _assign(model, global_weights)
     metrics = local_train(model, node.train, settings, global_weights, validation=node.val)
     logger.info(
@@ -181,7 +183,7 @@ def _train_private(
     count = _count_release(own, settings, node, budget, run_id, str(context.node_id))
     session = _dp_session(own, settings, node, budget, count.n_public)
     global_weights = _weights(msg)
-    model = build_local_model(settings, node.shapes)
+    model = build_local_model(settings, node.shapes, _device(own))
     _assign(model, global_weights)
     try:
         # The exact loss, time and steps local_train returns stay here; none may leave.
@@ -219,7 +221,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     own = NodeConfig.parse(context.node_config)
     node = _node(own, settings)
     weights = _weights(msg)
-    model = build_local_model(settings, node.shapes)
+    model = build_local_model(settings, node.shapes, _device(own))
     _assign(model, weights)
     budget = _budget(own, settings)
     if budget is None:
@@ -397,6 +399,14 @@ def _assign(model: Any, weights: dict[str, np.ndarray]) -> None:
         raise ProtocolError(f"the server's weights do not fit this node's model: {exc}") from None
 
 
+def _device(own: NodeConfig) -> Any:
+    """Where this node trains and evaluates: its node config's ``device`` (unset: the CPU).
+
+    Resolved here, in the process that computes (CUDA does not survive a fork).
+    """
+    return resolve_device(own.device or "cpu", option=DEVICE)
+
+
 def _node(own: NodeConfig, settings: RoundSettings) -> NodeData:
     data_path = own.export_path()
     spec_path = own.spec_path or None  # the node's own: the server cannot name its files
@@ -551,3 +561,9 @@ def _spec(path: str | None) -> FeatureSpec:
 @functools.lru_cache(maxsize=8)
 def _node_data(path: str, spec: FeatureSpec, seed: int, institution: str | None) -> NodeData:
     return prepare_node_data(path, spec, seed=seed, institution=institution)
+
+
+def clear_caches() -> None:
+    """Forget the prepared exports and specs (a warm worker whose files changed on disk)."""
+    _node_data.cache_clear()
+    _spec.cache_clear()

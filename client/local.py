@@ -6,6 +6,10 @@ an optional `Privatizer` (Opacus' ``make_private``) before the first step. Only 
 metrics leave these functions; per-student predictions never do. Under DP none of these metrics
 leave the node either (they are exact functions of the students): `risk_histograms` gives the
 counts a DP node releases, with noise, instead of evaluation metrics.
+
+Training and evaluation run on the device the model was built on (`build_local_model`'s
+``device``, the node config's ``device``); the weights that leave the node are CPU copies
+(`shared_models.models.weights.named_weights`).
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from collections.abc import Mapping
 from typing import Any, Protocol
 
 import numpy as np
+import torch
 from torch import nn
 from torch.optim import Optimizer
 from torch.utils.data import DataLoader
@@ -48,9 +53,17 @@ __all__ = [
 ]
 
 
-def build_local_model(settings: RoundSettings, shapes: tuple[int, int, int]) -> nn.Module:
-    """The federation's architecture for this node's contract shapes (weights are overwritten)."""
-    return build_model(settings.model, *shapes, settings.model_settings())
+def build_local_model(
+    settings: RoundSettings,
+    shapes: tuple[int, int, int],
+    device: torch.device | str | None = None,
+) -> nn.Module:
+    """The federation's architecture for this node's contract shapes (weights are overwritten).
+
+    Built on the CPU (the same initial draws everywhere), then moved to ``device`` if given.
+    """
+    model = build_model(settings.model, *shapes, settings.model_settings())
+    return model if device is None else model.to(device)
 
 
 class Privatizer(Protocol):

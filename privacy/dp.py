@@ -25,6 +25,12 @@ same history and ledger (`privacy.releases`).
 Per-student gradients of the recurrent layers come from `privacy.fused_rnn` by default (the same
 gradients as Opacus' hooks, computed faster: see ``docs/benchmarks.md``); Opacus still clips,
 noises and accounts for every step.
+
+DP-SGD runs where the model is (``--device``, `shared_models.devices`): per-student gradients,
+clipping and the update on the GPU when the model is there. Who is sampled and the noise itself
+are still drawn on the CPU from the ChaCha20 keystream (`privacy.noise`), never from torch's
+CUDA generator, and the noise is copied to the device: the same key gives the same noise on
+every device (``bench/bench_gpu.py`` checks a GPU step against a CPU one).
 """
 
 from __future__ import annotations
@@ -59,6 +65,7 @@ from privacy.ledger.institution import InstitutionLedger
 from privacy.noise import SecureRandom, install_secure_noise
 from privacy.releases import Release, gaussian_release, histogram_key
 from privacy.sampling import student_loader
+from shared_models.devices import model_device
 from shared_models.errors import PrivacyBudgetExceeded
 
 logger = logging.getLogger(__name__)
@@ -213,7 +220,8 @@ class DPSession:
         multiplier, ``plan.steps_per_round / local epochs`` steps per pass over the loader.
         Matches ``client.local.Privatizer``. With ``fused_rnn`` the model's recurrent layers
         are swapped for `privacy.fused_rnn` twins sharing their parameters until `spend_round`
-        or `abandon_round` puts them back.
+        or `abandon_round` puts them back. Trains on the model's device; batches are drawn on
+        the CPU and copied there by `shared_models.training.train_one_epoch`.
 
         Args:
             loader: only its dataset is used: batches are drawn per student.
@@ -231,6 +239,7 @@ class DPSession:
                 "abandon_round() first if that round's training failed"
             )
         self.check_round()
+        logger.debug("DP-SGD round on %s", model_device(model))
         plan = self.plan
         batches = round(1.0 / plan.sample_rate)
         size = loader.batch_size

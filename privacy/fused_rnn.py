@@ -17,6 +17,13 @@ steps. ``tests/privacy/test_fused_rnn.py`` compares them with Opacus' own on the
 Supported: single-layer, unidirectional, ``batch_first`` layers with biases, called without an
 initial state and without packed sequences, whose final ``(h_n, c_n)`` carry no gradient (the
 edufl models read the output sequence). Anything else is left to Opacus' hooks, or raises.
+
+Devices: everything runs where the layer's parameters are. On CUDA the twin runs cuDNN's
+kernels, and building it packs the shared parameters into one cuDNN weight buffer, in place, as
+``nn.LSTM.cuda()`` does: the ``Parameter`` objects (and so the optimizer's and the original
+layer's references) stay the same, only their storage moves. The grad sampler recomputes the
+gates with plain float32 matrix products; cuDNN may use TF32 when torch allows it, so on a GPU
+its per-student gradients agree with Opacus' to TF32's precision rather than float32's.
 """
 
 from __future__ import annotations

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from shared_models.data.cohort import ModelInputs
+from shared_models.devices import model_device
 from shared_models.losses import check_task, heads_for_task, task_loss
 from shared_models.metrics import classification_metrics, regression_metrics
 from shared_models.models.weights import unwrap
@@ -52,20 +53,23 @@ def auxiliary_targets(model: nn.Module, batch: Batch, task: str) -> dict[str, Te
 def forward_all(model: nn.Module, inputs: ModelInputs, batch_size: int = 1024) -> dict[str, Tensor]:
     """Raw model outputs (``risk`` as logits) for every student, in evaluation mode.
 
-    The model's train/eval mode is restored afterwards.
+    Inputs go to the model's device a batch at a time; outputs come back as CPU tensors. The
+    model's train/eval mode is restored afterwards.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     was_training = model.training
     model.eval()
     dynamic, week_mask, static, _, _ = input_tensors(inputs)
+    device = model_device(model)
     chunks: dict[str, list[Tensor]] = {}
     try:
         for start in range(0, max(len(inputs), 1), batch_size):
             end = start + batch_size
-            outputs = model(dynamic[start:end], week_mask[start:end], static[start:end])
+            batch = (t[start:end].to(device) for t in (dynamic, week_mask, static))
+            outputs = model(*batch)
             for name, value in outputs.items():
-                chunks.setdefault(name, []).append(value)
+                chunks.setdefault(name, []).append(value.cpu())
     finally:
         model.train(was_training)
     return {name: torch.cat(parts) for name, parts in chunks.items()}

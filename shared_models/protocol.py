@@ -29,7 +29,9 @@ from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic_core import PydanticCustomError
 
+from shared_models.devices import DEVICE_CHOICES, DeviceError, parse_device
 from shared_models.errors import (
     DataContractError,
     EduflError,
@@ -196,6 +198,8 @@ PARTITION_ID = "partition-id"
 NUM_PARTITIONS = "num-partitions"
 #: This institution's edufl home: the final global model is adopted into HOME/models.
 HOME_PATH = "home-path"
+#: Where this node trains and scores: auto, cpu, cuda or cuda:N (`shared_models.devices`).
+DEVICE = "device"
 _DP_KEYS = (DP_MODE, DP_EPSILON, DP_DELTA, DP_MAX_NOISE)
 
 
@@ -243,11 +247,21 @@ class NodeConfig(BaseModel):
     #: Where a delivered final model is adopted (`client.early_warning.adopt`); None: the
     #: node keeps none (a simulation's virtual nodes).
     home_path: str | None = Field(default=None, alias=HOME_PATH)
+    #: None trains on the CPU, as before the key existed; `edufl client start` sets it.
+    device: str | None = Field(default=None, alias=DEVICE)
 
     @field_validator("*", mode="before")
     @classmethod
     def _empty_is_unset(cls, value: Any) -> Any:
         return None if value == "" else value
+
+    @field_validator("device")
+    @classmethod
+    def _known_device(cls, value: str | None) -> str | None:
+        try:
+            return None if value is None else parse_device(value, option=DEVICE)
+        except DeviceError:
+            raise PydanticCustomError("device", f"not a device; use {DEVICE_CHOICES}") from None
 
     @classmethod
     def parse(cls, node_config: Mapping[str, Any]) -> NodeConfig:

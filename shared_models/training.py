@@ -4,6 +4,9 @@
 optimizer, and on Opacus' ``GradSampleModule``/``DPOptimizer``/``DPDataLoader`` (detected by duck
 typing: ``shared_models`` does not import the privacy engine). `fit` adds what centralized
 training needs: seeding, class weighting, learning-rate decay, early stopping and a history.
+
+Training runs where the model is: loaders yield CPU tensors and each batch is copied to the
+model's device (`shared_models.devices`); `FitConfig.device` moves the model there first.
 """
 
 from __future__ import annotations
@@ -18,13 +21,14 @@ from typing import Any
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import Tensor, nn
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import ExponentialLR
 from torch.utils.data import DataLoader, TensorDataset
 
 from shared_models.data.cohort import ModelInputs
+from shared_models.devices import model_device, parse_device, resolve_device
 from shared_models.early_stopping import EarlyStopping
 from shared_models.evaluation import (
     Batch,
@@ -187,6 +191,7 @@ def train_one_epoch(
         raise ValueError("proximal_mu > 0 needs global_params (the round's global weights)")
     pairs = _proximal_pairs(model, global_params) if proximal_mu > 0 and global_params else []
     dp = _is_dp_optimizer(optimizer)
+    device = model_device(model)
     model.train()
     total, seen = 0.0, 0
     with warnings.catch_warnings():
@@ -194,7 +199,7 @@ def train_one_epoch(
         # on every batch; per-sample gradients are still exact, so the warning is only noise.
         warnings.filterwarnings("ignore", "Full backward hook is firing", UserWarning)
         for raw in loader:
-            batch: Batch = tuple(raw)
+            batch: Batch = tuple(t.to(device) for t in raw)  # a no-op on the CPU
             n = int(batch[4].shape[0])
             if n == 0 and not dp:
                 continue
@@ -224,6 +229,13 @@ class FitConfig(BaseModel):
     class_weighting: bool = False  # BCE pos_weight = n_negative / n_positive of the train split
     loss_weights: dict[str, float] = Field(default_factory=dict)  # multitask head weights
     seed: int = 0  # dropout and shuffling (seed before build_model for the initial weights)
+    #: auto, cpu, cuda or cuda:N (`shared_models.devices`); None trains where the model is.
+    device: str | None = None
+
+    @field_validator("device")
+    @classmethod
+    def _known_device(cls, value: str | None) -> str | None:
+        return None if value is None else parse_device(value)
 
 
 @dataclass(frozen=True)
@@ -267,11 +279,17 @@ def fit(
         train: training split.
         val: validation split for early stopping, or None.
         task: ``"risk"``, ``"grade"`` or ``"multitask"``.
-        config: training settings; defaults follow the seed papers.
+        config: training settings; defaults follow the seed papers. With ``config.device`` the
+            model is moved there first, and stays there.
         on_epoch: called after every epoch (e.g. to advance a progress bar).
+
+    Raises:
+        DeviceError: ``config.device`` names a device torch cannot see here.
     """
     cfg = config or FitConfig()
     check_task(task)
+    if cfg.device is not None:
+        model.to(resolve_device(cfg.device, option="FitConfig.device"))
     model_cfg = getattr(unwrap(model), "config", None)
     lr = model_cfg.learning_rate if isinstance(model_cfg, ModelConfig) else 1e-3
     decay = model_cfg.lr_decay if isinstance(model_cfg, ModelConfig) else 0.0

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 import typer
 
 from shared_models.cli_support import user_errors
+from shared_models.devices import DEVICE_HELP
 from shared_models.model_names import MODEL_NAMES
 
 if TYPE_CHECKING:
@@ -27,11 +28,13 @@ def train(
     class_weighting: bool = typer.Option(False, help="Weight the rarer class up in the loss."),
     seed: int = typer.Option(0),
     spec: Path | None = typer.Option(None, help="Feature spec TOML; the default if omitted."),
+    device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
 ) -> None:
     """Pool exports and train one model centrally, against the scikit-learn baselines.
 
     Writes to OUT: metrics.json, model.pt + model.json (weights load with weights_only=True),
-    results.md (model vs baselines), roc.png, grade_scatter.png, training_curves.png.
+    results.md (model vs baselines), roc.png, grade_scatter.png, training_curves.png. The
+    weights are saved as CPU tensors whatever --device trained them.
 
     Example:
 
@@ -42,6 +45,7 @@ def train(
     from shared_models.data.cohort import CohortArrays
     from shared_models.data.contract import load_spec
     from shared_models.data.loader import load_cohort
+    from shared_models.devices import describe_device, resolve_device
     from shared_models.errors import DataContractError
     from shared_models.training import FitConfig
     from simulations.centralized import run_centralized
@@ -52,11 +56,18 @@ def train(
         raise DataContractError(f"--target must be risk, grade or both, not {target!r}")
     if split not in ("random", "stratified", "kfold"):
         raise DataContractError(f"--split must be random, stratified or kfold, not {split!r}")
+    on = resolve_device(device)
     feature_spec = load_spec(spec)
     cohort = CohortArrays.concatenate([load_cohort(d, feature_spec) for d in data_dirs])
     typer.echo(f"pooled {len(cohort)} records from {len(data_dirs)} export(s)")
+    if on.type != "cpu":
+        typer.echo(f"training on {describe_device(on)}")
     cfg = FitConfig(
-        max_epochs=epochs, batch_size=batch_size, class_weighting=class_weighting, seed=seed
+        max_epochs=epochs,
+        batch_size=batch_size,
+        class_weighting=class_weighting,
+        seed=seed,
+        device=str(on),
     )
     with tqdm(
         total=epochs, desc=f"training {model}", unit="epoch", leave=False, disable=None

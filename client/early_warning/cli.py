@@ -13,6 +13,7 @@ import typer
 
 from client.early_warning.store import ACTIONS
 from shared_models.cli_support import USER_ERROR, new_app, user_errors
+from shared_models.devices import DEVICE_HELP
 
 DEFAULT_DB = Path("edufl-client.sqlite")
 
@@ -51,6 +52,7 @@ THRESHOLDS = typer.Option(
     "0.4,0.7", "--thresholds", help="MODERATE,HIGH: low < MODERATE <= moderate < HIGH <= high."
 )
 SPEC = typer.Option(None, "--spec", help="Feature spec TOML; the default spec if omitted.")
+DEVICE = typer.Option("auto", "--device", help=DEVICE_HELP)
 
 
 @user_errors
@@ -132,6 +134,7 @@ def score(
     thresholds: str = THRESHOLDS,
     spec: Path | None = SPEC,
     show: int = typer.Option(10, help="Highest-risk students to print."),
+    device: str = DEVICE,
 ) -> None:
     """Score students: risk probability, predicted grade, tier, reasons and recommendations.
 
@@ -146,6 +149,7 @@ def score(
     from client.early_warning.pipeline import run_early_warning, save_to_store
     from client.early_warning.scoring import RiskThresholds, tier_outcomes
     from shared_models.data.contract import load_spec
+    from shared_models.devices import resolve_device
 
     cut = RiskThresholds.parse(thresholds)
     warning = run_early_warning(
@@ -156,6 +160,7 @@ def score(
         thresholds=cut,
         rules_path=rules,
         spec=load_spec(spec),
+        device=resolve_device(device),
     )
     run_id = save_to_store(warning, db)
     scores = warning.scores
@@ -199,6 +204,7 @@ def report(
     thresholds: str = THRESHOLDS,
     spec: Path | None = SPEC,
     max_rows: int = typer.Option(1000, min=1, help="Students in the HTML table (CSV: all)."),
+    device: str = DEVICE,
 ) -> None:
     """Write the advisor report: a self-contained HTML page and a CSV.
 
@@ -215,6 +221,7 @@ def report(
     from client.early_warning.report import score_and_report
     from client.early_warning.scoring import RiskThresholds
     from shared_models.data.contract import load_spec
+    from shared_models.devices import resolve_device
 
     result = score_and_report(
         data,
@@ -227,6 +234,7 @@ def report(
         thresholds=RiskThresholds.parse(thresholds),
         spec=load_spec(spec),
         max_rows=max_rows,
+        device=resolve_device(device),
     )
     counts = result.warning.scores.tier_counts()
     typer.echo("tiers: " + ", ".join(f"{counts[t]} {t}" for t in counts))

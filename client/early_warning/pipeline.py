@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -29,6 +29,9 @@ from client.early_warning.scoring import (
 from client.early_warning.store import RunInfo, Store
 from shared_models.data.cohort import CohortArrays
 from shared_models.data.contract import FeatureSpec, default_spec
+
+if TYPE_CHECKING:
+    import torch
 
 logger = logging.getLogger(__name__)
 
@@ -70,13 +73,14 @@ def run_early_warning(
     spec: FeatureSpec | None = None,
     top_k: int = 3,
     with_trajectory: bool = False,
+    device: torch.device | str | None = None,
 ) -> EarlyWarning:
     """Score an export after ``observed_weeks`` weeks (all weeks in it when None).
 
     ``model_dir`` is anything `resolve_model` takes: a model folder, its ``model.pt``, a run
     folder or a checkpoint (adopted into ``home`` first), or None for the latest adoption in
     ``home``. The model and the rule file are validated before the export is read, so a typo
-    fails fast.
+    fails fast. The model scores on ``device`` (None: the CPU).
 
     Raises:
         DataContractError: unusable export, or a model trained on another contract.
@@ -85,7 +89,7 @@ def run_early_warning(
     """
     spec = spec or default_spec()
     model_dir = resolve_model(model_dir, Path(data_dir), spec, home=home)
-    scorer = load_scoring_model(model_dir, spec)
+    scorer = load_scoring_model(model_dir, spec, device=device)
     ruleset = load_rules(rules_path, spec)
     term = load_observed_term(Path(data_dir), spec, observed_weeks)
     k = term.observed_weeks

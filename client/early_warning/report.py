@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -24,6 +25,9 @@ from client.early_warning.scoring import TIERS, RiskThresholds
 from client.early_warning.store import ActionRecord, Store
 from shared_models.atomic import write_atomic_many
 from shared_models.data.contract import FeatureSpec
+
+if TYPE_CHECKING:
+    import torch
 
 logger = logging.getLogger(__name__)
 
@@ -421,12 +425,13 @@ def score_and_report(
     thresholds: RiskThresholds | None = None,
     spec: FeatureSpec | None = None,
     max_rows: int = 1000,
+    device: torch.device | str | None = None,
 ) -> ReportResult:
     """Score an export and write the advisor report (``report.html`` + ``students.csv``).
 
     ``model_dir`` and ``home``: as in `run_early_warning` (None: the latest adopted model).
     With ``db_path`` the run is also saved to the store, and advisors' latest recorded actions
-    appear in the report's table.
+    appear in the report's table. The model scores on ``device`` (None: the CPU).
     """
     warning = run_early_warning(
         data_dir,
@@ -437,6 +442,7 @@ def score_and_report(
         rules_path=rules_path,
         spec=spec,
         with_trajectory=True,
+        device=device,
     )
     run_id, actions = None, {}
     if db_path is not None:

@@ -3,7 +3,9 @@
 Tiers follow the at-risk LSTM paper: low P < 0.40 <= moderate < 0.70 <= high, configurable.
 Scoring works part-way through a term: the cohort is built from the weeks observed so far and
 the model summarises each student at their last observed week. Everything runs on the
-institution's own machine; nothing here leaves it.
+institution's own machine; nothing here leaves it. `load_scoring_model` puts the model on the
+device asked for (``edufl client score --device``); inputs follow it batch by batch, and every
+score comes back to the CPU as NumPy.
 """
 
 from __future__ import annotations
@@ -121,12 +123,17 @@ class ScoringModel:
 
 
 def load_scoring_model(
-    model_dir: Path, spec: FeatureSpec | None = None, *, calibrated: bool = True
+    model_dir: Path,
+    spec: FeatureSpec | None = None,
+    *,
+    calibrated: bool = True,
+    device: torch.device | str | None = None,
 ) -> ScoringModel:
     """Load a model folder written by `edufl train`, `edufl client adopt` or a federation run.
 
     ``model_dir`` may also be the folder's ``model.pt`` or ``model.json``. With ``calibrated``
-    the folder's ``calibration.json``, if any, is applied to every probability.
+    the folder's ``calibration.json``, if any, is applied to every probability. The model is
+    loaded and checked on the CPU, then moved to ``device`` (None: it stays on the CPU).
 
     Raises:
         DataContractError: missing or malformed files, or another data contract.
@@ -151,8 +158,9 @@ def load_scoring_model(
             "model trained with --target risk or --target both"
         )
     found = load_calibration(model_dir) if calibrated else None
+    inference = _inference_model(model, probe, expected)
     return ScoringModel(
-        _inference_model(model, probe, expected),
+        inference if device is None else inference.to(device),
         normalizer,
         card,
         model_dir,

@@ -8,6 +8,7 @@ from pathlib import Path
 import typer
 
 from shared_models.cli_support import new_app, user_errors
+from shared_models.devices import DEVICE_HELP
 
 #: `client.node.launcher.DEFAULT_MAX_MODEL_PARAMS`, spelled here so `--help` does not import the
 #: launcher (tests/test_startup.py checks the two agree).
@@ -123,6 +124,7 @@ def start(
         help="Folder of the accountant state and this institution's ledger (default "
         "HOME/privacy); keep it across restarts so spent epsilon keeps counting.",
     ),
+    device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
 ) -> None:
     """Join the federation: run a SuperNode that trains on this institution's export.
 
@@ -153,7 +155,11 @@ def start(
     )
     from privacy.keys import check_name
     from shared_models import processes
+    from shared_models.devices import parse_device, resolve_device
 
+    device = parse_device(device)
+    if device.startswith("cuda"):  # fail here, not at the first round; torch only when needed
+        resolve_device(device)  # (this process lives as long as the node: no torch for auto)
     root_cert, key = check_credentials(root_cert, key, insecure, superlink)
     name = check_name(name or (key.name if key is not None else data.resolve().name))
     report = check_export(data, spec)
@@ -206,6 +212,7 @@ def start(
         pull_interval=pull_interval,
         privacy_state=privacy_state,
         max_model_params=max_model_params,
+        device=device,
     )
     privacy = "WITHOUT DP when the server asks none" if no_dp else "DP-SGD required"
     deadline = time.monotonic() + activation_wait

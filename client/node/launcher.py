@@ -76,6 +76,8 @@ class NodeOptions:
     pull_interval: float | None = None
     #: The most parameters a model the server sends may have; None: no bound.
     max_model_params: int | None = DEFAULT_MAX_MODEL_PARAMS
+    #: Where the ClientApp trains and evaluates (auto, cpu, cuda[:N]); None: the CPU.
+    device: str | None = None
 
 
 def check_export(data_dir: Path, spec: Path | None) -> ValidationReport:
@@ -170,6 +172,7 @@ def node_config(options: NodeOptions) -> NodeConfig:
         max_model_params=options.max_model_params,
         # The final global model is delivered into HOME/models (`edufl client report --home`).
         home_path=str(options.home.resolve()),
+        device=options.device,
     )
 
 

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 import typer
 
 from shared_models.cli_support import user_errors
+from shared_models.devices import DEVICE_HELP
 
 if TYPE_CHECKING:
     from server.rounds import RoundReport
@@ -84,6 +85,7 @@ def reproduce(
     threads: int = typer.Option(
         1, min=1, help="torch threads; 1 is fastest for these small models on a shared machine."
     ),
+    device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
 ) -> None:
     """Reproduce a seed paper's experiment centralized, federated and federated with DP.
 
@@ -98,6 +100,7 @@ def reproduce(
 
       edufl reproduce at-risk-lstm --quick --modes centralized
     """
+    from shared_models.devices import resolve_device
     from simulations.reproduce.config import (
         MODES,
         ReproductionError,
@@ -115,6 +118,7 @@ def reproduce(
         return
     if experiment is None:
         raise typer.BadParameter("give an EXPERIMENT (see edufl reproduce --list)")
+    on = resolve_device(device).type  # before anything is written
     config = load_experiment(experiment)
     chosen = [m.strip() for m in modes.split(",") if m.strip()] if modes else None
     bad = [m for m in chosen or [] if m not in MODES]
@@ -133,6 +137,7 @@ def reproduce(
         modes=chosen,
         quick=quick,
         command=command_line(experiment, name, data, out_dir, chosen, quick),
+        device=on,
     )
     typer.echo(f"{config.name} on {name}: {len(rep.jobs)} jobs; {config.title}", err=True)
     progress = _terminal_progress()

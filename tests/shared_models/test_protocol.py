@@ -37,7 +37,7 @@ PROTOCOL = Path("shared_models/protocol.py")
 #: else, so for them only those modules are checked.
 COMMON_WORDS = frozenset(
     {"model", "task", "seed", "institution", "dp", "arrays", "metrics", "node", "privacy", "loss"}
-    | {"delivery", "adopted"}
+    | {"delivery", "adopted", "device"}
 )
 WIRE_MODULES = (
     "client/app.py",
