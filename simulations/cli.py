@@ -42,7 +42,12 @@ def _root(
 
 
 def main() -> None:
-    app(prog_name="edufl")
+    from simulations.fast_exit import exit_process
+
+    try:
+        app(prog_name="edufl")
+    except SystemExit as done:  # typer always ends this way, success included
+        exit_process(done.code)  # without module teardown: seconds after torch and Ray
 
 
 if __name__ == "__main__":

@@ -13,8 +13,9 @@ from pathlib import Path
 
 import typer
 
-from server.cli import DP_EVALUATE_EVERY
+from server.cli import DP_EVALUATE_EVERY, INIT_FROM
 from shared_models.cli_support import new_app, user_errors
+from shared_models.devices import DEVICE_HELP
 from simulations.import_cli import import_dataset
 
 app = new_app(
@@ -120,20 +121,41 @@ def run(
         None, "--dp-max-grad-norm", help="DP per-student gradient clipping bound (default 1)."
     ),
     dp_evaluate_every: int | None = DP_EVALUATE_EVERY,
+    init_from: Path | None = INIT_FROM,
+    ray_address: str | None = typer.Option(
+        None,
+        "--ray-address",
+        envvar="RAY_ADDRESS",
+        help="Join this Ray cluster (HOST:PORT, auto) instead of starting Ray; all paths "
+        "absolute, on storage every node mounts.",
+    ),
+    device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
+    gpus_per_node: float | None = typer.Option(
+        None,
+        "--gpus-per-node",
+        min=0.0001,
+        max=1.0,
+        help="On CUDA: the share of a GPU each virtual node reserves (default: the GPUs Ray "
+        "sees, shared among the nodes).",
+    ),
 ) -> None:
     """Run a federated simulation: one virtual node per institution export, on Ray.
 
     Prints one line per round and writes OUT/metrics.jsonl, OUT/checkpoints/, OUT/summary.md and
-    OUT/rounds.png. A run interrupted for any reason continues with --resume.
+    OUT/rounds.png. A run interrupted for any reason continues with --resume. With --ray-address
+    (or RAY_ADDRESS) the virtual nodes run on an existing Ray cluster (docs/simulations.md).
 
     Example:
 
       edufl simulate run --synthetic 4 --rounds 5 --model lstm --strategy fedavg --out runs/fedavg
+
+      edufl simulate run --ray-address 10.0.0.1:6379 --data /nfs/a --data /nfs/b --out /nfs/runs/ab
     """
     from server.config import FederationConfig
     from server.federation import progress_line
     from shared_models.atomic import write_text_atomic
     from shared_models.data.contract import load_spec
+    from shared_models.devices import parse_device, resolve_device
     from shared_models.errors import DataContractError
     from shared_models.protocol import RISK_ROC_AUC
     from simulations.runner import simulate
@@ -141,6 +163,14 @@ def run(
 
     if bool(data) == (synthetic is not None):
         raise typer.BadParameter("give either --data DIR (repeatable) or --synthetic N")
+    device = parse_device(device)
+    if not ray_address:  # fail before writing anything; on a cluster, Ray counts the GPUs
+        resolve_device(device)
+    if ray_address and not out.is_absolute():
+        raise typer.BadParameter(
+            f"--out {str(out)!r} is relative: on the Ray cluster {ray_address} every node writes "
+            "below it, so give an absolute path on storage every node mounts"
+        )
     if synthetic is not None:
         if students < 20 * synthetic:
             raise DataContractError(
@@ -175,6 +205,7 @@ def run(
         "dp_delta": dp_delta,
         "dp_max_grad_norm": dp_max_grad_norm,
         "dp_evaluate_every": dp_evaluate_every,
+        "init_from": init_from,
     }
     federation = FederationConfig.from_options(config, options, source="options")
     started = time.monotonic()
@@ -183,6 +214,9 @@ def run(
         data,
         cpus_per_node=cpus_per_node,
         on_round=lambda report: typer.echo(progress_line(report, federation.rounds)),
+        ray_address=ray_address or None,
+        device=device,
+        gpus_per_node=gpus_per_node,
     )
     final = result.evaluate.get(RISK_ROC_AUC)
     noised = ""

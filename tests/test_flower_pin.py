@@ -25,11 +25,17 @@ from shared_models.deployment import (
     exit_unless_pinned_flower,
 )
 from shared_models.processes import DeploymentError
+from simulations import flower_surface as simulation_surface
 
 ROOT = Path(__file__).resolve().parents[1]
-NAMES = [*node_surface.NAMES, *server_surface.NAMES]
-TEXTS = [*node_surface.TEXTS, *server_surface.TEXTS]
-ADAPTERS = {"client/node": node_surface.NAMES, "server/superlink": server_surface.NAMES}
+NAMES = [*node_surface.NAMES, *server_surface.NAMES, *simulation_surface.NAMES]
+TEXTS = [*node_surface.TEXTS, *server_surface.TEXTS, *simulation_surface.TEXTS]
+ADAPTERS = {
+    "client/node": node_surface.NAMES,
+    "server/superlink": server_surface.NAMES,
+    # Only simulations/ray_session.py imports Flower internals there (tests/test_layers.py).
+    "simulations": simulation_surface.NAMES,
+}
 PUBLIC = ("flwr.app", "flwr.clientapp", "flwr.serverapp", "flwr.simulation")
 
 

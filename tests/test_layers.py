@@ -1,9 +1,9 @@
-"""Where Flower's internals may be used: only in the two adapter packages.
+"""Where Flower's internals may be used: only in the adapters (two packages and the Ray session).
 
 import-linter (`lint-imports`, contracts in pyproject.toml) checks the layers and cycles; it
 cannot tell Flower's public API (``flwr.app``, ``flwr.clientapp``, ``flwr.serverapp``,
 ``flwr.simulation``) from its internals, since it sees an external package as one module. So a
-Flower upgrade that moves an internal name breaks only ``client/node`` and ``server/superlink``.
+Flower upgrade that moves an internal name breaks only those adapters.
 """
 
 from __future__ import annotations
@@ -14,7 +14,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("shared_models", "privacy", "client", "server", "simulations")
 PUBLIC = ("flwr.app", "flwr.clientapp", "flwr.serverapp", "flwr.simulation")
-ADAPTERS = (Path("client/node"), Path("server/superlink"))
+#: The Ray session (one Ray start for many simulations) lends Flower's Ray backend its actors:
+#: its names are listed in simulations/flower_surface.py and pinned like the packages'.
+ADAPTERS = (Path("client/node"), Path("server/superlink"), Path("simulations/ray_session.py"))
 
 
 def _flower_imports(path: Path) -> list[tuple[int, str]]:

@@ -26,19 +26,21 @@ REPO = Path(__file__).resolve().parents[1]
 HEAVY = ("torch", "flwr", "opacus", "ray")
 
 #: Runs ``edufl ARGV`` (JSON in argv[1]) as the console script does, then names the HEAVY
-#: modules (JSON in argv[2]) it loaded.
+#: modules (JSON in argv[2]) it loaded. `main` may leave through `simulations.fast_exit`
+#: (``os._exit`` after the ``atexit`` handlers), so the names are printed by such a handler and
+#: the exit code is the process's own.
 _RUN_VERB = """
-import json, sys
+import atexit, json, sys
 from simulations.cli import main
 argv, heavy = json.loads(sys.argv[1]), json.loads(sys.argv[2])
 sys.argv = ["edufl", *argv]
-try:
-    main()
-    code = 0
-except SystemExit as exc:
-    code = exc.code
-loaded = sorted(m for m in heavy if m in sys.modules)
-print("\\nSTARTUP " + json.dumps({"code": code, "heavy": loaded}))
+
+def report():
+    loaded = sorted(m for m in heavy if m in sys.modules)
+    print("\\nSTARTUP " + json.dumps({"heavy": loaded}), flush=True)
+
+atexit.register(report)
+main()
 """
 
 
@@ -55,7 +57,7 @@ def _run_verb(argv: list[str]) -> tuple[int, list[str], str]:
     marker = [line for line in proc.stdout.splitlines() if line.startswith("STARTUP ")]
     assert marker, out
     result = json.loads(marker[-1].removeprefix("STARTUP "))
-    return result["code"], result["heavy"], out
+    return proc.returncode, result["heavy"], out
 
 
 def test_importing_the_cli_loads_neither_torch_nor_flower() -> None:

@@ -163,8 +163,12 @@ def train_centralized(
     split: PooledSplit,
     training: Training,
     seed: int,
+    device: str | None = None,
 ) -> Scored:
-    """Fit ``entry`` on the pooled train split with early stopping; score the test split."""
+    """Fit ``entry`` on the pooled train split with early stopping; score the test split.
+
+    ``device``: where it trains (`shared_models.devices`); None leaves it on the CPU.
+    """
     norm = Normalizer(spec.target.grade_min, spec.target.grade_max).fit(split.train)
     train, val, test = (norm.transform(c) for c in (split.train, split.val, split.test))
     set_seed(seed)
@@ -178,6 +182,7 @@ def train_centralized(
         patience=training.patience,
         class_weighting=training.class_weighting,
         seed=seed,
+        device=device,
     )
     result = fit(model, train, val if len(val) else None, TASKS[target], config)
     pred = predict(model, test)
@@ -260,6 +265,7 @@ def train_federated(
     seed: int,
     run_dir: Path,
     on_round: Callable[[RoundReport], None] | None = None,
+    device: str = "cpu",
 ) -> Scored:
     """Run one federation on Flower's Ray simulation, then score its final global model.
 
@@ -292,9 +298,10 @@ def train_federated(
             "dp_max_grad_norm": dp.max_grad_norm,
             "learning_rate": dp.learning_rate or federated.learning_rate,
             "batch_size": dp.batch_size or federated.batch_size,
+            "local_epochs": dp.local_epochs or federated.local_epochs,
         }
     config = FederationConfig.from_options(None, settings, source=f"the federated run in {run_dir}")
-    result = simulate(config, data.exports, on_round=on_round)
+    result = simulate(config, data.exports, on_round=on_round, device=device)
     store = CheckpointStore(run_dir)
     last = store.latest()
     if last is None:
