@@ -6,4 +6,12 @@
 
 from __future__ import annotations
 
-MODEL_NAMES: tuple[str, ...] = ("lstm", "cnn-lstm", "cnn", "gru", "lstm-gru", "multitask")
+MODEL_NAMES: tuple[str, ...] = (
+    "lstm",
+    "cnn-lstm",
+    "cnn",
+    "gru",
+    "lstm-gru",
+    "multitask",
+    "logistic",
+)

@@ -14,6 +14,7 @@ from shared_models.model_names import MODEL_NAMES
 from shared_models.models.base import ModelConfig, StudentModel
 from shared_models.models.cnn_lstm import CNNConfig, CNNLSTMConfig, CNNLSTMModel
 from shared_models.models.gru import GRUConfig, GRUModel
+from shared_models.models.logistic import LogisticConfig, LogisticModel
 from shared_models.models.lstm import LSTMConfig, LSTMModel
 from shared_models.models.lstm_gru import LSTMGRUConfig, LSTMGRUModel
 from shared_models.models.multitask import MultiTaskConfig, MultiTaskLSTM
@@ -27,6 +28,7 @@ _REGISTRY: dict[str, tuple[type[StudentModel], type[ModelConfig]]] = {
     "gru": (GRUModel, GRUConfig),
     "lstm-gru": (LSTMGRUModel, LSTMGRUConfig),
     "multitask": (MultiTaskLSTM, MultiTaskConfig),
+    "logistic": (LogisticModel, LogisticConfig),
 }
 
 

@@ -61,12 +61,26 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class DPTuning(_Strict):
+    """One row's own DP-SGD settings, over the experiment's ``[dp]`` (None: the experiment's).
+
+    A model with a few dozen weights (the DP logistic) wants larger batches and steps than a
+    recurrent net under the same noise: fewer, less noisy steps for the same epsilon.
+    """
+
+    learning_rate: Annotated[float, Field(gt=0)] | None = None
+    batch_size: Annotated[int, Field(ge=1)] | None = None
+    local_epochs: Annotated[int, Field(ge=1)] | None = None
+
+
 class ModelEntry(_Strict):
     """One neural model of the comparison: a registry model with hyper-parameter overrides."""
 
     label: Annotated[str, Field(min_length=1)]  # its row in the tables, e.g. "CNN-LSTM (hybrid)"
     model: str  # shared_models.models.registry.MODEL_NAMES
     overrides: dict[str, Any] = Field(default_factory=dict)  # e.g. {mode = "lstm"}
+    modes: list[Mode] | None = Field(default=None, min_length=1)  # None: the experiment's modes
+    dp: DPTuning | None = None  # this row's federated-dp settings; None: the experiment's [dp]
 
     @model_validator(mode="after")
     def _known(self) -> ModelEntry:
@@ -74,7 +88,13 @@ class ModelEntry(_Strict):
             raise ValueError(f"unknown model {self.model!r}; valid names: {', '.join(MODEL_NAMES)}")
         # An unknown or out-of-range override fails here.
         validate_model_config(self.model, self.overrides)
+        if self.dp is not None and self.modes is not None and "federated-dp" not in self.modes:
+            raise ValueError(f"row {self.label!r} has dp settings but does not run federated-dp")
         return self
+
+    def runs_in(self, mode: str) -> bool:
+        """Whether this row is trained in ``mode``."""
+        return self.modes is None or mode in self.modes
 
 
 class NaiveBaseline(_Strict):
@@ -119,6 +139,7 @@ class DifferentialPrivacy(_Strict):
     max_grad_norm: Annotated[float, Field(gt=0)] = DEFAULT_MAX_GRAD_NORM
     learning_rate: Annotated[float, Field(gt=0)] | None = None  # None: the federated one
     batch_size: Annotated[int, Field(ge=1)] | None = None  # None: the federated one
+    local_epochs: Annotated[int, Field(ge=1)] | None = None  # None: the federated one
 
 
 class Reference(_Strict):
@@ -189,7 +210,31 @@ class ExperimentConfig(_Strict):
             raise ValueError("sweep either cutoff_weeks or epsilons, not both")
         if self.default_dataset not in self.datasets:
             raise ValueError(f"default_dataset {self.default_dataset!r} is not among datasets")
+        idle = [m.label for m in self.models if not any(m.runs_in(x) for x in self.modes)]
+        if idle:
+            raise ValueError(f"model row(s) {idle} run in none of the modes {self.modes}")
         return self
+
+    def dp_for(self, entry: ModelEntry, epsilon: float | None = None) -> DifferentialPrivacy:
+        """The experiment's ``[dp]`` with ``entry``'s own settings (and ``epsilon``) over it."""
+        update: dict[str, Any] = {} if epsilon is None else {"epsilon": epsilon}
+        if entry.dp is not None:
+            update |= entry.dp.model_dump(exclude_none=True)
+        return self.dp.model_copy(update=update)
+
+    def dp_row_notes(self) -> list[str]:
+        """One line per row with its own DP settings, for the report's protocol."""
+        fed, notes = self.federated, []
+        for m in self.models:
+            if m.dp is None or not m.runs_in("federated-dp"):
+                continue
+            dp = self.dp_for(m)
+            notes.append(
+                f"  {m.label}: Adam {dp.learning_rate or fed.learning_rate:g}, batch "
+                f"{dp.batch_size or fed.batch_size}, {dp.local_epochs or fed.local_epochs} "
+                "local epoch(s) per round."
+            )
+        return notes
 
     @property
     def row_labels(self) -> list[str]:
@@ -228,6 +273,13 @@ class ExperimentConfig(_Strict):
             "federated": self.federated.model_copy(
                 update={"rounds": 1, "local_epochs": 1, "repeats": 1}
             ),
+            "dp": self.dp.model_copy(update={"local_epochs": None}),
+            "models": [
+                m.model_copy(update={"dp": m.dp.model_copy(update={"local_epochs": None})})
+                if m.dp is not None
+                else m
+                for m in self.models
+            ],
         }
         if self.cutoff_weeks is not None:
             update["cutoff_weeks"] = {

@@ -140,8 +140,10 @@ def _protocol(rep: Reproduction) -> list[str]:
         lines.append(
             f"- Federated + DP: DP-SGD at every institution, epsilon {eps} per institution for "
             f"the whole run, delta {dp.delta:g}, clipping {dp.max_grad_norm:g}, Adam "
-            f"{dp.learning_rate or fed.learning_rate:g}, batch {dp.batch_size or fed.batch_size}."
+            f"{dp.learning_rate or fed.learning_rate:g}, batch {dp.batch_size or fed.batch_size}, "
+            f"{dp.local_epochs or fed.local_epochs} local epoch(s) per round."
         )
+        lines += cfg.dp_row_notes()  # rows with DP settings of their own
     lines.append(
         f"- Ran {rep.started}, {rep.seconds:.0f} s in all (edufl {_version('edufl')}, torch "
         f"{_version('torch')}, flwr {_version('flwr')}, opacus {_version('opacus')})."

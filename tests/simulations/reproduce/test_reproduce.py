@@ -215,10 +215,33 @@ def test_early_warning_rebuilds_the_data_at_each_cutoff_week(tmp_path: Path) -> 
 def test_plan_runs_every_epsilon_of_the_privacy_sweep_once_per_seed() -> None:
     config = load_experiment("privacy-utility")
     jobs = plan(config, "synthetic", ["centralized", "federated", "federated-dp"])
-    dp = [j.epsilon for j in jobs if j.mode == "federated-dp"]
-    assert dp == [1.0, 3.0, 8.0] * config.federated.repeats
+    for row in ("LSTM", "DP logistic (engineered features)"):
+        dp = [j.epsilon for j in jobs if j.mode == "federated-dp" and j.entry.label == row]
+        assert dp == [1.0, 3.0, 8.0] * config.federated.repeats, row
     assert len([j for j in jobs if j.mode == "centralized"]) == config.repeats
     assert all(j.epsilon is None for j in jobs if j.mode != "federated-dp")
+
+
+def test_a_row_runs_only_in_its_own_modes_with_its_own_dp_settings(tmp_path: Path) -> None:
+    row = (
+        '\n[[models]]\nlabel = "DP logistic"\nmodel = "logistic"\nmodes = ["federated-dp"]\n'
+        "dp = { learning_rate = 0.05, batch_size = 256, local_epochs = 1 }\n"
+    )
+    config = load_experiment(_write(tmp_path, VALID + row + "\n[dp]\nlearning_rate = 0.01\n"))
+    jobs = plan(config, "synthetic", ["centralized", "federated", "federated-dp"])
+    assert {j.mode for j in jobs if j.entry is not None and j.entry.label == "DP logistic"} == {
+        "federated-dp"
+    }
+    logistic, lstm = config.models[1], config.models[0]
+    assert config.dp_for(logistic, 3.0).model_dump(exclude_none=True) == {
+        "epsilon": 3.0, "delta": config.dp.delta, "max_grad_norm": config.dp.max_grad_norm,
+        "learning_rate": 0.05, "batch_size": 256, "local_epochs": 1,
+    }  # fmt: skip
+    assert config.dp_for(lstm, 3.0).learning_rate == 0.01
+    assert config.quick().dp_for(config.quick().models[1]).local_epochs is None
+    with pytest.raises(ExperimentConfigError, match="run in none of the modes"):
+        centralized_only = VALID.replace("repeats = 2", 'repeats = 2\nmodes = ["centralized"]')
+        load_experiment(_write(tmp_path, centralized_only + row))
 
 
 def test_naive_predictor_uses_the_last_observed_period_grade() -> None:
