@@ -50,6 +50,18 @@ DP_EVALUATE_EVERY: int | None = typer.Option(
 )
 
 
+#: ``--init-from``, shared with ``edufl simulate run``.
+INIT_FROM: Path | None = typer.Option(
+    None,
+    "--init-from",
+    help="Start from this public prior's weights instead of seeded random ones: a model "
+    "folder (edufl train), its model.pt, a federated run folder or one checkpoint "
+    "(round-NNNN.json), of the same model and contract. The prior must have seen no "
+    "private record (e.g. trained on the synthetic consortium or on other public modules): "
+    "then the DP guarantee is unchanged; edufl cannot check where a prior's data came from.",
+)
+
+
 @keys_app.command("init")
 @user_errors
 def keys_init(
@@ -260,6 +272,7 @@ def start(
         help="Propose training without DP (nodes still use DP unless started with --no-dp).",
     ),
     dp_evaluate_every: int | None = DP_EVALUATE_EVERY,
+    init_from: Path | None = INIT_FROM,
 ) -> None:
     """Start the SuperLink with TLS and node authentication, then run the federation.
 
@@ -270,7 +283,9 @@ def start(
     arrives in the signed ledger STATE/run/ledger.jsonl. The ServerApp run starts at once
     and waits until --min-nodes nodes are connected; its log is shown here. The command ends
     when the run finishes (exit code 0 when it completed), stopping the SuperLink unless
-    --keep-running.
+    --keep-running. With --init-from the run starts from a public prior's weights, checked
+    here before the SuperLink starts, and recorded (path, SHA-256) in the run's checkpoints
+    and summary.md.
 
     Example:
 
@@ -297,6 +312,7 @@ def start(
         "model": model,
         "resume": resume or None,
         "dp_evaluate_every": dp_evaluate_every,
+        "init_from": init_from,
     }
     federation = FederationConfig.from_options(config, options)
     if no_dp:
@@ -317,8 +333,14 @@ def start(
         update={
             "out_dir": (out or federation.out_dir).resolve(),
             "spec_path": federation.spec_path.resolve() if federation.spec_path else None,
+            "init_from": federation.init_from.resolve() if federation.init_from else None,
         }
     )
+    if federation.init_from is not None:  # here, not in the ServerApp's log after the start
+        from server.checkpoints import CheckpointStore
+        from server.federation import check_prior
+
+        check_prior(federation, CheckpointStore(federation.out_dir).latest())
     host, _ = split_address(address)
     layout = deploy.ServerLayout(state)
     if insecure:

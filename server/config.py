@@ -36,6 +36,8 @@ class FederationConfigError(EduflError, ValueError):
 
 
 _JSON_FIELDS = ("model_overrides", "strategy_params")
+#: Optional fields, written as "" in a run config (Flower's values cannot be None).
+_EMPTY_IS_NONE = ("spec_path", "init_from", "dp_epsilon", "learning_rate", "dp_evaluate_every")
 
 
 class FederationConfig(BaseModel):
@@ -61,6 +63,9 @@ class FederationConfig(BaseModel):
     out_dir: Path = Path("runs/federation")  # checkpoints, metrics.jsonl, summary
     resume: bool = False  # continue from the last checkpoint in out_dir
     spec_path: Path | None = None  # the consortium's feature spec; the default spec if None
+    # A public prior: start from this model's weights (shared_models.models.prior), not from
+    # seeded random ones; it must have seen no private record. None: seeded weights.
+    init_from: Path | None = None
     round_timeout: Annotated[float, Field(gt=0)] = 3600.0  # seconds to wait for replies
     guard: GuardConfig = Field(default_factory=GuardConfig)
     # DP-SGD at every node (privacy.DPSession); None trains without DP. Per institution, whole run.
@@ -122,9 +127,7 @@ class FederationConfig(BaseModel):
                     raise FederationConfigError(
                         f"run config {key}: not valid JSON ({exc})"
                     ) from None
-            if name in ("spec_path", "dp_epsilon", "learning_rate", "dp_evaluate_every") and (
-                value == ""
-            ):
+            if name in _EMPTY_IS_NONE and value == "":
                 value = None
             raw[name] = value
         if guard:

@@ -1,9 +1,10 @@
 """One federated run on a Flower ``Grid``: the ServerApp's work, independent of how it is started.
 
-It builds the global model from the data contract, picks and guards the strategy, restores the
-last checkpoint when resuming, runs the remaining rounds and, after every round, commits a
-checkpoint and the round's per-institution metrics to the run directory; at the end it writes
-``summary.md`` and ``rounds.png`` there.
+It builds the global model from the data contract (seeded weights, or a public prior's with
+``init_from``), picks and guards the strategy, restores the last checkpoint when resuming, runs
+the remaining rounds and, after every round, commits a checkpoint and the round's
+per-institution metrics to the run directory; at the end it writes ``summary.md`` and
+``rounds.png`` there.
 """
 
 from __future__ import annotations
@@ -19,8 +20,8 @@ from flwr.app import Array, ArrayRecord
 from flwr.serverapp import Grid
 from torch import nn
 
-from server.checkpoints import CheckpointError, CheckpointStore
-from server.config import FederationConfig
+from server.checkpoints import Checkpoint, CheckpointError, CheckpointStore
+from server.config import FederationConfig, FederationConfigError
 from server.guard import GuardedStrategy
 from server.release import (
     LedgerRef,
@@ -34,6 +35,7 @@ from server.rounds import NodeResult, RoundReport, run_rounds
 from server.strategies import build_strategy, restore_strategy_state, strategy_state
 from shared_models.data.contract import FeatureSpec, load_spec
 from shared_models.errors import EduflError
+from shared_models.models.prior import PriorError, apply_prior, read_prior
 from shared_models.models.registry import build_model
 from shared_models.models.weights import assign_weights, named_weights
 from shared_models.protocol import (
@@ -93,7 +95,7 @@ def run_federation(
         FederationError: every node failed in a round (the round is not committed).
     """
     spec = load_spec(config.spec_path)
-    model = global_model(config, spec)
+    model = _seeded_model(config, spec)
     store = CheckpointStore(config.out_dir)
     strategy = GuardedStrategy(
         build_strategy(
@@ -115,6 +117,8 @@ def run_federation(
     run_id = _run_id(store, first_round)
     manifest = {
         **_identity(config, spec),
+        # The public prior the run started from (path, weights SHA-256), or None: seeded.
+        "init_from": _started_from(store, config, spec, model, first_round),
         "rounds_planned": config.rounds,
         "run_id": run_id,
         "dp_epsilon": config.dp_epsilon,  # None: the server asked for no DP (nodes may still)
@@ -272,7 +276,63 @@ def node_epsilons(report: RoundReport) -> dict[str, float]:
 
 
 def global_model(config: FederationConfig, spec: FeatureSpec) -> nn.Module:
-    """The federation's model for the contract's shapes, with seeded initial weights."""
+    """The federation's initial model for the contract's shapes.
+
+    Its weights are seeded (``config.seed``), or the public prior's when ``config.init_from``
+    names one (`load_prior`).
+
+    Raises:
+        FederationConfigError: the prior is missing, damaged or does not fit the run.
+    """
+    model = _seeded_model(config, spec)
+    if config.init_from is not None:
+        load_prior(config, spec, model)
+    return model
+
+
+def load_prior(
+    config: FederationConfig, spec: FeatureSpec, model: nn.Module, *, quiet: bool = False
+) -> dict[str, Any]:
+    """Check the prior ``config.init_from`` names and copy its weights into ``model``.
+
+    Checked: the same model name, the same contract (when the prior records one), the same
+    weight names and shapes, finite weights, and the checksum its card or manifest names.
+    Differences that do not stop it (another task, other input normalisation) are logged,
+    unless ``quiet``.
+
+    Returns:
+        What the run records about its start: path, kind, weights file and their SHA-256.
+
+    Raises:
+        FederationConfigError: the prior does not pass a check; the message names the path,
+            what differs and how to fix it.
+    """
+    assert config.init_from is not None
+    try:
+        prior = read_prior(config.init_from)
+        notes = apply_prior(
+            prior,
+            model,
+            name=config.model,
+            overrides=config.model_overrides,
+            task=config.task,
+            spec=spec,
+        )
+    except PriorError as exc:
+        raise FederationConfigError(f"--init-from {exc}") from None
+    if quiet:
+        return prior.record()
+    for note in notes:
+        logger.warning("--init-from %s", note)
+    logger.info(
+        "initial weights from the prior %s (weights SHA-256 %s)",
+        config.init_from,
+        prior.weights_sha256,
+    )
+    return prior.record()
+
+
+def _seeded_model(config: FederationConfig, spec: FeatureSpec) -> nn.Module:
     set_seed(config.seed)
     return build_model(
         config.model,
@@ -281,6 +341,32 @@ def global_model(config: FederationConfig, spec: FeatureSpec) -> nn.Module:
         len(spec.static_names),
         config.model_overrides,
     )
+
+
+def _started_from(
+    store: CheckpointStore,
+    config: FederationConfig,
+    spec: FeatureSpec,
+    model: nn.Module,
+    first_round: int,
+) -> dict[str, Any] | None:
+    """The prior the run starts from: applied to ``model`` on a fresh start, else the one its
+    checkpoints recorded (a resumed run goes on from its checkpoint: never re-applied)."""
+    last = store.latest() if first_round > 1 else None
+    if last is None:
+        return None if config.init_from is None else load_prior(config, spec, model)
+    recorded = last.manifest.get("init_from")
+    recorded = recorded if isinstance(recorded, dict) else None
+    if config.init_from is not None:
+        logger.warning(
+            "--init-from %s is not applied: %s resumes from its round-%d checkpoint, which "
+            "started from %s",
+            config.init_from,
+            store.run_dir,
+            last.round,
+            recorded.get("path") if recorded else "seeded weights",
+        )
+    return recorded
 
 
 def _identity(config: FederationConfig, spec: FeatureSpec) -> dict[str, Any]:
@@ -297,17 +383,40 @@ def _identity(config: FederationConfig, spec: FeatureSpec) -> dict[str, Any]:
 
 
 def check_out_dir(config: FederationConfig) -> None:
-    """Refuse to start a new run over another run's checkpoints (resuming is explicit).
+    """Refuse a start that could not go on, before anything runs (a simulation's Ray).
+
+    That is a new run over another run's checkpoints (resuming is explicit), or a new run
+    whose prior (``config.init_from``) does not fit it; a resumed run goes on from its
+    checkpoint, and its prior is not read.
 
     Raises:
         CheckpointError: ``config.out_dir`` holds checkpoints and ``config.resume`` is false.
+        FederationConfigError: the prior does not fit the run (`load_prior`).
     """
+    check_prior(config, _refuse_another_run(config))
+
+
+def check_prior(config: FederationConfig, last: Checkpoint | None = None) -> None:
+    """Check that ``config.init_from`` fits the run, unless ``last`` is the checkpoint that a
+    resumed run goes on from (its prior is not read then).
+
+    Raises:
+        FederationConfigError: the prior does not fit the run (`load_prior`).
+    """
+    if config.init_from is None or (last is not None and config.resume):
+        return
+    spec = load_spec(config.spec_path)
+    load_prior(config, spec, _seeded_model(config, spec), quiet=True)  # the run logs its notes
+
+
+def _refuse_another_run(config: FederationConfig) -> Checkpoint | None:
     last = CheckpointStore(config.out_dir).latest()
     if last is not None and not config.resume:
         raise CheckpointError(
             f"{config.out_dir} already holds checkpoints up to round {last.round}; "
             "resume that run (--resume) or choose another output directory"
         )
+    return last
 
 
 def _restore(
@@ -318,7 +427,7 @@ def _restore(
     strategy: GuardedStrategy,
 ) -> int:
     """Load the last checkpoint into ``model``/``strategy`` when resuming; the next round."""
-    check_out_dir(config)
+    _refuse_another_run(config)
     last = store.latest()
     if last is None:
         if config.resume:

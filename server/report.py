@@ -13,7 +13,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from server.checkpoints import CheckpointStore
+from server.checkpoints import CheckpointError, CheckpointStore
 from server.release import value_of
 from shared_models.atomic import write_atomic, write_text_atomic
 from shared_models.protocol import (
@@ -252,12 +252,30 @@ def plot_rounds(records: list[dict[str, Any]], path: Path) -> None:
         plt.close(fig)
 
 
+def _started_from(store: CheckpointStore) -> str:
+    """The public prior the run started from, as its checkpoints record it ("" if none)."""
+    try:
+        last = store.latest()
+    except CheckpointError:
+        return ""
+    prior = last.manifest.get("init_from") if last is not None else None
+    if not isinstance(prior, dict):
+        return ""
+    return (
+        f"\n## Initial weights\n\nStarted from the public prior `{prior.get('path')}` "
+        f"({prior.get('kind')}; weights `{prior.get('weights')}`, SHA-256 "
+        f"`{prior.get('weights_sha256')}`), not from seeded random weights. DP covers the "
+        "institutions' records only if the prior saw none of them.\n"
+    )
+
+
 def write_report(run_dir: Path | str) -> tuple[Path, Path]:
     """Write ``summary.md`` and ``rounds.png`` from the run's metrics log; returns both paths."""
     run_dir = Path(run_dir)
-    records = CheckpointStore(run_dir).read_metrics()
+    store = CheckpointStore(run_dir)
+    records = store.read_metrics()
     summary = run_dir / SUMMARY
-    write_text_atomic(summary, render_summary(records))
+    write_text_atomic(summary, render_summary(records) + _started_from(store))
     plot = run_dir / PLOT
     plot_rounds(records, plot)
     logger.info("wrote %s and %s", summary, plot)

@@ -43,10 +43,11 @@ from shared_models.models.checkpoints import (
     Checkpoint,
     CheckpointError,
     checkpoint_seed,
-    latest_checkpoint,
+    is_checkpoint_path,
     list_checkpoints,
     read_checkpoint,
 )
+from shared_models.models.checkpoints import checkpoint_manifest as shared_checkpoint_manifest
 from shared_models.protocol import Delivery, weights_sha256
 from shared_models.user_files import loads_json, read_text
 
@@ -386,21 +387,11 @@ def checkpoint_manifest(source: Path) -> Path:
     Raises:
         DataContractError: none there.
     """
-    if source.is_file():
-        if source.suffix == ".weights":
-            source = source.with_suffix(".json")
-        if source.suffix == ".json" and source.name != CARD_FILE and source.is_file():
-            return source
-        raise DataContractError(
-            f"{source}: not a federated checkpoint (checkpoints/round-NNNN.json)"
-        )
     if (source / CARD_FILE).is_file():
         raise DataContractError(
             f"{source}: a model folder, already adopted; score with --model {source}"
         )
-    if not source.is_dir():
-        raise DataContractError(f"{source}: no such run folder or checkpoint")
-    return latest_checkpoint(source)
+    return shared_checkpoint_manifest(source)
 
 
 def _verified(manifest_path: Path, source: Path, run_id: str | None) -> Checkpoint:
@@ -427,9 +418,7 @@ def _verified(manifest_path: Path, source: Path, run_id: str | None) -> Checkpoi
 
 
 def _is_checkpoint(path: Path) -> bool:
-    if path.is_file():
-        return path.suffix in (".json", ".weights") and path.name != CARD_FILE
-    return path.is_dir() and ((path / CHECKPOINTS).is_dir() or any(path.glob("round-*.json")))
+    return is_checkpoint_path(path)
 
 
 def _previous_adoption(

@@ -86,15 +86,24 @@ def save_trained(
     return out_dir / CARD_FILE
 
 
-def load_trained(
-    path: Path, spec: FeatureSpec | None = None
-) -> tuple[nn.Module, Normalizer, ModelCard]:
-    """Rebuild a model saved by `save_trained` (``path``: its folder, model.json or model.pt).
+@dataclass(frozen=True)
+class StoredModel:
+    """A model folder's files, read and checked, before any model is built from them."""
 
-    Nothing in the folder is trusted: the card is validated, the weights are read without
-    unpickling (`load_tensors`), and their names and shapes are checked against the card's
-    architecture built on torch's ``meta`` device *before* any real model is allocated, so a
-    card asking for a billion hidden units cannot exhaust memory.
+    card: ModelCard
+    normalizer: Normalizer
+    card_path: Path
+    weights_path: Path
+    weights_sha256: str  # of model.pt's bytes, as read
+    tensors: dict[str, torch.Tensor]
+
+
+def read_model_folder(path: Path, spec: FeatureSpec | None = None) -> StoredModel:
+    """The card and tensors of a model saved by `save_trained`, checked but not built.
+
+    ``path`` is its folder, its model.json or its model.pt. The card is validated, the weights'
+    checksum compared with the card's, and the tensors read without unpickling (`load_tensors`:
+    finite values only). With ``spec``, the card must name that contract and its shapes.
 
     Raises:
         DataContractError: missing or malformed files, or a model trained on another contract.
@@ -131,12 +140,31 @@ def load_trained(
             )
     weights_path = card_path.parent / WEIGHTS_FILE
     expected_digest = raw.get("weights_sha256") if isinstance(raw, dict) else None
-    if expected_digest is not None and _sha256(weights_path) != expected_digest:
+    digest = _sha256(weights_path)
+    if expected_digest is not None and digest is not None and digest != expected_digest:
         raise DataContractError(
             f"{weights_path}: does not match {card_path.name} (replaced, damaged, or an "
             "interrupted save); export the model again"
         )
-    tensors = load_tensors(weights_path)
+    tensors = load_tensors(weights_path)  # names an unreadable file
+    return StoredModel(card, normalizer, card_path, weights_path, digest or "", tensors)
+
+
+def load_trained(
+    path: Path, spec: FeatureSpec | None = None
+) -> tuple[nn.Module, Normalizer, ModelCard]:
+    """Rebuild a model saved by `save_trained` (``path``: its folder, model.json or model.pt).
+
+    Nothing in the folder is trusted: the card is validated, the weights are read without
+    unpickling (`read_model_folder`), and their names and shapes are checked against the
+    card's architecture built on torch's ``meta`` device *before* any real model is allocated,
+    so a card asking for a billion hidden units cannot exhaust memory.
+
+    Raises:
+        DataContractError: missing or malformed files, or a model trained on another contract.
+    """
+    stored = read_model_folder(path, spec)
+    card, card_path, weights_path = stored.card, stored.card_path, stored.weights_path
     shape = (card.model, card.n_weeks, card.n_dynamic, card.n_static, card.config)
     try:
         with torch.device("meta"):  # names and shapes only: nothing is allocated
@@ -149,14 +177,14 @@ def load_trained(
         ) from None
     try:
         if skeleton is not None:
-            check_weights(skeleton, tensors)
+            check_weights(skeleton, stored.tensors)
         model = build_model(*shape)
-        assign_weights(model, tensors)
+        assign_weights(model, stored.tensors)
     except ValueError as exc:
         raise DataContractError(
             f"{weights_path}: does not fit the model {card_path.name} describes ({exc})"
         ) from None
-    return model, normalizer, card
+    return model, stored.normalizer, card
 
 
 def _known_model(name: str) -> str:

@@ -32,8 +32,9 @@ from torch import nn
 from shared_models.atomic import write_atomic, write_text_atomic
 from shared_models.data.contract import FeatureSpec
 from shared_models.errors import DataContractError, EduflError
+from shared_models.models.artifact import CARD_FILE
 from shared_models.models.registry import build_model
-from shared_models.models.weights import load_tensors, load_weights, save_weights
+from shared_models.models.weights import assign_weights, load_tensors, save_weights
 from shared_models.user_files import describe_read_error, loads_json, read_text
 
 CHECKPOINTS = "checkpoints"
@@ -170,13 +171,11 @@ def load_checkpoint(checkpoint: Checkpoint, model: nn.Module) -> dict[str, np.nd
             tensors do not fit ``model``.
     """
     named_in = checkpoint.manifest_path
-    _check_file(
-        checkpoint.weights_path, checkpoint.manifest.get("weights_sha256"), "weights", named_in
-    )
+    tensors = checkpoint_tensors(checkpoint)
     try:
-        load_weights(model, checkpoint.weights_path)
-    except ValueError as exc:  # WeightsError names the file
-        raise CheckpointError(str(exc)) from None
+        assign_weights(model, tensors)
+    except ValueError as exc:
+        raise CheckpointError(f"{checkpoint.weights_path}: {exc}") from None
     if checkpoint.state_path is None:
         return {}
     # Manifests written before state_sha256 existed carry no hash for the state.
@@ -188,6 +187,56 @@ def load_checkpoint(checkpoint: Checkpoint, model: nn.Module) -> dict[str, np.nd
     except ValueError as exc:
         raise CheckpointError(str(exc)) from None
     return {k: v.numpy() for k, v in tensors.items()}
+
+
+def checkpoint_tensors(checkpoint: Checkpoint) -> dict[str, torch.Tensor]:
+    """The checkpoint's global weights by name, once their checksum matches the manifest's.
+
+    Read without unpickling and finite (`load_tensors`), not yet fitted to any model.
+
+    Raises:
+        CheckpointError: the weights file is missing, damaged or not the manifest's.
+    """
+    _check_file(
+        checkpoint.weights_path,
+        checkpoint.manifest.get("weights_sha256"),
+        "weights",
+        checkpoint.manifest_path,
+    )
+    try:
+        return load_tensors(checkpoint.weights_path)
+    except ValueError as exc:  # WeightsError names the file
+        raise CheckpointError(str(exc)) from None
+
+
+def checkpoint_manifest(source: Path) -> Path:
+    """The manifest a run folder, its ``checkpoints`` folder or one checkpoint file stands for.
+
+    Args:
+        source: a run folder (its last committed round), a ``checkpoints`` folder, or one
+            ``round-NNNN.json`` (or its ``.weights``).
+
+    Raises:
+        DataContractError: no checkpoint there.
+    """
+    if source.is_file():
+        if source.suffix == ".weights":
+            source = source.with_suffix(".json")
+        if source.suffix == ".json" and source.name != CARD_FILE and source.is_file():
+            return source
+        raise DataContractError(
+            f"{source}: not a federated checkpoint (checkpoints/round-NNNN.json)"
+        )
+    if not source.is_dir():
+        raise DataContractError(f"{source}: no such run folder or checkpoint")
+    return latest_checkpoint(source)
+
+
+def is_checkpoint_path(path: Path) -> bool:
+    """Whether ``path`` looks like a federated run or checkpoint (a model folder does not)."""
+    if path.is_file():
+        return path.suffix in (".json", ".weights") and path.name != CARD_FILE
+    return path.is_dir() and ((path / CHECKPOINTS).is_dir() or any(path.glob("round-*.json")))
 
 
 def checkpoint_model(checkpoint: Checkpoint, spec: FeatureSpec) -> nn.Module:
