@@ -17,10 +17,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from privacy.budget import DEFAULT_DELTA, DEFAULT_EPSILON, DEFAULT_MAX_GRAD_NORM
 from shared_models.baselines import baseline_names
+from shared_models.data.contract import default_spec, load_spec
 from shared_models.errors import EduflError
 from shared_models.models.registry import MODEL_NAMES, validate_model_config
 
 EXPERIMENTS_DIR = Path(__file__).resolve().parent / "experiments"
+DATASETS_DIR = Path(__file__).resolve().parents[1] / "datasets"
 
 Mode = Literal["centralized", "federated", "federated-dp"]
 MODES: tuple[Mode, ...] = ("centralized", "federated", "federated-dp")
@@ -174,6 +176,9 @@ class ExperimentConfig(_Strict):
     confusion_matrix: bool = False
     paired_test: PairedTest | None = None
     cutoff_weeks: dict[str, list[Annotated[int, Field(ge=1)]]] | None = None  # early warning
+    # One week per dataset (``uci`` covers uci-por and uci-mat): every row, baseline and mode
+    # sees weeks 1..W only, so a grade computed from late assessments is predicted, not read off.
+    grade_cutoff_week: dict[str, int] | None = None
     epsilons: list[Annotated[float, Field(gt=0)]] | None = None  # privacy-utility sweep
     training: Training = Field(default_factory=Training)
     federated: Federated = Field(default_factory=Federated)
@@ -208,12 +213,42 @@ class ExperimentConfig(_Strict):
             raise ValueError("split 'kfold' needs repeats (folds) of at least 2")
         if self.cutoff_weeks is not None and self.epsilons is not None:
             raise ValueError("sweep either cutoff_weeks or epsilons, not both")
+        if self.grade_cutoff_week is not None:
+            self._check_grade_cutoff(self.grade_cutoff_week)
         if self.default_dataset not in self.datasets:
             raise ValueError(f"default_dataset {self.default_dataset!r} is not among datasets")
         idle = [m.label for m in self.models if not any(m.runs_in(x) for x in self.modes)]
         if idle:
             raise ValueError(f"model row(s) {idle} run in none of the modes {self.modes}")
         return self
+
+    def _check_grade_cutoff(self, cutoffs: dict[str, int]) -> None:
+        if "grade" not in HEADS[self.target]:
+            raise ValueError(
+                f"grade_cutoff_week needs target 'grade' or 'both', not {self.target!r}"
+            )
+        if self.cutoff_weeks is not None:
+            raise ValueError(
+                "grade_cutoff_week and cutoff_weeks both choose the weeks a model sees; keep one"
+            )
+        offered = set(self.datasets) | {d.split("-")[0] for d in self.datasets}
+        for dataset, week in cutoffs.items():
+            if dataset not in DATASET_NAMES:
+                raise ValueError(
+                    f"grade_cutoff_week.{dataset}: unknown dataset; valid keys: "
+                    f"{', '.join(DATASET_NAMES)}"
+                )
+            if dataset not in offered:
+                raise ValueError(
+                    f"grade_cutoff_week.{dataset}: the experiment does not run on {dataset!r} "
+                    f"(datasets: {', '.join(self.datasets)}); drop the key or add the dataset"
+                )
+            last = contract_weeks(dataset)
+            if not 1 <= week <= last:
+                raise ValueError(
+                    f"grade_cutoff_week.{dataset} = {week}: outside the contract's weeks; "
+                    f"choose a week from 1 to {last}"
+                )
 
     def dp_for(self, entry: ModelEntry, epsilon: float | None = None) -> DifferentialPrivacy:
         """The experiment's ``[dp]`` with ``entry``'s own settings (and ``epsilon``) over it."""
@@ -253,9 +288,14 @@ class ExperimentConfig(_Strict):
         return [r for r in self.references if not r.datasets or dataset in r.datasets]
 
     def weeks_for(self, dataset: str) -> list[int] | None:
-        """The cut-off weeks of ``dataset`` (``uci-por`` falls back to ``uci``); None: no sweep."""
+        """The cut-off weeks of ``dataset`` (``uci-por`` falls back to ``uci``); None: all weeks.
+
+        The early-warning sweep's weeks, or the one grade cut-off week (`grade_week_for`): the
+        pipeline rebuilds the data as known at the end of each week either way.
+        """
         if self.cutoff_weeks is None:
-            return None
+            week = self.grade_week_for(dataset)
+            return None if week is None else [week]
         family = dataset.split("-")[0]
         weeks = self.cutoff_weeks.get(dataset, self.cutoff_weeks.get(family))
         if not weeks:
@@ -264,6 +304,14 @@ class ExperimentConfig(_Strict):
                 f"it has: {', '.join(self.cutoff_weeks)}"
             )
         return sorted(set(weeks))
+
+    def grade_week_for(self, dataset: str) -> int | None:
+        """The grade cut-off week of ``dataset`` (``uci-por`` falls back to ``uci``); None: none."""
+        if self.grade_cutoff_week is None:
+            return None
+        return self.grade_cutoff_week.get(
+            dataset, self.grade_cutoff_week.get(dataset.split("-")[0])
+        )
 
     def quick(self) -> ExperimentConfig:
         """A smoke-test version: 2 repeats, 2 epochs, 1 round, the ends of any sweep."""
@@ -288,6 +336,15 @@ class ExperimentConfig(_Strict):
         if self.epsilons is not None:
             update["epsilons"] = [max(self.epsilons)]
         return self.model_copy(update=update)
+
+
+def contract_weeks(dataset: str) -> int:
+    """The weeks of ``dataset``'s contract (``uci-por``: UCI's), whole term."""
+    family = dataset.split("-")[0]
+    if family == "synthetic":
+        return default_spec().weeks
+    # Each public dataset's contract sits beside its loader (simulations/datasets/<name>/).
+    return load_spec(DATASETS_DIR / family / "spec.toml").weeks
 
 
 def experiment_names() -> list[str]:

@@ -22,6 +22,7 @@ from simulations.reproduce.config import (
     METRIC_LABELS,
     RISK_METRICS,
     ExperimentConfig,
+    contract_weeks,
     mode_label,
 )
 from simulations.reproduce.data import choice
@@ -124,6 +125,7 @@ def _protocol(rep: Reproduction) -> list[str]:
         f"- Data: {choice(rep.dataset).description}.",
         *(f"  {_when(d['week'])}: {d['summary']}." for d in rep.data),
         f"- Modes: {', '.join(rep.modes)}. Targets: {', '.join(HEADS[cfg.target])}.",
+        *_grade_cutoff(rep),
         f"- Centralized: {split}; early stopping on validation loss (patience "
         f"{cfg.training.patience}, at most {cfg.training.max_epochs} epochs, batch "
         f"{cfg.training.batch_size}). Baselines are fitted centrally on the same splits.",
@@ -167,6 +169,9 @@ def _main_table(rep: Reproduction) -> list[str]:
     unit = {m: "seed(s)" for m in n} | ({"centralized": "folds"} if cfg.split == "kfold" else {})
     shown = ", ".join(f"{v} {unit[k]} {k}" for k, v in n.items())
     lines += ["", f"Mean ± sd (sample) over {shown}; n test: pooled test records per repeat."]
+    week = cfg.grade_week_for(rep.dataset)
+    if week is not None:
+        lines += [f"Grade cut-off week {week}: every row saw weeks 1-{week} only."]
     return lines
 
 
@@ -276,7 +281,8 @@ def _ordering(rep: Reproduction) -> list[str]:
     """Whether our centralized ordering of the mapped rows agrees with the paper's, per metric."""
     cfg = rep.config
     mapped = [r for r in cfg.references_for(rep.dataset) if r.row]
-    by_key = groups(o for o in rep.outcomes if o.week is None)
+    week = cfg.grade_week_for(rep.dataset)  # None: the whole term
+    by_key = groups(o for o in rep.outcomes if o.week == week)
     out = []
     for metric in cfg.metrics:
         refs = [r for r in mapped if metric in r.values]
@@ -284,7 +290,7 @@ def _ordering(rep: Reproduction) -> list[str]:
             continue
         ours = {}
         for r in refs:
-            found = by_key.get((None, "centralized", None, r.row), [])
+            found = by_key.get((week, "centralized", None, r.row), [])
             value = summarize(o.scored.metrics.get(metric) for o in found).mean
             if value is not None:
                 ours[r.row] = value
@@ -302,6 +308,18 @@ def _ordering(rep: Reproduction) -> list[str]:
 
 def _rank(values: dict[str, float], metric: str) -> list[str]:
     return sorted(values, key=lambda k: values[k], reverse=metric not in LOWER_IS_BETTER)
+
+
+def _grade_cutoff(rep: Reproduction) -> list[str]:
+    """The protocol line of an experiment whose models see only the first weeks (or none)."""
+    week = rep.config.grade_week_for(rep.dataset)
+    if week is None:
+        return []
+    return [
+        f"- Grade cut-off: week {week} of {contract_weeks(rep.dataset)}. Every model, baseline "
+        f"and mode sees weeks 1-{week} only and predicts the final grade, so a grade computed "
+        "from later assessments is predicted, not read off the inputs (`grade_cutoff_week`)."
+    ]
 
 
 def _when(week: object) -> str:
