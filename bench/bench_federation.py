@@ -2,7 +2,8 @@
 
 Both train the same model on the same students for the same number of sample-epochs: the
 simulation runs 4 institutions (the synthetic consortium), 5 rounds of 1 local epoch on Flower's
-Ray engine (`simulations.runner.simulate`, defaults otherwise: FedAvg, every node trains and
+Ray engine or, with ``--engine inline``, in its own process (`simulations.runner.simulate`,
+``engine``; defaults otherwise: FedAvg, every node trains and
 evaluates every round); centralized training pools the very same train splits
 (`shared_models.data.node.split_node`) and trains 5 epochs (`shared_models.training.fit`, no
 validation).
@@ -16,6 +17,7 @@ timings of what a round moves: serializing the messages (Ray pickles them) and a
 
     python -m bench.bench_federation          # 1,200 students 3 runs, 6,000 students 1 run
     python -m bench.bench_federation --students 1200,12000 --runs 5,3
+    python -m bench.bench_federation --engine inline   # or: --engine ray,inline (both, in turn)
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ REPO = Path(__file__).resolve().parents[1]
 # -- the two measured processes ----------------------------------------------------------------
 
 
-def _federated(exports: list[Path], out: Path) -> dict[str, Any]:
+def _federated(exports: list[Path], out: Path, engine: str = "ray") -> dict[str, Any]:
     marks: dict[str, Any] = {"start": time.time()}
     from server.config import FederationConfig
     from simulations.runner import simulate
@@ -59,6 +61,7 @@ def _federated(exports: list[Path], out: Path) -> dict[str, Any]:
     simulate(
         config,
         exports,
+        engine=engine,
         on_round=lambda r: rounds.append(
             {"end": time.time(), "server_seconds": getattr(r, "seconds", None)}
         ),
@@ -98,10 +101,11 @@ def _centralized(exports: list[Path]) -> dict[str, Any]:
 
 
 def child(argv: Sequence[str]) -> int:
-    """``--child fed|central RESULT OUT EXPORT...``: one measured run; its timestamps to RESULT."""
+    """``--child fed[:ENGINE]|central RESULT OUT EXPORT...``: one run; its timestamps to RESULT."""
     kind, result, out, *exports = argv
     paths = [Path(p) for p in exports]
-    data = _federated(paths, Path(out)) if kind == "fed" else _centralized(paths)
+    kind, _, engine = kind.partition(":")
+    data = _federated(paths, Path(out), engine or "ray") if kind == "fed" else _centralized(paths)
     data["marks"]["done"] = time.time()
     Path(result).write_text(json.dumps(data))
     return 0
@@ -194,17 +198,23 @@ def _phases(fed: dict[str, Any], central: dict[str, Any]) -> dict[str, float]:
     }
 
 
-def measure_size(students: int, runs: int, work: Path) -> dict[str, Any]:
+def measure_size(students: int, runs: int, work: Path, engine: str = "ray") -> dict[str, Any]:
     from simulations.synthetic import write_consortium
 
-    exports = write_consortium(work / "consortium", institutions=INSTITUTIONS, students=students)
+    consortium = work / "consortium"
+    exports = (
+        sorted(p.parent for p in consortium.glob("*/students.csv"))
+        if consortium.is_dir()  # a second engine measures the very same exports
+        else write_consortium(consortium, institutions=INSTITUTIONS, students=students)
+    )
     phases = []
     for k in range(runs):
         order = ("fed", "central") if k % 2 == 0 else ("central", "fed")
         pair: dict[str, dict[str, Any]] = {}
         for kind in order:
-            log(f"{students} students, run {k + 1}/{runs}: {kind}")
-            pair[kind] = _spawn(kind, exports, work, f"{kind}-{k}")
+            log(f"{students} students, run {k + 1}/{runs}: {kind} ({engine})")
+            spawned = f"fed:{engine}" if kind == "fed" else kind
+            pair[kind] = _spawn(spawned, exports, work, f"{kind}-{engine}-{k}")
         phases.append(_phases(pair["fed"], pair["central"]))
         log(
             f"  federated {phases[-1]['fed_wall']:.1f} s, centralized "
@@ -213,6 +223,7 @@ def measure_size(students: int, runs: int, work: Path) -> dict[str, Any]:
     keys = phases[0].keys()
     return {
         "students": students,
+        "engine": engine,
         "phases": {k: Stats.of([p[k] for p in phases]) for k in keys},
         "ratio": ratio_stats([p["fed_wall"] for p in phases], [p["central_wall"] for p in phases]),
         "ratio_in_process": ratio_stats(
@@ -246,7 +257,8 @@ def _tables(sizes: list[dict[str, Any]], costs: dict[str, float]) -> str:
             for label, f, c in _BREAKDOWN
         ]
         out.append(
-            f"{size['students']} students: federated / centralized wall time "
+            f"{size['students']} students, {size['engine']} engine: federated / centralized wall "
+            "time "
             f"{size['ratio'].cell(2)} x (without interpreter start and imports: "
             f"{size['ratio_in_process'].cell(2)} x)\n\n"
             + markdown(["phase (seconds)", "federated", "centralized"], rows)
@@ -269,6 +281,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument(
         "--runs", default="3,1", help="federated/centralized pairs per size (the last repeats)"
     )
+    p.add_argument(
+        "--engine",
+        default="ray",
+        help="simulation engine(s), comma-separated: ray, inline (simulations.runner.ENGINES)",
+    )
     args = p.parse_args(argv)
     if args.quick:
         args.students, args.runs = "400", "1"
@@ -276,10 +293,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     counts = [int(s) for s in args.students.split(",") if s]
     runs = [int(r) for r in args.runs.split(",") if r]
     runs += [runs[-1]] * (len(counts) - len(runs))
+    engines = [e for e in args.engine.split(",") if e]
+    unknown = sorted(set(engines) - {"ray", "inline"})
+    if unknown or not engines:
+        p.error(f"--engine: expected ray and/or inline, got {args.engine!r}")
     sizes = []
     with tempfile.TemporaryDirectory(prefix="edufl-bench-fed-") as tmp:
         for students, n in zip(counts, runs, strict=False):
-            sizes.append(measure_size(students, n, Path(tmp) / str(students)))
+            for engine in engines:
+                sizes.append(measure_size(students, n, Path(tmp) / str(students), engine))
     log("timing serialization and aggregation in-process")
     costs = _round_costs()
     for size in sizes:
@@ -289,7 +311,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             Row(
                 "1 federation overhead",
                 f"{INSTITUTIONS} institutions, {size['students']} students, {ROUNDS} rounds x "
-                f"{LOCAL_EPOCHS} epoch: federated / centralized wall time",
+                f"{LOCAL_EPOCHS} epoch"
+                + ("" if size["engine"] == "ray" else f", {size['engine']} engine")
+                + ": federated / centralized wall time",
                 size["ratio"],
                 "x",
                 target=f"<= {TARGET:g}x",

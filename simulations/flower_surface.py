@@ -1,4 +1,5 @@
-"""Every Flower-internal name and text `simulations.ray_session` relies on, in one list.
+"""Every Flower-internal name and text `simulations.ray_session` and `simulations.inline_grid`
+rely on, in one list.
 
 The shared Ray session (one Ray start for many simulations) replaces Flower 1.41's Ray backend
 class for the length of a simulation and lends it a pool of already started actors. Those are
@@ -24,6 +25,16 @@ NAMES: tuple[FlowerName, ...] = (
     FlowerName(_ACTORS, "BasicActorPool", ("actor_type", "client_resources", "actor_kwargs")),
     FlowerName(_ACTORS, "BasicActorPool.add_actors_to_pool", ("num_actors",)),
     FlowerName(_ACTORS, "ClientAppActor"),
+    # The inline engine (simulations/inline_grid.py): the run, the process identity a
+    # ServerApp's messages take (set as `run_simulation` sets it) and a failed node's error code.
+    FlowerName("flwr.supercore.run", "Run"),
+    FlowerName("flwr.supercore.run", "Run.create_empty", ("run_id",)),
+    FlowerName("flwr.supercore.task_identity", "TaskIdentity"),
+    FlowerName("flwr.supercore.task_identity", "TaskIdentity._task_id"),
+    FlowerName("flwr.supercore.task_identity", "TaskIdentity._run_id"),
+    FlowerName("flwr.supercore.task_identity", "TaskIdentity._node_id"),
+    FlowerName("flwr.common.constant", "SUPERLINK_NODE_ID"),
+    FlowerName("flwr.common.constant", "ErrorCode.CLIENT_APP_RAISED_EXCEPTION"),
 )
 
 #: Instance attributes the session's backend reads or sets, as Flower's code assigns them.

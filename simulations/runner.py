@@ -6,6 +6,10 @@ as the node config's data path (what ``flower-supernode --node-config`` sets in 
 `shared_models.protocol.NodeConfig`) and then calls the very handlers of ``client.app``. The
 ServerApp reads the federation config back from its run-config form, as the deployed one does.
 
+Engines: ``ray`` (the default) runs the nodes on Flower's Ray engine; ``inline`` runs the very
+same ServerApp and ClientApp in this process, one node after another (`simulations.inline_grid`),
+without Ray's start-up, worker imports and shutdown: for a few institutions on one machine.
+
 Ray: inside `ray_session()` (`simulations.ray_session`) every simulation shares one Ray instance
 and one pool of warm workers; a lone `simulate()` opens a session of its own and closes it at the
 end. ``ray_address`` (or ``RAY_ADDRESS``) joins an existing cluster instead of starting Ray: every
@@ -24,7 +28,7 @@ import warnings
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
-from flwr.app import Context, Message
+from flwr.app import Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
@@ -45,6 +49,7 @@ from simulations.ray_session import (
 
 __all__ = [
     "DEFAULT_CPUS_PER_NODE",
+    "ENGINES",
     "RayClusterError",
     "SimulationError",
     "ray_session",
@@ -60,6 +65,9 @@ logger = logging.getLogger(__name__)
 #: Opacus (seconds of CPU each): on two cores, 0.5 doubled the first round's start-up time.
 DEFAULT_CPUS_PER_NODE = 1.0
 
+#: ``ray``: Flower's Ray engine; ``inline``: every node in this process (`InlineGrid`).
+ENGINES = ("ray", "inline")
+
 
 class SimulationError(EduflError, RuntimeError):
     """A simulation that cannot start (no exports, bad resources)."""
@@ -74,6 +82,7 @@ def simulate(
     ray_address: str | None = None,
     device: str = "cpu",
     gpus_per_node: float | None = None,
+    engine: str = "ray",
 ) -> FederationResult:
     """Run ``config`` on one virtual node per export in ``data_paths``.
 
@@ -88,11 +97,14 @@ def simulate(
             (`shared_models.devices`); see `_placement`.
         gpus_per_node: Ray GPUs each virtual node reserves on CUDA; None shares the GPUs Ray
             sees among all nodes (at most one each).
+        engine: ``ray``, or ``inline`` to run every node in this process, one after another
+            (no Ray: ``cpus_per_node`` is unused; ``ray_address`` and ``gpus_per_node`` are
+            refused; on ``cuda`` the nodes take turns on this machine's GPU).
 
     Raises:
         DeviceError: ``cuda`` without a GPU (here, or in the cluster).
         SimulationError: no export to simulate, or fewer than ``config.min_nodes``; on a
-            cluster, a relative path.
+            cluster, a relative path; an unknown engine, or a Ray option with ``inline``.
         RayClusterError: the cluster cannot be joined, or a node does not see the files.
         CheckpointError: ``config.out_dir`` holds another run and ``config.resume`` is false.
         FederationError: every node failed in a round (the first error is quoted).
@@ -101,6 +113,10 @@ def simulate(
         raise SimulationError("no institution export given; pass --data DIR or --synthetic N")
     if cpus_per_node <= 0:
         raise SimulationError(f"cpus_per_node must be positive, got {cpus_per_node}")
+    if engine not in ENGINES:
+        raise SimulationError(f"engine must be one of {', '.join(ENGINES)}, not {engine!r}")
+    if engine == "inline":
+        return _simulate_inline(config, data_paths, on_round, ray_address, device, gpus_per_node)
     outer = current_session()
     if outer is not None and ray_address and ray_address != outer.address:
         raise SimulationError(
@@ -110,15 +126,7 @@ def simulate(
     address = outer.address if outer is not None else ray_address or os.environ.get("RAY_ADDRESS")
     if address:
         _require_absolute(address, config, data_paths)
-    paths = tuple(str(Path(p).resolve()) for p in data_paths)
-    missing = [p for p in paths if not Path(p).is_dir()]
-    if missing:
-        raise SimulationError(f"export folder(s) not found: {', '.join(missing)}")
-    if config.min_nodes > len(paths):
-        raise SimulationError(
-            f"min_nodes is {config.min_nodes} but only {len(paths)} export(s) were given; "
-            "the first round would wait forever"
-        )
+    paths = _checked_paths(config, data_paths)
     wanted = parse_device(device)
     if not address and resolve_device(wanted).type == "cpu":  # here: fail before Ray starts
         wanted = "cpu"
@@ -134,15 +142,64 @@ def simulate(
             return _run(config, paths, cpus_per_node, on_round, placement)
 
 
-def _run(
+def _checked_paths(config: FederationConfig, data_paths: Sequence[Path | str]) -> tuple[str, ...]:
+    paths = tuple(str(Path(p).resolve()) for p in data_paths)
+    missing = [p for p in paths if not Path(p).is_dir()]
+    if missing:
+        raise SimulationError(f"export folder(s) not found: {', '.join(missing)}")
+    if config.min_nodes > len(paths):
+        raise SimulationError(
+            f"min_nodes is {config.min_nodes} but only {len(paths)} export(s) were given; "
+            "the first round would wait forever"
+        )
+    return paths
+
+
+def _simulate_inline(
     config: FederationConfig,
-    paths: tuple[str, ...],
-    cpus_per_node: float,
+    data_paths: Sequence[Path | str],
     on_round: Callable[[RoundReport], None] | None,
-    placement: tuple[str, float] = ("cpu", 0.0),
+    ray_address: str | None,
+    device: str,
+    gpus_per_node: float | None,
 ) -> FederationResult:
-    node_device, gpus = placement
+    """`simulate` with ``engine="inline"``: the same apps, every node in this process."""
+    from simulations.inline_grid import InlineGrid, new_run, server_identity
+
+    if ray_address:
+        raise SimulationError(
+            f"the inline engine runs every node in this process and cannot join the Ray "
+            f"cluster {ray_address}; use engine ray (--engine ray) for a cluster, or drop "
+            "--ray-address / unset RAY_ADDRESS"
+        )
+    if gpus_per_node is not None:
+        raise SimulationError(
+            "gpus_per_node is a Ray reservation; the inline engine's nodes take turns on the "
+            "whole GPU: drop --gpus-per-node, or use --engine ray"
+        )
+    paths = _checked_paths(config, data_paths)
+    node_device = str(resolve_device(parse_device(device)))  # fails here without a GPU
+    check_out_dir(config)
     outcome: list[FederationResult] = []
+    server = _server_app(config, outcome, on_round)
+    run = new_run()
+    grid = InlineGrid(_client_app(config, paths, node_device), len(paths), run)
+    context = Context(
+        run_id=run.run_id, node_id=0, node_config={}, state=RecordDict(), run_config={}
+    )
+    with _quiet_engine(), server_identity(run):
+        server(grid=grid, context=context)
+    if not outcome:
+        raise SimulationError("the simulation ended before the federation finished")
+    return outcome[0]
+
+
+def _server_app(
+    config: FederationConfig,
+    outcome: list[FederationResult],
+    on_round: Callable[[RoundReport], None] | None,
+) -> ServerApp:
+    """The simulation's ServerApp: ``config`` through its run-config form, as deployed."""
     run_config = config.to_run_config()
     server = ServerApp()
 
@@ -152,6 +209,30 @@ def _run(
         validated = FederationConfig.from_run_config(context.run_config)
         outcome.append(run_federation(grid, validated, on_round=on_round))
 
+    return server
+
+
+def _client_app(config: FederationConfig, paths: tuple[str, ...], node_device: str) -> ClientApp:
+    spec_path = str(config.spec_path.resolve()) if config.spec_path else ""
+    return simulation_client_app(
+        paths,
+        privacy_root=str((Path(config.out_dir) / "privacy").resolve()),
+        spec_path=spec_path,
+        files_digest=_files_digest([*paths, spec_path]),
+        device=node_device,
+    )
+
+
+def _run(
+    config: FederationConfig,
+    paths: tuple[str, ...],
+    cpus_per_node: float,
+    on_round: Callable[[RoundReport], None] | None,
+    placement: tuple[str, float] = ("cpu", 0.0),
+) -> FederationResult:
+    node_device, gpus = placement
+    outcome: list[FederationResult] = []
+    server = _server_app(config, outcome, on_round)
     backend_config = {
         "client_resources": {"num_cpus": cpus_per_node, "num_gpus": gpus},
         "init_args": {
@@ -162,16 +243,9 @@ def _run(
     }
     from flwr.simulation import run_simulation
 
-    spec_path = str(config.spec_path.resolve()) if config.spec_path else ""
     run_simulation(
         server_app=server,
-        client_app=simulation_client_app(
-            paths,
-            privacy_root=str((Path(config.out_dir) / "privacy").resolve()),
-            spec_path=spec_path,
-            files_digest=_files_digest([*paths, spec_path]),
-            device=node_device,
-        ),
+        client_app=_client_app(config, paths, node_device),
         num_supernodes=len(paths),
         backend_config=backend_config,  # type: ignore[arg-type]
     )

@@ -130,6 +130,12 @@ def run(
         "absolute, on storage every node mounts.",
     ),
     device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
+    engine: str = typer.Option(
+        "ray",
+        "--engine",
+        help="ray: Flower's Ray engine (clusters, GPU shares, many nodes); inline: every node "
+        "in this process, one after another, without Ray's start-up (a few institutions).",
+    ),
     gpus_per_node: float | None = typer.Option(
         None,
         "--gpus-per-node",
@@ -139,15 +145,18 @@ def run(
         "sees, shared among the nodes).",
     ),
 ) -> None:
-    """Run a federated simulation: one virtual node per institution export, on Ray.
+    """Run a federated simulation: one virtual node per institution export, on Ray or inline.
 
     Prints one line per round and writes OUT/metrics.jsonl, OUT/checkpoints/, OUT/summary.md and
     OUT/rounds.png. A run interrupted for any reason continues with --resume. With --ray-address
-    (or RAY_ADDRESS) the virtual nodes run on an existing Ray cluster (docs/simulations.md).
+    (or RAY_ADDRESS) the virtual nodes run on an existing Ray cluster; --engine inline runs them
+    in this process instead, without Ray's start-up (docs/simulations.md, "Engines").
 
     Example:
 
       edufl simulate run --synthetic 4 --rounds 5 --model lstm --strategy fedavg --out runs/fedavg
+
+      edufl simulate run --synthetic 2 --rounds 5 --engine inline --out runs/quick
 
       edufl simulate run --ray-address 10.0.0.1:6379 --data /nfs/a --data /nfs/b --out /nfs/runs/ab
     """
@@ -158,11 +167,23 @@ def run(
     from shared_models.devices import parse_device, resolve_device
     from shared_models.errors import DataContractError
     from shared_models.protocol import RISK_ROC_AUC
-    from simulations.runner import simulate
+    from simulations.runner import ENGINES, simulate
     from simulations.synthetic import write_consortium
 
     if bool(data) == (synthetic is not None):
         raise typer.BadParameter("give either --data DIR (repeatable) or --synthetic N")
+    if engine not in ENGINES:
+        raise typer.BadParameter(f"--engine must be one of {', '.join(ENGINES)}, not {engine!r}")
+    if engine == "inline" and ray_address:
+        raise typer.BadParameter(
+            f"--engine inline runs every node in this process and cannot join the Ray cluster "
+            f"{ray_address}; use --engine ray, or drop --ray-address (and unset RAY_ADDRESS)"
+        )
+    if engine == "inline" and gpus_per_node is not None:
+        raise typer.BadParameter(
+            "--gpus-per-node is a Ray reservation; with --engine inline the nodes take turns "
+            "on the whole GPU: drop it, or use --engine ray"
+        )
     device = parse_device(device)
     if not ray_address:  # fail before writing anything; on a cluster, Ray counts the GPUs
         resolve_device(device)
@@ -217,6 +238,7 @@ def run(
         ray_address=ray_address or None,
         device=device,
         gpus_per_node=gpus_per_node,
+        engine=engine,
     )
     final = result.evaluate.get(RISK_ROC_AUC)
     noised = ""

@@ -33,7 +33,7 @@ TEXTS = [*node_surface.TEXTS, *server_surface.TEXTS, *simulation_surface.TEXTS]
 ADAPTERS = {
     "client/node": node_surface.NAMES,
     "server/superlink": server_surface.NAMES,
-    # Only simulations/ray_session.py imports Flower internals there (tests/test_layers.py).
+    # Only ray_session.py and inline_grid.py import Flower internals there (tests/test_layers.py).
     "simulations": simulation_surface.NAMES,
 }
 PUBLIC = ("flwr.app", "flwr.clientapp", "flwr.serverapp", "flwr.simulation")

@@ -14,9 +14,15 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("shared_models", "privacy", "client", "server", "simulations")
 PUBLIC = ("flwr.app", "flwr.clientapp", "flwr.serverapp", "flwr.simulation")
-#: The Ray session (one Ray start for many simulations) lends Flower's Ray backend its actors:
-#: its names are listed in simulations/flower_surface.py and pinned like the packages'.
-ADAPTERS = (Path("client/node"), Path("server/superlink"), Path("simulations/ray_session.py"))
+#: The Ray session (one Ray start for many simulations) lends Flower's Ray backend its actors;
+#: the inline engine sets the ServerApp's process identity as Flower's simulation does: their
+#: names are listed in simulations/flower_surface.py and pinned like the packages'.
+ADAPTERS = (
+    Path("client/node"),
+    Path("server/superlink"),
+    Path("simulations/ray_session.py"),
+    Path("simulations/inline_grid.py"),
+)
 
 
 def _flower_imports(path: Path) -> list[tuple[int, str]]:
