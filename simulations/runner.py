@@ -233,14 +233,8 @@ def _run(
     node_device, gpus = placement
     outcome: list[FederationResult] = []
     server = _server_app(config, outcome, on_round)
-    backend_config = {
-        "client_resources": {"num_cpus": cpus_per_node, "num_gpus": gpus},
-        "init_args": {
-            "logging_level": logging.ERROR,
-            "log_to_driver": False,
-            "include_dashboard": False,
-        },
-    }
+    # No "init_args": Ray is already up (`RaySession.ensure_ray` starts it with its settings).
+    backend_config = {"client_resources": {"num_cpus": cpus_per_node, "num_gpus": gpus}}
     from flwr.simulation import run_simulation
 
     run_simulation(

@@ -37,7 +37,7 @@ from client.early_warning.calibration import CalibrationReport
 from shared_models.atomic import write_text_atomic
 from shared_models.data.contract import FeatureSpec
 from shared_models.errors import DataContractError, PublicError
-from shared_models.models.artifact import CARD_FILE, WEIGHTS_FILE
+from shared_models.models.artifact import CARD_FILE, model_folder_of
 from shared_models.models.checkpoints import (
     CHECKPOINTS,
     Checkpoint,
@@ -358,15 +358,14 @@ def resolve_model(
     if model is None:
         return latest_adopted(home)
     path = Path(model)
-    if path.is_file() and path.name in (WEIGHTS_FILE, CARD_FILE):
-        if not (path.parent / CARD_FILE).is_file():
+    folder = model_folder_of(path)
+    if folder is not None:
+        if not (folder / CARD_FILE).is_file():
             raise DataContractError(
                 f"{path}: no {CARD_FILE} beside it; a model folder holds both files"
             )
-        return path.parent
-    if path.is_dir() and (path / CARD_FILE).is_file():
-        return path
-    if _is_checkpoint(path):
+        return folder
+    if is_checkpoint_path(path):
         manifest = checkpoint_manifest(path)
         again = _previous_adoption(home or default_home(), manifest, data_dir, spec)
         if again is not None:
@@ -415,10 +414,6 @@ def _verified(manifest_path: Path, source: Path, run_id: str | None) -> Checkpoi
             "check the run id your node logged, or adopt the right run folder"
         )
     return found
-
-
-def _is_checkpoint(path: Path) -> bool:
-    return is_checkpoint_path(path)
 
 
 def _previous_adoption(

@@ -98,6 +98,17 @@ class StoredModel:
     tensors: dict[str, torch.Tensor]
 
 
+def model_folder_of(path: Path) -> Path | None:
+    """The model folder ``path`` names (the folder, or the folder of its model.pt or
+    model.json), or None when ``path`` is none of those forms. The card may still be missing
+    beside a model.pt: `read_model_folder` says so."""
+    if path.is_file() and path.name in (WEIGHTS_FILE, CARD_FILE):
+        return path.parent
+    if path.is_dir() and (path / CARD_FILE).is_file():
+        return path
+    return None
+
+
 def read_model_folder(path: Path, spec: FeatureSpec | None = None) -> StoredModel:
     """The card and tensors of a model saved by `save_trained`, checked but not built.
 

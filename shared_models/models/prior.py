@@ -24,7 +24,10 @@ from torch import nn
 
 from shared_models.data.contract import FeatureSpec
 from shared_models.errors import DataContractError, EduflError
-from shared_models.models.artifact import CARD_FILE, WEIGHTS_FILE, read_model_folder
+from shared_models.models.artifact import (
+    model_folder_of,
+    read_model_folder,
+)
 from shared_models.models.checkpoints import (
     checkpoint_manifest,
     checkpoint_tensors,
@@ -80,9 +83,7 @@ def read_prior(path: Path) -> Prior:
     if not path.exists():
         raise PriorError(f"{path}: no such file or folder")
     try:
-        if (path.is_file() and path.name in (WEIGHTS_FILE, CARD_FILE)) or (
-            path.is_dir() and (path / CARD_FILE).is_file()
-        ):
+        if model_folder_of(path) is not None:
             return _from_model_folder(path)
         if is_checkpoint_path(path):
             return _from_checkpoint(path)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -19,18 +18,16 @@ from shared_models.data.node import prepare_node_data
 from shared_models.devices import DeviceError, model_device
 from shared_models.models.weights import assign_weights, named_weights
 from shared_models.protocol import NodeConfigError, RoundSettings
-from tests.client.test_app import SPEC, _config, _global_weights, _message
+from tests.client.test_app import (  # _one_torch_thread: test_app's autouse fixture, here too
+    SPEC,
+    _config,
+    _global_weights,
+    _message,
+    _one_torch_thread,  # noqa: F401
+)
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 without_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
-
-
-@pytest.fixture(autouse=True)
-def _one_torch_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _node(export: Path, **config: str) -> Context:
