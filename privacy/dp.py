@@ -23,8 +23,9 @@ clipped, noised sum over the plan's expected batch size (public), not the exact 
 same history and ledger (`privacy.releases`).
 
 Per-student gradients of the recurrent layers come from `privacy.fused_rnn` by default (the same
-gradients as Opacus' hooks, computed faster: see ``docs/benchmarks.md``); Opacus still clips,
-noises and accounts for every step.
+gradients as Opacus' hooks, computed faster: see ``docs/benchmarks.md``), and the weights'
+per-student gradients are clipped from their factors (`privacy.fused_clip`: the same clip and
+sum without materialising them); Opacus still drives the step, noises and accounts for it.
 
 DP-SGD runs where the model is (``--device``, `shared_models.devices`): per-student gradients,
 clipping and the update on the GPU when the model is there. Who is sampled and the noise itself
@@ -60,6 +61,7 @@ from privacy.accountant_store import (
     reconcile_state,
 )
 from privacy.budget import NEIGHBOURING, DPPlan, PrivacyBudget, PrivacyConfigError, Segment
+from privacy.fused_clip import install_factored_clipping
 from privacy.fused_rnn import fuse_recurrent_layers
 from privacy.ledger.institution import InstitutionLedger
 from privacy.noise import SecureRandom, install_secure_noise
@@ -129,7 +131,9 @@ class DPSession:
             max_physical_batch_size: split Poisson batches into chunks of at most this many
                 students (Opacus' BatchMemoryManager); None keeps whole batches.
             fused_rnn: per-student gradients of ``DPLSTM``/``DPGRU`` layers from
-                `privacy.fused_rnn` (same values, faster); False leaves them to Opacus' hooks.
+                `privacy.fused_rnn`, clipped from their factors with those of wide
+                ``nn.Linear`` layers (`privacy.fused_clip`; same values, faster); False leaves
+                them to Opacus' hooks and clipping.
 
         Raises:
             PrivacyConfigError: delta is not below 1/n, or the budget cannot be reached.
@@ -219,9 +223,10 @@ class DPSession:
         step), per-student clipping at ``max_grad_norm``, Gaussian noise at the calibrated
         multiplier, ``plan.steps_per_round / local epochs`` steps per pass over the loader.
         Matches ``client.local.Privatizer``. With ``fused_rnn`` the model's recurrent layers
-        are swapped for `privacy.fused_rnn` twins sharing their parameters until `spend_round`
-        or `abandon_round` puts them back. Trains on the model's device; batches are drawn on
-        the CPU and copied there by `shared_models.training.train_one_epoch`.
+        (and wide ``nn.Linear`` layers) are swapped for twins sharing their parameters until
+        `spend_round` or `abandon_round` puts them back (`privacy.fused_rnn`). Trains on the
+        model's device; batches are drawn on the CPU and copied there by
+        `shared_models.training.train_one_epoch`.
 
         Args:
             loader: only its dataset is used: batches are drawn per student.
@@ -264,7 +269,7 @@ class DPSession:
         # Attach the persisted history: this engine's accountant composes across rounds.
         self._engine.accountant.history = list(self._state.history)
         if self._fused_rnn:
-            self._unfuse = fuse_recurrent_layers(model)
+            self._unfuse = fuse_recurrent_layers(model, factored=True)
         try:
             with warnings.catch_warnings():
                 # Every round rebuilds its loader over the same students: same logical dataset.
@@ -278,6 +283,8 @@ class DPSession:
                     poisson_sampling=False,  # students' Poisson sampling is `students`' own
                 )
             install_secure_noise(private_opt, source)
+            if self._fused_rnn:
+                install_factored_clipping(private_opt)
             # Opacus divides the noised sum by len(dataset) * rate: records, and exact. The
             # plan's expected batch size comes from the released count only.
             private_opt.expected_batch_size = plan.expected_batch_size

@@ -4,15 +4,19 @@ Opacus' ``DPLSTM``/``DPGRU`` unroll the sequence in Python through two ``RNNLine
 week, and its hooks compute and accumulate a per-student gradient for each of them at every week:
 about 5x the time of a plain LSTM epoch here (``bench/bench_dp.py``). This module swaps each such
 layer, for the duration of a DP round, for a twin that *is* torch's ``nn.LSTM``/``nn.GRU``
-(native kernels forward and backward) holding the very same ``Parameter`` objects, and registers
-an Opacus grad sampler for the twin. From the gradient of the layer's output sequence, which
-Opacus' hooks capture, the sampler redoes backpropagation through time in closed form to get
-every week's gate gradients, then forms each student's weight gradients with one batched matrix
-product over all weeks.
+(native kernels) holding the very same ``Parameter`` objects, and registers an Opacus grad
+sampler for the twin. From the gradient of the layer's output sequence, which Opacus' hooks
+capture, the sampler redoes backpropagation through time in closed form to get every week's
+gate gradients, then forms each student's weight gradients with one batched matrix product over
+all weeks, or, in factored mode (what `privacy.dp.DPSession` uses), leaves them as factors for
+`privacy.fused_clip`, which clips them without materialising them. In factored mode a layer
+whose input needs no gradient also skips the native backward: the sampler's BPTT replaces it,
+and the summed weight gradients it would compute are replaced by DP-SGD's anyway.
 
 Only how per-student gradients are computed changes: Opacus' ``GradSampleModule`` still scales
-and accumulates them, ``DPOptimizer`` still clips and noises, and the accountant still counts the
-steps. ``tests/privacy/test_fused_rnn.py`` compares them with Opacus' own on the same batch.
+and accumulates them, ``DPOptimizer`` still clips (from factors) and noises, and the accountant
+still counts the steps. ``tests/privacy/test_fused_rnn.py`` compares the gradients with Opacus'
+own on the same batch, ``tests/privacy/test_fused_clip.py`` the clipped sums.
 
 Supported: single-layer, unidirectional, ``batch_first`` layers with biases, called without an
 initial state and without packed sequences, whose final ``(h_n, c_n)`` carry no gradient (the
@@ -38,6 +42,8 @@ from opacus.grad_sample import register_grad_sampler
 from opacus.layers import DPGRU, DPLSTM
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence
+
+from privacy import fused_clip
 
 logger = logging.getLogger(__name__)
 
@@ -102,15 +108,64 @@ class _Recent:
         return None
 
 
+class _NoWeightGradients(torch.autograd.Function):
+    """Outputs of a layer run without autograd, made to require gradients for Opacus' hooks.
+
+    In factored mode the per-student gradients come from the grad sampler and the clipped sum
+    from `privacy.fused_clip`: the native backward's summed weight gradients would be thrown
+    away (DP-SGD replaces ``p.grad``), so it is not run. Only for inputs that need no gradient:
+    then nothing below the layer waits for one. The weights are inputs so that the output
+    requires gradients (Opacus' backward hook fires on it) and get none.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, n_outputs: int, *tensors: Tensor) -> tuple[Tensor, ...]:
+        ctx.set_materialize_grads(False)
+        ctx.n_inputs = len(tensors)
+        return tuple(t.clone() for t in tensors[:n_outputs])
+
+    @staticmethod
+    def backward(ctx: Any, grad_output: Tensor | None, *state_grads: Tensor | None) -> Any:
+        for grad in state_grads:
+            _refuse_state_gradient(grad)
+        return (None,) * (1 + ctx.n_inputs)
+
+
+def _skips_native_backward(layer: nn.RNNBase, input: Any) -> bool:
+    """Whether ``layer`` may run without autograd (factored DP-SGD, input needing no gradient)."""
+    return bool(
+        layer.__dict__.get("_factored", False)
+        and layer.training
+        and torch.is_grad_enabled()
+        and isinstance(input, Tensor)
+        and not input.requires_grad
+    )
+
+
+def _run(layer: nn.RNNBase, native: type[nn.RNNBase], input: Any) -> tuple[Tensor, ...]:
+    """The native forward's (output, *states), without its backward where it is not needed."""
+    if not _skips_native_backward(layer, input):
+        output, state = native.forward(layer, input)
+        states = state if isinstance(state, tuple) else (state,)
+        outputs: tuple[Tensor, ...] = (output, *(_guarded(s) for s in states))
+    else:
+        with torch.no_grad():
+            output, state = native.forward(layer, input)
+        states = state if isinstance(state, tuple) else (state,)
+        params = tuple(layer.parameters())
+        outputs = _NoWeightGradients.apply(1 + len(states), output, *states, *params)
+    if layer.training:
+        layer.__dict__.setdefault("_recent", _Recent()).keep(input, outputs[0])
+    return outputs
+
+
 class FusedLSTM(nn.LSTM):
     """``nn.LSTM`` whose per-student gradients Opacus computes with `_lstm_grad_sample`."""
 
     def forward(self, input: Any, hx: Any = None) -> Any:
         _check_call(input, hx)
-        output, (h_n, c_n) = super().forward(input)
-        if self.training:
-            self.__dict__.setdefault("_recent", _Recent()).keep(input, output)
-        return output, (_guarded(h_n), _guarded(c_n))
+        output, h_n, c_n = _run(self, nn.LSTM, input)
+        return output, (h_n, c_n)
 
 
 class FusedGRU(nn.GRU):
@@ -118,10 +173,8 @@ class FusedGRU(nn.GRU):
 
     def forward(self, input: Any, hx: Any = None) -> Any:
         _check_call(input, hx)
-        output, h_n = super().forward(input)
-        if self.training:
-            self.__dict__.setdefault("_recent", _Recent()).keep(input, output)
-        return output, _guarded(h_n)
+        output, h_n = _run(self, nn.GRU, input)
+        return output, h_n
 
 
 def _output(layer: nn.RNNBase, x: Tensor, native: type[nn.RNNBase]) -> Tensor:
@@ -149,14 +202,25 @@ def _weights(layer: nn.RNNBase) -> tuple[nn.Parameter, nn.Parameter, nn.Paramete
 def _weight_grads(
     layer: nn.RNNBase, x: Tensor, h_prev: Tensor, d_ih: Tensor, d_hh: Tensor
 ) -> dict[nn.Parameter, Tensor]:
-    """Per-student gradients from the gate gradients of every step (one bmm per weight)."""
+    """Per-student gradients from the gate gradients of every step (B, T, ...; any strides).
+
+    Factored layers (`fuse_recurrent_layers` with ``factored=True``) stash the weights' factors
+    for `privacy.fused_clip` and give Opacus placeholders; others form them with one bmm each.
+    """
+    w_ih, w_hh, b_ih, b_hh = _weights(layer)
+    if layer.__dict__.get("_factored", False):
+        return {
+            w_ih: fused_clip.stash(w_ih, d_ih.transpose(0, 1), x.transpose(0, 1)),
+            w_hh: fused_clip.stash(w_hh, d_hh.transpose(0, 1), h_prev.transpose(0, 1)),
+            b_ih: d_ih.sum(dim=1),
+            b_hh: d_hh.sum(dim=1),
+        }
     if d_ih is d_hh:  # LSTM: both projections get the same gate gradients, one bmm serves
-        both = torch.bmm(d_ih.transpose(1, 2), torch.cat([x, h_prev], dim=2))
+        both = torch.einsum("btg,btk->bgk", d_ih, torch.cat([x, h_prev], dim=2))
         g_ih, g_hh = both[..., : x.shape[2]], both[..., x.shape[2] :]
     else:
         g_ih = torch.bmm(d_ih.transpose(1, 2), x)
         g_hh = torch.bmm(d_hh.transpose(1, 2), h_prev)
-    w_ih, w_hh, b_ih, b_hh = _weights(layer)
     return {w_ih: g_ih, w_hh: g_hh, b_ih: d_ih.sum(dim=1), b_hh: d_hh.sum(dim=1)}
 
 
@@ -170,41 +234,53 @@ def _lstm_grad_sample(
     Gates are recomputed from the input and the output sequence the forward pass kept (no
     recurrence needed), the cell states by one elementwise pass; then BPTT runs backwards with
     one (B, 4H) x (4H, H) product per step, as the native backward does, keeping every step's
-    gate gradients.
+    gate gradients. Everything inside is time-major (T, B, ...) so that a step is one
+    contiguous block, written in place (the loops are most of this function's cost).
     """
     x = activations[0].to(backprops.dtype)
     out = _output(layer, x, nn.LSTM)
     batch, steps, hidden = out.shape
-    h_prev = _shifted(out)
     w_ih, w_hh, b_ih, b_hh = _weights(layer)
-    gates = torch.cat([x, h_prev], dim=2) @ torch.cat([w_ih, w_hh], dim=1).t()
-    gates += b_ih + b_hh
-    i, f, g, o = gates.chunk(4, dim=2)
-    i, f, o, g = i.sigmoid(), f.sigmoid(), o.sigmoid(), g.tanh()
-    ig = i * g
-    c = torch.empty_like(ig)
-    state = ig.new_zeros(batch, hidden)
-    for t in range(steps):
-        state = torch.addcmul(ig[:, t], f[:, t], state)
-        c[:, t] = state
-    tanh_c = c.tanh()
+    # a[t] = [x_t, h_{t-1}]: what both weight matrices multiply, time-major.
+    a = x.new_empty(steps, batch, x.shape[2] + hidden)
+    a[:, :, : x.shape[2]] = x.transpose(0, 1)
+    a[0, :, x.shape[2] :] = 0
+    a[1:, :, x.shape[2] :] = out[:, :-1].transpose(0, 1)
+    gates = torch.addmm(
+        b_ih + b_hh, a.view(steps * batch, a.shape[2]), torch.cat([w_ih, w_hh], 1).t()
+    )
+    gates = gates.view(steps, batch, 4, hidden)
+    # tanh(z) = 2 sigmoid(2z) - 1: torch's float32 tanh is several times slower on CPU.
+    gates[:, :, 2] *= 2
+    gates.sigmoid_()
+    gates[:, :, 2].mul_(2).sub_(1)
+    i, f, g, o = gates.unbind(2)
+    c = torch.mul(i, g)  # c[t] = f[t] * c[t - 1] + i[t] * g[t], in place
+    for t in range(1, steps):
+        c[t].addcmul_(f[t], c[t - 1])
+    tanh_c = torch.sigmoid(2 * c).mul_(2).sub_(1)
     # dh -> dc through h = o * tanh(c); then each gate's pre-activation gradient is dc (dh for
     # the output gate) times a factor known from the forward pass.
-    dc_from_dh = o * (1 - tanh_c * tanh_c)
-    factor = torch.cat(
-        [g * i * (1 - i), _shifted(c) * f * (1 - f), i * (1 - g * g), tanh_c * o * (1 - o)], dim=2
-    )
+    dc_from_dh = (1 - tanh_c * tanh_c).mul_(o)
+    factor = torch.empty_like(gates)
+    torch.mul(g, i * (1 - i), out=factor[:, :, 0])
+    factor[0, :, 1] = 0
+    torch.mul(c[:-1], f[1:] * (1 - f[1:]), out=factor[1:, :, 1])
+    torch.mul(i, 1 - g * g, out=factor[:, :, 2])
+    torch.mul(tanh_c, o * (1 - o), out=factor[:, :, 3])
     d_gates = torch.empty_like(factor)
-    dh_next = backprops.new_zeros(batch, hidden)
-    dc_next = backprops.new_zeros(batch, hidden)
+    dh = backprops[:, -1].clone()
+    dc = backprops.new_zeros(batch, hidden)
     for t in range(steps - 1, -1, -1):
-        dh = backprops[:, t] + dh_next
-        dc = torch.addcmul(dc_next, dh, dc_from_dh[:, t])
-        step = torch.cat([dc, dc, dc, dh], dim=1).mul_(factor[:, t])
-        d_gates[:, t] = step
-        dc_next = dc * f[:, t]
-        dh_next = step @ w_hh
-    return _weight_grads(layer, x, h_prev, d_gates, d_gates)
+        dc.addcmul_(dh, dc_from_dh[t])
+        torch.mul(factor[t, :, :3], dc.unsqueeze(1), out=d_gates[t, :, :3])
+        torch.mul(factor[t, :, 3], dh, out=d_gates[t, :, 3])
+        if t:
+            dc.mul_(f[t])
+            dh = torch.addmm(backprops[:, t - 1], d_gates[t].view(batch, 4 * hidden), w_hh)
+    d_flat = d_gates.view(steps, batch, 4 * hidden).transpose(0, 1)  # batch-major views
+    a = a.transpose(0, 1)
+    return _weight_grads(layer, a[..., : x.shape[2]], a[..., x.shape[2] :], d_flat, d_flat)
 
 
 @register_grad_sampler(FusedGRU)  # type: ignore[untyped-decorator]
@@ -250,8 +326,13 @@ _TWINS: dict[type[nn.Module], type[FusedLSTM] | type[FusedGRU]] = {
 }
 
 
-def _twin(module: nn.Module) -> nn.RNNBase | None:
-    """The fused twin of an eligible ``DPLSTM``/``DPGRU``, sharing its parameters; else None."""
+def _twin(module: nn.Module, factored: bool) -> nn.Module | None:
+    """The fused twin of an eligible layer, sharing its parameters; else None.
+
+    ``DPLSTM``/``DPGRU`` always; ``nn.Linear`` only when ``factored``.
+    """
+    if factored and (linear := fused_clip.factored_linear(module)) is not None:
+        return linear
     cls = _TWINS.get(type(module))
     if cls is None:
         return None
@@ -270,11 +351,17 @@ def _twin(module: nn.Module) -> nn.RNNBase | None:
     return twin
 
 
-def fuse_recurrent_layers(model: nn.Module) -> Callable[[], None]:
+def fuse_recurrent_layers(model: nn.Module, *, factored: bool = False) -> Callable[[], None]:
     """Swap every eligible ``DPLSTM``/``DPGRU`` in ``model`` for its fused twin, in place.
 
     Parameters are shared, not copied: an optimizer built on ``model`` keeps updating them, and
     state-dict names do not change. Call before Opacus wraps the model.
+
+    Args:
+        factored: the twins' weight matrices leave their per-student gradients as factors for
+            `privacy.fused_clip` (the ``DPOptimizer`` must have `install_factored_clipping`),
+            and ``nn.Linear`` layers are swapped for `privacy.fused_clip.FactoredLinear` twins
+            too; False gives Opacus materialised per-sample gradients (``p.grad_sample``).
 
     Returns:
         A function that puts the original layers back (they hold the trained weights).
@@ -283,13 +370,16 @@ def fuse_recurrent_layers(model: nn.Module) -> Callable[[], None]:
         (parent, name, child, twin)
         for parent in model.modules()
         for name, child in parent.named_children()
-        if (twin := _twin(child)) is not None
+        if (twin := _twin(child, factored)) is not None
     ]
     for parent, name, _, twin in found:
+        twin.__dict__["_factored"] = factored  # read by the recurrent twins' grad samplers
         setattr(parent, name, twin)
 
     def restore() -> None:
-        for parent, name, child, _ in reversed(found):
+        for parent, name, child, twin in reversed(found):
+            for param in twin.parameters():
+                fused_clip.clear(param)
             setattr(parent, name, child)
 
     return restore

@@ -152,7 +152,10 @@ def _dp_round(state_dir: Path, fused: bool, name: str, task: str) -> tuple[Any, 
     return model, entry
 
 
-@pytest.mark.parametrize(("name", "task"), [("lstm", "risk"), ("gru", "grade")])
+@pytest.mark.parametrize(
+    ("name", "task"),
+    [("lstm", "risk"), ("gru", "grade"), ("cnn-lstm", "risk"), ("multitask", "multitask")],
+)
 def test_a_fused_dp_round_trains_the_same_weights_and_spends_the_same_epsilon(
     tmp_path: Path, name: str, task: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:

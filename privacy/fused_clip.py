@@ -1,0 +1,211 @@
+"""Per-student clipping without per-student gradients: norms and sums from their factors.
+
+A recurrent layer's per-student weight gradient is a sum over weeks of outer products,
+``g_b = L_b^T R_b`` with ``L_b`` (T, out) the gate gradients and ``R_b`` (T, in) what the
+weight multiplied. Opacus materialises ``g_b`` for every student (a B x out x in tensor per
+weight, zero-filled, copied, then read twice to clip it): on the LSTM that memory traffic was
+the largest part of the DP-SGD overhead (``docs/benchmarks.md``). This module clips the same
+gradients from the factors instead (the "ghost norm" of Goodfellow 2015 and Li et al. 2022):
+
+- the squared norm ``||g_b||^2 = sum_{t,s} (L_b L_b^T)_{ts} (R_b R_b^T)_{ts}``, two (T x T)
+  Gram matrices per student, computed in float64;
+- the clipped sum ``sum_b c_b g_b = (c * L)^T R`` over all students and weeks, one product
+  (the per-student clip factors ``c`` scale the rows of ``L``).
+
+The values are those of Opacus' ``DPOptimizer.clip_and_accumulate`` (same clip factor
+``min(1, C / (norm + 1e-6))`` over the norm of the student's whole gradient, same sum) up to
+floating-point rounding. The guarantee does not change: every student's gradient is clipped to
+``max_grad_norm`` before the sum the noise is added to.
+
+How the factors travel: a grad sampler in factored mode (`privacy.fused_rnn`) calls `stash`
+for a weight and hands Opacus an empty (B, 0) placeholder as its per-sample gradient, so
+Opacus' hooks and its accumulation checks run unchanged; `install_factored_clipping` makes the
+``DPOptimizer`` clip from the stash. A placeholder reaching Opacus' own clipping fails loudly
+(an empty sum cannot take the parameter's shape) rather than training on a wrong gradient.
+
+`FactoredLinear` does the same for ``nn.Linear`` (``g_b = dy_b^T x_b``, one row per student):
+in a DP round `privacy.fused_rnn.fuse_recurrent_layers` swaps the model's wider ``nn.Linear``
+layers (a dense layer, not a one-unit head) for twins sharing their parameters. ``nn.Conv1d``
+is left to Opacus: its per-student gradients are a few hundred values (edufl's filters,
+32 x 8 x 3), nothing to save.
+"""
+
+from __future__ import annotations
+
+import types
+from typing import Any
+
+import torch
+from opacus.grad_sample import register_grad_sampler
+from opacus.optimizers import DPOptimizer
+from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
+from torch import Tensor, nn
+
+__all__ = [
+    "MIN_FACTORED_WIDTH",
+    "FactoredLinear",
+    "clear",
+    "factored_linear",
+    "install_factored_clipping",
+    "stash",
+]
+
+_ATTR = "_edufl_factors"
+
+
+def stash(param: Tensor, left: Tensor, right: Tensor) -> Tensor:
+    """Record ``param``'s per-student gradients as ``left[:, b]^T @ right[:, b]``.
+
+    Args:
+        left: (N, B, out) and right: (N, B, in), for ``param`` of shape (out, in), rows first
+            (time-major: the clipped sum is then one product without copies); a layer called
+            twice in one step stashes twice and the gradients add up.
+
+    Returns:
+        The (B, 0) tensor to give Opacus as this parameter's per-sample gradient.
+    """
+    if left.shape[:2] != right.shape[:2] or param.shape != (left.shape[2], right.shape[2]):
+        raise ValueError(
+            f"factors {tuple(left.shape)} and {tuple(right.shape)} do not make per-student "
+            f"gradients of a {tuple(param.shape)} weight"
+        )
+    param.__dict__.setdefault(_ATTR, []).append((left, right))
+    return left.new_empty(left.shape[1], 0)
+
+
+def clear(param: Tensor) -> None:
+    """Forget ``param``'s stashed factors (a step not taken, a round ended)."""
+    param.__dict__.pop(_ATTR, None)
+
+
+def _take(param: Tensor) -> tuple[Tensor, Tensor] | None:
+    parts: list[tuple[Tensor, Tensor]] | None = param.__dict__.pop(_ATTR, None)
+    if not parts:
+        return None
+    if len(parts) == 1:
+        return parts[0]
+    # Two calls of the layer in one step: g_b = sum_k L_kb^T R_kb = [L_1b; L_2b]^T [R_1b; R_2b].
+    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+
+
+def _gram(factor: Tensor) -> Tensor:
+    """``factor[:, b] @ factor[:, b]^T`` per student, in float64 (norms decide the clipping)."""
+    wide = factor.transpose(0, 1).to(torch.float64, memory_format=torch.contiguous_format)
+    return torch.bmm(wide, wide.transpose(1, 2))
+
+
+def _squared_norms(left: Tensor, right: Tensor, grams: dict[int, Tensor]) -> Tensor:
+    """``||left[:, b]^T right[:, b]||^2`` per student without forming the product.
+
+    ``grams`` caches Gram matrices by factor: an LSTM's two weights share their ``left``.
+    """
+    if left.shape[0] == 1:  # one row per student: the norm of an outer product
+        return left[0].double().square().sum(1) * right[0].double().square().sum(1)
+    if id(left) not in grams:
+        grams[id(left)] = _gram(left)
+    return (grams[id(left)] * _gram(right)).sum((1, 2)).clamp_(min=0)
+
+
+def _clip_and_accumulate(self: DPOptimizer) -> None:
+    """`DPOptimizer.clip_and_accumulate`, reading stashed factors where a weight has them."""
+    params = self.params
+    factors = {id(p): f for p in params if (f := _take(p)) is not None}
+    if not factors:  # nothing factored this step: Opacus' own clipping, unchanged
+        DPOptimizer.clip_and_accumulate(self)
+        return
+    flat = {id(p): self._get_flat_grad_sample(p) for p in params if id(p) not in factors}
+    sizes = {f[0].shape[1] for f in factors.values()} | {len(g) for g in flat.values()}
+    if len(sizes) > 1:
+        raise RuntimeError(
+            f"per-student gradients of one step cover different batch sizes {sorted(sizes)}; "
+            "a factored weight was stashed for another batch (zero_grad between steps)"
+        )
+    batch = sizes.pop() if sizes else 0
+    device = params[0].device if params else torch.device("cpu")
+    squared = torch.zeros(batch, dtype=torch.float64, device=device)
+    grams: dict[int, Tensor] = {}
+    for p in params:
+        if id(p) in factors:
+            squared += _squared_norms(*factors[id(p)], grams).to(device)
+        else:
+            squared += flat[id(p)].flatten(1).double().square().sum(1).to(device)
+    norms = squared.sqrt()
+    clip = (self.max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
+    for p in params:
+        _check_processed_flag(p.grad_sample)
+        factor = clip.to(device=p.device, dtype=p.dtype)
+        if id(p) in factors:
+            left, right = factors[id(p)]
+            scaled = (left.to(p.dtype) * factor.view(1, len(factor), 1)).reshape(-1, left.shape[2])
+            # (R^T S)^T rather than S^T R: several times faster for a narrow R (an LSTM's input).
+            rows = right.to(p.dtype).reshape(-1, right.shape[2])
+            grad = (rows.t() @ scaled).t().contiguous()
+        else:
+            grad = (factor @ flat[id(p)].to(p.dtype).flatten(1)).view(p.shape)
+        if p.summed_grad is not None:
+            p.summed_grad += grad
+        else:
+            p.summed_grad = grad
+        _mark_as_processed(p.grad_sample)
+
+
+def install_factored_clipping(optimizer: DPOptimizer) -> None:
+    """Make ``optimizer`` clip stashed (factored) per-student gradients; others as Opacus does.
+
+    Also makes its ``zero_grad`` forget factors a step did not use, as Opacus forgets
+    ``grad_sample``.
+    """
+    zero_grad = optimizer.zero_grad
+
+    def clear_then_zero(self: DPOptimizer, set_to_none: bool = False) -> Any:
+        for p in self.params:
+            clear(p)
+        return zero_grad(set_to_none)
+
+    optimizer.clip_and_accumulate = types.MethodType(  # type: ignore[method-assign]
+        _clip_and_accumulate, optimizer
+    )
+    optimizer.zero_grad = types.MethodType(clear_then_zero, optimizer)  # type: ignore[method-assign]
+
+
+#: Narrowest ``nn.Linear`` (inputs or outputs) whose per-student gradients are factored.
+MIN_FACTORED_WIDTH = 8
+
+
+class FactoredLinear(nn.Linear):
+    """``nn.Linear`` whose per-student weight gradients are stashed as factors (a DP round's)."""
+
+
+@register_grad_sampler(FactoredLinear)  # type: ignore[untyped-decorator]
+@torch.no_grad()
+def _linear_grad_sample(
+    layer: FactoredLinear, activations: list[Tensor], backprops: Tensor
+) -> dict[nn.Parameter, Tensor]:
+    """``g_b = sum_n dy[b, n]^T x[b, n]`` over any middle dimensions (none: one row)."""
+    x, dy = activations[0].to(backprops.dtype), backprops
+    x, dy = (
+        (x.unsqueeze(1), dy.unsqueeze(1)) if x.dim() == 2 else (x.flatten(1, -2), dy.flatten(1, -2))
+    )
+    grads = {layer.weight: stash(layer.weight, dy.transpose(0, 1), x.transpose(0, 1))}
+    if layer.bias is not None:
+        grads[layer.bias] = dy.sum(1)
+    return grads
+
+
+def factored_linear(module: nn.Module) -> FactoredLinear | None:
+    """A `FactoredLinear` sharing ``module``'s parameters, for an ``nn.Linear`` where it pays.
+
+    Only when both widths are at least `MIN_FACTORED_WIDTH`: a per-student gradient is then at
+    least that many times larger than its factors. A one-unit head's gradient is no larger
+    than its input, and Opacus' materialised path is cheaper for it.
+    """
+    if type(module) is not nn.Linear:
+        return None
+    if min(module.in_features, module.out_features) < MIN_FACTORED_WIDTH:
+        return None
+    with torch.device("meta"):  # no storage and no draw from torch's RNG for throwaway weights
+        twin = FactoredLinear(module.in_features, module.out_features, bias=module.bias is not None)
+    twin.weight = module.weight
+    twin.bias = module.bias
+    twin.train(module.training)
+    return twin
