@@ -17,10 +17,12 @@ key, DP-SGD on as every node defaults to. The modes compared:
   node's own ``client.app:app``) preloading nothing (``NodeOptions.warm_clientapp=False``):
   each message's process imports torch, Opacus and pandas itself, as ``flwr-clientapp`` does,
   without its interpreter start and bundle install;
-- ``warm``: edufl's default (`edufl client start`): the same executor forking each message's
-  ClientApp from a process that imported them once;
-- ``paced``: the warm node with ``--pull-interval 0.25`` (``client.node.pacing``: the next
-  message asked for 0.25 s after one instead of Flower's fixed 3 s; opt-in).
+- ``warm``: `edufl client start --pull-interval 0`: the same executor forking each message's
+  ClientApp from a process that imported them once (and prepared the export), at Flower's
+  own pace;
+- ``paced``: edufl's default (`edufl client start`, ``--pull-interval 0.25``:
+  ``client.node.pacing``, the next message asked for 0.25 s after one instead of Flower's fixed
+  3 s).
 
 A round's overhead is its wall time at the server (``seconds`` in the run's ``metrics.jsonl``:
 from sending the global model until the last reply is in and aggregated) minus the slowest
@@ -56,7 +58,8 @@ from bench.common import Report, Row, Stats, log, markdown, parser, ratio_stats
 MODES = ("flower", "cold", "warm", "paced")
 #: Modes whose node is edufl's own executor (`client.node.warm_exec`), and whether it preloads.
 EXECUTOR_WARM = {"cold": False, "warm": True, "paced": True}
-#: ``paced``: the warm node with ``edufl client start --pull-interval`` this many seconds.
+#: ``paced``: the warm node with ``edufl client start --pull-interval`` this many seconds
+#: (its default, `client.node.launcher.DEFAULT_PULL_INTERVAL_S`).
 PACED_PULL_S = 0.25
 TARGET_S = 2.0  # issue 8, item 4: deployment overhead per round
 #: The public listener's address: a loopback address other than the control plane's 127.0.0.1,

@@ -62,7 +62,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bench.bench_deploy import PUBLIC_HOST, Federation, planes_split, superlink_log_summary
+from bench.bench_deploy import (
+    PACED_PULL_S as DEFAULT_PULL_INTERVAL_S,
+)
+from bench.bench_deploy import (
+    PUBLIC_HOST,
+    Federation,
+    planes_split,
+    superlink_log_summary,
+)
 from bench.common import Report, Row, Stats, TreeMemory, log, markdown, parser
 
 MIB = 1024**2
@@ -266,11 +274,12 @@ def run(args: Any, work: Path) -> dict[str, Any]:
             f"starting {args.nodes} nodes ({args.launch})"
         )
         for name, export, key in nodes:
-            options = fed.node_options(name, export, key, True, args.pull_interval)
+            pull = args.pull_interval or None  # 0: Flower's own pace
+            options = fed.node_options(name, export, key, True, pull)
             if forked is not None:
                 forked.start(options)
             else:
-                fed.start_node(name, export, key, True, args.pull_interval)
+                fed.start_node(name, export, key, True, pull)
             memory.sample()
         log("all nodes started; waiting for the run")
         last_report = 0.0
@@ -461,8 +470,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument(
         "--pull-interval",
         type=float,
-        default=None,
-        help="pace every node as `edufl client start --pull-interval` (default: Flower's 3 s)",
+        default=DEFAULT_PULL_INTERVAL_S,
+        help="seconds every node waits before asking for its next message, as `edufl client "
+        f"start --pull-interval` (default {DEFAULT_PULL_INTERVAL_S:g}, as that command's; "
+        "0: Flower's fixed 3 s)",
     )
     p.add_argument("--round-timeout", type=int, default=900)
     p.add_argument("--timeout", type=int, default=3600, help="seconds for the whole run")

@@ -30,7 +30,8 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -551,19 +552,85 @@ def _dp_session(
     )
 
 
-@functools.lru_cache(maxsize=8)
 def _spec(path: str | None) -> FeatureSpec:
-    return load_spec(path)
+    """The node's spec, parsed again only when its file changed (`_file_stamp`)."""
+    stamp = _file_stamp(Path(path)) if path else ()
+    cached = _specs.get(path)
+    if cached is not None and cached[0] == stamp:
+        return cached[1]
+    spec = load_spec(path)
+    _specs[path] = (stamp, spec)
+    return spec
 
 
-# One process may serve several virtual nodes in simulation; loading and splitting an export is
-# the slowest part of a round, so each process keeps the last few it prepared.
-@functools.lru_cache(maxsize=8)
+#: The prepared exports, by (path, spec fingerprint, seed, institution): each with the stamp
+#: of the files it was read from. A warm node fills it in the executor's parent (`prime`), so
+#: each message's forked process finds the export validated and split; a simulation's process
+#: keeps the last few it prepared.
+_prepared: dict[tuple[str, str, int, str | None], tuple[tuple[Any, ...], NodeData]] = {}
+_specs: dict[str | None, tuple[tuple[Any, ...], FeatureSpec]] = {}
+_KEEP_PREPARED = 8
+
+
 def _node_data(path: str, spec: FeatureSpec, seed: int, institution: str | None) -> NodeData:
-    return prepare_node_data(path, spec, seed=seed, institution=institution)
+    """`prepare_node_data` of the export at ``path``, reused while none of its files changed."""
+    key = (path, spec.fingerprint, seed, institution)
+    stamp = _export_stamp(Path(path))
+    cached = _prepared.get(key)
+    if cached is not None and cached[0] == stamp:
+        return cached[1]
+    node = prepare_node_data(path, spec, seed=seed, institution=institution)
+    # The stamp taken before reading: a file changed while it was read is read again next time.
+    _prepared.pop(key, None)
+    _prepared[key] = (stamp, node)
+    while len(_prepared) > _KEEP_PREPARED:
+        del _prepared[next(iter(_prepared))]
+    return node
+
+
+def _export_stamp(folder: Path) -> tuple[Any, ...]:
+    """Every file under ``folder`` (the tables, a mapping file): name, size, mtime, inode, ctime.
+
+    A changed, added, removed, renamed or replaced file changes the stamp: any write moves the
+    status-change time (ctime, in ns), which, unlike the modification time, no tool can set
+    back. A few microseconds per file, where hashing the contents would read the whole export.
+    """
+    try:
+        return tuple(
+            (str(f.relative_to(folder)), *_file_stamp(f))
+            for f in sorted(folder.rglob("*"))
+            if f.is_file()
+        )
+    except OSError:
+        return (("<unreadable>", time.monotonic_ns()),)  # never equal: read it again
+
+
+def _file_stamp(path: Path) -> tuple[int, int, int, int]:
+    try:
+        st = path.stat()
+    except OSError:
+        return (-1, -1, -1, time.monotonic_ns())  # never equal: read it again
+    return (st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns)
+
+
+def prime(node_config: Mapping[str, Any]) -> bool:
+    """Read, validate and split this node's export ahead of its messages (the warm executor).
+
+    Called in `client.node.warm_exec`'s parent before it forks tasks, and again after each
+    task (a no-op while the files are unchanged): the round settings' default seed is the
+    server's default, and a task for another seed or a changed file prepares its own. A
+    failure is left to the task, which reports it in its reply; whether it succeeded.
+    """
+    try:
+        own = NodeConfig.parse(node_config)
+        _node(own, RoundSettings())
+    except Exception as exc:
+        logger.info("the export could not be prepared ahead of a task (%s); tasks will", exc)
+        return False
+    return True
 
 
 def clear_caches() -> None:
     """Forget the prepared exports and specs (a warm worker whose files changed on disk)."""
-    _node_data.cache_clear()
-    _spec.cache_clear()
+    _prepared.clear()
+    _specs.clear()

@@ -638,3 +638,89 @@ def read_acknowledgement(config_records: Mapping[str, Mapping[str, Any]]) -> Ack
         weights_sha256=checksum if isinstance(checksum, str) else "",
         institution=reply_institution(config_records),
     )
+
+
+# --- weights on the wire: one packed array per message ------------------------------------------
+
+#: In a deployment a message's (or a reply's) weights travel as one array, not one per tensor:
+#: Flower 1.41 moves every array of a message as objects of their own, each asked for in its own
+#: HTTPS request by the SuperNode and by the ServerApp (docs/benchmarks.md, question 4). The
+#: ServerApp's grid (`server.superlink.packing`) and the node's task (`client.node.packing`)
+#: pack and unpack at the transport, with the codec below; the strategy, the guard, the
+#: ClientApp and `weights_sha256` see the same named tensors as before. A simulation sends
+#: them unpacked.
+PACKED_ARRAY = "edufl-packed"
+PACKED_STYPE = "edufl.packed/1"
+#: The dtypes a packed entry may have (numpy's ``dtype.str``): numbers only, never objects.
+_PACKED_KINDS = frozenset("fiub")
+_HEADER_BYTES = 4
+
+
+class PackedArraysError(ProtocolError):
+    """A packed array that cannot be unpacked: truncated, inconsistent or not numbers."""
+
+
+def pack_arrays(arrays: Mapping[str, Any]) -> bytes:
+    """``arrays`` (name -> numpy array) as one buffer: a JSON header (name, dtype, shape of
+    each, in order) behind its 4-byte length, then each array's C-order bytes."""
+    import numpy as np
+
+    entries, chunks = [], []
+    for name, value in arrays.items():
+        array = np.asarray(value)
+        if array.dtype.kind not in _PACKED_KINDS:
+            raise PackedArraysError(f"array {name!r} has dtype {array.dtype}; only numbers pack")
+        entries.append({"name": str(name), "dtype": array.dtype.str, "shape": list(array.shape)})
+        chunks.append(array.tobytes(order="C"))
+    header = json.dumps(entries, separators=(",", ":")).encode()
+    return len(header).to_bytes(_HEADER_BYTES, "little") + header + b"".join(chunks)
+
+
+def unpack_arrays(blob: bytes) -> dict[str, Any]:
+    """The arrays `pack_arrays` packed, by name, in order (each its own writable copy).
+
+    Raises:
+        PackedArraysError: the buffer is truncated or longer than its header says, or an entry
+            has no name, a repeated name, a non-numeric dtype or an invalid shape.
+    """
+    import numpy as np
+
+    def bad(why: str) -> PackedArraysError:
+        return PackedArraysError(
+            f"the weights' packed array is corrupt ({why}); are server and node running the "
+            "same edufl version?"
+        )
+
+    if len(blob) < _HEADER_BYTES:
+        raise bad(f"{len(blob)} bytes, shorter than its header")
+    size = int.from_bytes(blob[:_HEADER_BYTES], "little")
+    if size > len(blob) - _HEADER_BYTES:
+        raise bad(f"a {size}-byte header in {len(blob)} bytes")
+    try:
+        entries = json.loads(blob[_HEADER_BYTES : _HEADER_BYTES + size])
+        if not isinstance(entries, list):
+            raise ValueError("not a list")
+    except ValueError as exc:
+        raise bad(f"unreadable header: {exc}") from None
+    offset = _HEADER_BYTES + size
+    arrays: dict[str, Any] = {}
+    for k, entry in enumerate(entries):
+        try:
+            name, dtype = entry["name"], np.dtype(entry["dtype"])
+            shape = tuple(int(n) for n in entry["shape"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise bad(f"entry {k}: {exc}") from None
+        if not isinstance(name, str) or not name or name in arrays:
+            raise bad(f"entry {k}: a missing or repeated name {name!r}")
+        if dtype.kind not in _PACKED_KINDS or any(n < 0 for n in shape):
+            raise bad(f"{name!r}: dtype {dtype} or shape {shape} is not a numeric array's")
+        count = int(np.prod(shape, dtype=np.int64))
+        nbytes = dtype.itemsize * count
+        if offset + nbytes > len(blob):
+            raise bad(f"{name!r}: {nbytes} bytes of data, {len(blob) - offset} left")
+        flat = np.frombuffer(blob, dtype, count=count, offset=offset)
+        arrays[name] = flat.reshape(shape).copy()
+        offset += nbytes
+    if offset != len(blob):
+        raise bad(f"{len(blob) - offset} bytes after the last array")
+    return arrays

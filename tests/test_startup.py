@@ -198,7 +198,8 @@ def test_help_still_shows_defaults_and_required() -> None:
 
 def test_help_defaults_match_their_sources() -> None:
     from client.node import cli as node_cli
-    from client.node.launcher import DEFAULT_MAX_MODEL_PARAMS
+    from client.node.launcher import DEFAULT_MAX_MODEL_PARAMS, DEFAULT_PULL_INTERVAL_S
+    from client.node.pacing import PULL_INTERVAL_S
     from privacy.keys import DEFAULT_ADDRESSES
     from server import cli as server_cli
     from server.superlink.launcher import DEFAULT_ADDRESS
@@ -211,6 +212,10 @@ def test_help_defaults_match_their_sources() -> None:
     assert tuple(DATASETS) == reproduce_cli.DATASET_NAMES
     assert reproduce_cli.MODE_NAMES == MODES
     assert node_cli.DEFAULT_MAX_MODEL_PARAMS == DEFAULT_MAX_MODEL_PARAMS
+    assert node_cli.PULL_INTERVAL_S == DEFAULT_PULL_INTERVAL_S == PULL_INTERVAL_S
+    from bench.bench_deploy import PACED_PULL_S
+
+    assert PACED_PULL_S == DEFAULT_PULL_INTERVAL_S  # the benchmark's `paced` is the default
 
 
 @pytest.fixture

@@ -13,6 +13,7 @@ this installation's ``client.app:app`` and refuses any other bundle.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -41,6 +42,8 @@ _FLOWER_EXIT = re.compile(re.escape(flower_surface.EXIT_CODE.text) + r"(\d+)")
 #: The node's default bound on a received model (40 MB of float32); edufl's models are far
 #: smaller (`edufl client start --max-model-params` raises it).
 DEFAULT_MAX_MODEL_PARAMS = 10_000_000
+#: Seconds a node waits before asking for its next message after one (`client.node.pacing`).
+DEFAULT_PULL_INTERVAL_S = 0.25
 
 
 @dataclass(frozen=True)
@@ -70,10 +73,10 @@ class NodeOptions:
     #: code only (`client.node.own_code`).
     warm_clientapp: bool = True
     #: With ``warm_clientapp``: seconds before the SuperNode asks for the next message after
-    #: one (`client.node.pacing`, e.g. 0.25); None keeps Flower's fixed 3 s. Off by default:
-    #: with 50 nodes on one machine the quicker asks made the SuperLink's SQLite store refuse
-    #: requests until a run failed (docs/benchmarks.md, question 4).
-    pull_interval: float | None = None
+    #: one (`client.node.pacing`); None keeps Flower's fixed 3 s (``--pull-interval 0``). The
+    #: SuperLink copes with paced nodes since its store runs in WAL mode and its public
+    #: listener serves a bounded number of requests at once (`server.superlink.serve`).
+    pull_interval: float | None = DEFAULT_PULL_INTERVAL_S
     #: The most parameters a model the server sends may have; None: no bound.
     max_model_params: int | None = DEFAULT_MAX_MODEL_PARAMS
     #: Where the ClientApp trains and evaluates (auto, cpu, cuda[:N]); None: the CPU.
@@ -183,6 +186,8 @@ def node_argv(options: NodeOptions) -> list[str]:
     warm = [sys.executable, "-m", "client.node.warm_exec", "--runtime-api-address", runtime]
     if not options.warm_clientapp:
         warm += ["--preload", ""]
+    else:  # the executor prepares the export once, before the first message
+        warm += ["--node-config-json", json.dumps(node_config(options).to_node_config())]
     if options.pull_interval is None:
         return [*warm, "--", *supernode_argv(options)]
     paced = [sys.executable, "-m", "client.node.pacing"]

@@ -7,8 +7,8 @@ then waits 1 s (``PULL_INITIAL_BACKOFF``, doubling up to 10 s) before asking aga
 SuperNode (``client.node.pacing``) asks for messages a fraction of a second after they are
 sent, so it often comes that early: the 1 s is then a large part of a round's overhead on
 loopback (``bench/bench_deploy.py``). Each quicker retry is one more request to the SuperLink,
-which is why it goes with the paced SuperNode only (opt-in: see
-``client.node.launcher.NodeOptions``).
+which is why it goes with the paced SuperNode only (the default; ``--pull-interval 0`` turns
+both off: see ``client.node.launcher.NodeOptions``).
 
 ``install`` makes a module's ``pull_objects`` start at ``INITIAL_BACKOFF_S`` instead; the
 doubling, the cap, the time limit and the tries per object stay Flower's.

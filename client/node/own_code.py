@@ -11,7 +11,10 @@ pulls the task from the SuperNode's local Runtime API as Flower does, then
   installed, and none of it is put on ``sys.path``);
 - refuses a message whose weights exceed the node's own bound (`check_model_size`, from the
   node config's ``max-model-params``) before anything is built from them;
-- runs `CLIENTAPP` imported from this node's installed edufl (`own_client_app`).
+- runs `CLIENTAPP` imported from this node's installed edufl (`own_client_app`), on the
+  message with its weights unpacked, and packs the reply's weights into one array
+  (`client.node.packing`: fewer objects for Flower to move); a corrupt packed
+  array is refused like a bundle.
 
 A refused task is answered with an error reply, as a ClientApp that raised, and logged with the
 run and what the bundle named.
@@ -30,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from shared_models.errors import EduflError
-from shared_models.protocol import MAX_MODEL_PARAMS, NodeConfig
+from shared_models.protocol import MAX_MODEL_PARAMS, NodeConfig, PackedArraysError
 
 logger = logging.getLogger(__name__)
 
@@ -186,6 +189,8 @@ def run_task(address: str, token: str, parent_pid: int | None) -> None:
         push_task_output,
     )
 
+    from client.node.packing import pack_records, unpack_records
+
     if parent_pid is not None:
         start_parent_process_monitor(parent_pid)
     retry_invoker = make_simple_http_retry_invoker()
@@ -221,11 +226,13 @@ def run_task(address: str, token: str, parent_pid: int | None) -> None:
         heartbeat.start()
         message, context, run, fab = pull_task_input(client)
         check_bundle(fab.content, run.run_id)
+        if message.has_content():  # the weights travel packed (`client.node.packing`)
+            message.content = unpack_records(message.content)
         own = NodeConfig.parse(context.node_config)
         check_model_size(dict(message.content.array_records), own.max_model_params, run.run_id)
         reply = own_client_app()(message=message, context=context)
         sub_status, details = SubStatus.COMPLETED, ""
-    except (BundleRefused, ModelTooLarge) as exc:
+    except (BundleRefused, ModelTooLarge, PackedArraysError) as exc:
         logger.error("%s", exc)
         sub_status, details = SubStatus.FAILED, str(exc)
         if message is not None:
@@ -243,6 +250,8 @@ def run_task(address: str, token: str, parent_pid: int | None) -> None:
     finally:
         if reply is not None and context is not None:
             try:
+                if reply.has_content():
+                    reply.content = pack_records(reply.content)
                 push_message(client, reply, context)
             except Exception:
                 logger.exception("failed to push the reply to the SuperNode")

@@ -19,10 +19,12 @@ object of a message that is not uploaded yet is asked for again after 0.05 s ins
 (``client.node.object_pulls``). Nothing else in Flower's loop changes: the same pulls,
 pushes, retries and heartbeats.
 
-Off by default (``edufl client start --pull-interval S`` turns it on): every quicker ask is a
-request to the SuperLink, and with 50 nodes on one 2-core machine (``bench/load_test.py``) its
-SQLite store answered "database is locked" to so many of them that the ServerApp's heartbeat
-failed and the run with it. For a consortium of a few nodes it saves about 1.5 s a round.
+On by default (``edufl client start``; ``--pull-interval 0`` keeps Flower's pace): every
+quicker ask is a request to the SuperLink. With 50 paced nodes on one 2-core machine
+(``bench/load_test.py``) Flower's SQLite store once answered "database is locked" to so many
+of them that the ServerApp's heartbeat failed and the run with it; the SuperLink now waits up to
+30 s for SQLite's lock (WAL journal) and serves at most 16 Fleet requests at once
+(`server.superlink.serve`). It saves about 1.5 s a round.
 
 If the Flower release in use no longer has the loop this is written against (``pyproject.toml``
 pins ``flwr==1.41.0`` and `main` refuses another), the SuperNode runs at Flower's own pace,

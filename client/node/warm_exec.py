@@ -13,7 +13,10 @@ through `client.node.own_code.run_task`: Flower's ``run_clientapp`` without its 
 importing of the app bundle, so the node runs only its own edufl's ``client.app:app`` and
 refuses a bundle that names other code. Every message still gets a process of its own that
 exits afterwards, as with Flower's default, so nothing (no data, no model, no accountant)
-carries over from one message to the next; only the imports do. With ``--preload ""`` (a
+carries over from one message to the next; only the imports do, and, given the node's config
+(``--node-config-json``, from `client.node.launcher`), its export read, validated and split
+once here (`client.app.prime`), checked again after every task and prepared again when one of
+its files changed (a task that finds them changed prepares its own). With ``--preload ""`` (a
 "cold" node) each task imports what it needs itself, as Flower's ``flwr-clientapp`` would.
 
 The SuperNode is this process's child; its output passes through here to ours, so one log shows
@@ -34,6 +37,7 @@ import contextlib
 import ctypes
 import gc
 import importlib
+import json
 import logging
 import os
 import select
@@ -42,7 +46,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from types import FrameType
 from typing import Any
@@ -112,10 +116,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     relay = _Relay(supernode.stdout.fileno())
     tasks: dict[int, _Task] = {}  # by process id
     code: int | None = None
+    primer = _primer(args)
     try:
         relay.wait_until_activated(_ACTIVATION_WAIT_S)
-        _preload(args.preload, relay)
-        _serve(args.runtime_api_address, args.poll, supernode, relay, tasks)
+        _preload(args.preload, relay, primer)
+        _serve(args.runtime_api_address, args.poll, supernode, relay, tasks, primer)
     except SystemExit as exc:  # SIGTERM/SIGINT (see _raise_exit)
         logger.info("warm ClientApp executor: stopping the SuperNode")
         code = exc.code if isinstance(exc.code, int) else 1
@@ -186,12 +191,39 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--preload", default=",".join(PRELOAD), help="comma-separated modules to import once"
     )
+    parser.add_argument(
+        "--node-config-json",
+        default="",
+        help="the node config (JSON object) whose export to prepare once, before the tasks",
+    )
     parser.add_argument("supernode", nargs=argparse.REMAINDER, help="-- flower-supernode ...")
     return parser
 
 
-def _preload(modules: str, relay: _Relay | None = None) -> None:
-    """Import ``modules`` (comma-separated) and keep them out of the garbage collector."""
+def _primer(args: argparse.Namespace) -> Callable[[], None] | None:
+    """What prepares the node's export in this process (`client.app.prime`), if anything."""
+    if not args.node_config_json or not args.preload:
+        return None  # a cold node keeps nothing in this process
+    try:
+        node_config = json.loads(args.node_config_json)
+        if not isinstance(node_config, dict):
+            raise ValueError("not a JSON object")
+    except ValueError as exc:
+        raise SystemExit(f"--node-config-json: {exc}") from None
+
+    def prime() -> None:
+        from client.app import prime as prime_export
+
+        prime_export(node_config)
+
+    return prime
+
+
+def _preload(
+    modules: str, relay: _Relay | None = None, primer: Callable[[], None] | None = None
+) -> None:
+    """Import ``modules`` (comma-separated), prepare the export (``primer``), and keep them
+    out of the garbage collector."""
     started = time.monotonic()
     for name in filter(None, (m.strip() for m in modules.split(","))):
         if relay is not None:
@@ -202,6 +234,8 @@ def _preload(modules: str, relay: _Relay | None = None) -> None:
             importlib.import_module(name)
         except ImportError as exc:  # a missing optional part only costs its import per task
             logger.warning("warm ClientApp executor: cannot preload %s: %s", name, exc)
+    if primer is not None and (relay is None or relay.open):
+        primer()
     # Frozen objects are never collected, so a task's collections do not write to (and copy)
     # the pages it shares with this process.
     gc.collect()
@@ -215,8 +249,12 @@ def _serve(
     supernode: subprocess.Popen[bytes],
     relay: _Relay,
     tasks: dict[int, _Task],
+    primer: Callable[[], None] | None = None,
 ) -> None:
-    """Fork a task child for every ClientApp task the SuperNode hands out, until it exits."""
+    """Fork a task child for every ClientApp task the SuperNode hands out, until it exits.
+
+    After each task ends, ``primer`` checks the prepared export against its files.
+    """
     from flwr.proto.runtime_pb2 import AcquireTaskRequest
     from flwr.supercore.constant import TaskType
     from flwr.supercore.interceptors import RuntimeVersionHttpInterceptor
@@ -236,7 +274,8 @@ def _serve(
     next_ask, hinted_until = 0.0, 0.0
     with contextlib.closing(client):
         while relay.open and supernode.poll() is None:
-            _reap(tasks)
+            if _reap(tasks) and primer is not None and not tasks:
+                primer()
             if relay.pump(max(0.0, next_ask - time.monotonic())):
                 next_ask, hinted_until = 0.0, time.monotonic() + _HINT_WINDOW_S
             now = time.monotonic()
@@ -292,7 +331,9 @@ def _run_task(address: str, token: str, task_id: int) -> None:
         os._exit(code)  # skip the parent's atexit handlers and finalizers
 
 
-def _reap(tasks: dict[int, _Task]) -> None:
+def _reap(tasks: dict[int, _Task]) -> int:
+    """Collect the tasks that ended; how many did."""
+    ended = 0
     for pid in list(tasks):
         with contextlib.suppress(ChildProcessError):
             done, status = os.waitpid(pid, os.WNOHANG)
@@ -301,6 +342,8 @@ def _reap(tasks: dict[int, _Task]) -> None:
             if code := os.waitstatus_to_exitcode(status):
                 logger.warning("task %d: ClientApp exited with code %d", tasks[pid].task_id, code)
         del tasks[pid]
+        ended += 1
+    return ended
 
 
 def _stop_all(

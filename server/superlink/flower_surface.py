@@ -75,6 +75,8 @@ NAMES: tuple[FlowerName, ...] = (
     FlowerName("flwr.superlink.grid.http_grid", "HttpGrid.pull_messages", ("message_ids",)),
     FlowerName("flwr.common.constant", "ErrorCode.MESSAGE_UNAVAILABLE"),
     FlowerName("flwr.common.constant", "ErrorCode.REPLY_MESSAGE_UNAVAILABLE"),
+    # retry.py: a reply whose packed weights are corrupt becomes this error.
+    FlowerName("flwr.common.constant", "ErrorCode.UNKNOWN"),
 )
 
 #: serve.py replaces the module global this loop reads on every new connection.

@@ -6,14 +6,17 @@ codes of a reply lost in transit. Simulation's grid gets Flower's own ``send_and
 
 from __future__ import annotations
 
+import copy
 import logging
 import time
 from collections import Counter
 from collections.abc import Mapping
 
-from flwr.app import Message, Metadata
+from flwr.app import Error, Message, Metadata
 from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
+
+from server.superlink.packing import PackedArraysError, pack_records, unpack_records
 
 logger = logging.getLogger(__name__)
 
@@ -67,7 +70,8 @@ def exchange(grid: Grid, messages: list[Message], timeout: float) -> list[Messag
 
     def push(batch: list[Message]) -> None:
         now = time.monotonic()
-        for msg_id, msg in zip(grid.push_messages(batch), batch, strict=True):
+        packed = [_packed(m) for m in batch]
+        for msg_id, msg in zip(grid.push_messages(packed), batch, strict=True):
             node_of[msg_id] = int(msg.metadata.dst_node_id)
             sent_at[node_of[msg_id]] = now
             asks[node_of[msg_id]] += 1
@@ -89,7 +93,7 @@ def exchange(grid: Grid, messages: list[Message], timeout: float) -> list[Messag
                 del node_of[msg_id]
                 lost.add(node)
                 continue
-            replies[node] = _from_node(msg, node)
+            replies[node] = _unpacked(_from_node(msg, node))
             latencies.append(time.monotonic() - started)
         late = lost | set(_late_nodes(by_node, replies, sent_at, latencies, time.monotonic()))
         late = sorted(n for n in late - replies.keys() if asks[n] < MAX_ASKS)
@@ -138,6 +142,26 @@ def _from_node(msg: Message, node: int) -> Message:
         message_type=meta.message_type,
     )
     return Message(error=msg.error, metadata=metadata)
+
+
+def _packed(msg: Message) -> Message:
+    """``msg`` with its weights in one array (`server.superlink.packing`): one
+    object for the SuperLink and the node to move instead of one per tensor."""
+    if not msg.has_content():
+        return msg
+    return Message(content=pack_records(msg.content), metadata=copy.copy(msg.metadata))
+
+
+def _unpacked(msg: Message) -> Message:
+    """A reply with its weights unpacked; a corrupt packed array becomes the node's error."""
+    if msg.has_error() or not msg.has_content():
+        return msg
+    try:
+        msg.content = unpack_records(msg.content)
+    except PackedArraysError as exc:
+        logger.warning("node %s sent a corrupt reply: %s", msg.metadata.src_node_id, exc)
+        return Message(error=Error(code=ErrorCode.UNKNOWN, reason=str(exc)), metadata=msg.metadata)
+    return msg
 
 
 def _again(msg: Message) -> Message:
