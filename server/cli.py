@@ -280,7 +280,9 @@ def start(
     institutions and never installs packages at run time. Training is differentially private
     by default: every institution is asked for DP-SGD at --dp-epsilon (8 unless the config or
     the option says otherwise; each node may hold its own budget), and every round's spend
-    arrives in the signed ledger STATE/run/ledger.jsonl. The ServerApp run starts at once
+    arrives in the signed ledger STATE/run/ledger.jsonl. Under DP, the local epochs, batch size
+    and learning rate the config does not set take the DP defaults (server.config.DP_DEFAULTS:
+    1, 256, 0.03; 0.05 for logistic). The ServerApp run starts at once
     and waits until --min-nodes nodes are connected; its log is shown here. The command ends
     when the run finishes (exit code 0 when it completed), stopping the SuperLink unless
     --keep-running. With --init-from the run starts from a public prior's weights, checked
@@ -316,7 +318,7 @@ def start(
     }
     federation = FederationConfig.from_options(config, options)
     if no_dp:
-        federation = federation.model_copy(update={"dp_epsilon": None})
+        federation = federation.with_dp_epsilon(None)  # non-DP defaults, if not set
         typer.secho(
             "WARNING: --no-dp: the server proposes training without differential privacy; "
             "nodes started with their own --no-dp train without it, and every such round is "
@@ -325,7 +327,7 @@ def start(
             err=True,
         )
     elif federation.dp_epsilon is None:  # DP is the deployment default
-        federation = federation.model_copy(update={"dp_epsilon": DEFAULT_DEPLOY_EPSILON})
+        federation = federation.with_dp_epsilon(DEFAULT_DEPLOY_EPSILON)  # + DP_DEFAULTS
     if out is None and "out_dir" not in federation.model_fields_set:
         out = state / "run"
     # The ServerApp runs in a process the SuperLink starts elsewhere: paths must be absolute.

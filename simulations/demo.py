@@ -11,12 +11,15 @@ from __future__ import annotations
 import shutil
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import typer
 
 from privacy.budget import DEFAULT_EPSILON
 from shared_models.cli_support import user_errors
+
+if TYPE_CHECKING:
+    from server.config import FederationConfig
 
 #: What the tiers must mean on each institution's students (issue 18's "done when").
 TARGETS = {"low_rate_max": 0.20, "high_rate_min": 0.70, "high_share_min": 0.05, "ece_max": 0.05}
@@ -27,11 +30,6 @@ TARGETS = {"low_rate_max": 0.20, "high_rate_min": 0.70, "high_share_min": 0.05, 
 #: DP-SGD also needs the numbers: noise is added per batch, so more students per institution
 #: means less noise per student for the same epsilon. Sizes still differ (non-IID).
 INSTITUTION_SIZES = (6000, 7000, 8000, 9000)
-
-#: DP-aware training: large batches (the Gaussian noise is averaged over more per-sample
-#: gradients per step) and few passes (each pass spends budget), with a larger step than
-#: the non-private 1e-3 to make up for clipping. Measured in the DP-utility issue's sweep.
-DP_TRAINING = {"local_epochs": 1, "batch_size": 256, "learning_rate": 0.01}
 
 
 @user_errors
@@ -61,7 +59,6 @@ def demo(
     """
     from client.early_warning.adopt import adopt
     from client.early_warning.report import score_and_report
-    from server.config import FederationConfig
     from server.federation import progress_line
     from shared_models.data.contract import default_spec
     from shared_models.data.validate import validate_export
@@ -97,17 +94,7 @@ def demo(
     run_dir = out / "federated"
     dp = f"DP-SGD at epsilon {dp_epsilon:g} per institution" if dp_epsilon > 0 else "no DP"
     typer.echo(f"[3/5] federated LSTM, FedAvg, {rounds} rounds on Ray, {dp} -> {run_dir}")
-    settings = {
-        "model": "lstm",
-        "strategy": "fedavg",
-        "rounds": rounds,
-        "seed": seed,
-        "min_nodes": len(folders),
-        "out_dir": run_dir,
-        "dp_epsilon": dp_epsilon if dp_epsilon > 0 else None,
-        **(DP_TRAINING if dp_epsilon > 0 else {}),
-    }
-    federation = FederationConfig.from_options(None, settings, source="demo")
+    federation = federation_config(rounds, seed, dp_epsilon, len(folders), run_dir)
     started = time.monotonic()
     result = simulate(
         federation, folders, on_round=lambda r: typer.echo("      " + progress_line(r, rounds))
@@ -160,6 +147,28 @@ def demo(
     typer.echo(f"  checkpoints       {run_dir / 'checkpoints'}")
     if dp_epsilon > 0:
         typer.echo(f"  privacy ledger    {ledger} (audit: {run_dir / 'privacy_audit.md'})")
+
+
+def federation_config(
+    rounds: int, seed: int, dp_epsilon: float, nodes: int, run_dir: Path
+) -> FederationConfig:
+    """The demo's federation: the LSTM, FedAvg, every institution in every round.
+
+    Under DP (``dp_epsilon`` > 0) local training takes the shipped DP defaults
+    (`server.config.DP_DEFAULTS`), as `edufl simulate run` and `edufl server start` do.
+    """
+    from server.config import FederationConfig
+
+    settings = {
+        "model": "lstm",
+        "strategy": "fedavg",
+        "rounds": rounds,
+        "seed": seed,
+        "min_nodes": nodes,
+        "out_dir": run_dir,
+        "dp_epsilon": dp_epsilon if dp_epsilon > 0 else None,
+    }
+    return FederationConfig.from_options(None, settings, source="demo")
 
 
 def tier_summary(warning: Any, calibration: Any) -> list[str]:

@@ -25,6 +25,41 @@ app = new_app(
 )
 
 
+#: `simulations.runner.ENGINES`, spelled here so that --help needs no Flower (a test checks).
+ENGINE_NAMES = ("ray", "inline")
+#: ``--ray-address`` and ``--engine``, shared with `edufl reproduce` (one help, one check).
+RAY_ADDRESS: str | None = typer.Option(
+    None,
+    "--ray-address",
+    envvar="RAY_ADDRESS",
+    help="Join this Ray cluster (HOST:PORT, auto) instead of starting Ray; all paths "
+    "absolute, on storage every node mounts.",
+)
+ENGINE: str = typer.Option(
+    "ray",
+    "--engine",
+    help="ray: Flower's Ray engine (clusters, GPU shares, many nodes); inline: every node "
+    "in this process, one after another, without Ray's start-up (a few institutions).",
+)
+
+
+def check_engine(engine: str, ray_address: str | None) -> None:
+    """Refuse an unknown ``--engine``, or ``inline`` with a Ray cluster to join.
+
+    Raises:
+        typer.BadParameter: naming the option and how to fix the call.
+    """
+    if engine not in ENGINE_NAMES:
+        raise typer.BadParameter(
+            f"--engine must be one of {', '.join(ENGINE_NAMES)}, not {engine!r}"
+        )
+    if engine == "inline" and ray_address:
+        raise typer.BadParameter(
+            f"--engine inline runs every node in this process and cannot join the Ray cluster "
+            f"{ray_address}; use --engine ray, or drop --ray-address (and unset RAY_ADDRESS)"
+        )
+
+
 @app.command()
 @user_errors
 def synth(
@@ -96,9 +131,18 @@ def run(
         [], "--strategy-param", help="A strategy parameter as KEY=VALUE (e.g. eta=0.01)."
     ),
     rounds: int | None = typer.Option(None, min=1, help="Rounds in total (default 5)."),
-    local_epochs: int | None = typer.Option(None, min=1, help="Local epochs per round."),
-    batch_size: int | None = typer.Option(None, min=1, help="Local batch size."),
-    lr: float | None = typer.Option(None, "--lr", help="Local Adam learning rate."),
+    local_epochs: int | None = typer.Option(
+        None, min=1, help="Local epochs per round (default 3; under DP 1)."
+    ),
+    batch_size: int | None = typer.Option(
+        None, min=1, help="Local batch size (default 32; under DP 256)."
+    ),
+    lr: float | None = typer.Option(
+        None,
+        "--lr",
+        help="Local Adam learning rate (default: the model's, 1e-3 for the recurrent models; "
+        "under DP 0.03, 0.05 for logistic).",
+    ),
     proximal_mu: float | None = typer.Option(None, help="FedProx's proximal coefficient."),
     fraction_train: float | None = typer.Option(None, help="Share of nodes trained per round."),
     min_nodes: int | None = typer.Option(None, min=1, help="Nodes per round (default: all)."),
@@ -122,20 +166,9 @@ def run(
     ),
     dp_evaluate_every: int | None = DP_EVALUATE_EVERY,
     init_from: Path | None = INIT_FROM,
-    ray_address: str | None = typer.Option(
-        None,
-        "--ray-address",
-        envvar="RAY_ADDRESS",
-        help="Join this Ray cluster (HOST:PORT, auto) instead of starting Ray; all paths "
-        "absolute, on storage every node mounts.",
-    ),
+    ray_address: str | None = RAY_ADDRESS,
     device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
-    engine: str = typer.Option(
-        "ray",
-        "--engine",
-        help="ray: Flower's Ray engine (clusters, GPU shares, many nodes); inline: every node "
-        "in this process, one after another, without Ray's start-up (a few institutions).",
-    ),
+    engine: str = ENGINE,
     gpus_per_node: float | None = typer.Option(
         None,
         "--gpus-per-node",
@@ -150,7 +183,9 @@ def run(
     Prints one line per round and writes OUT/metrics.jsonl, OUT/checkpoints/, OUT/summary.md and
     OUT/rounds.png. A run interrupted for any reason continues with --resume. With --ray-address
     (or RAY_ADDRESS) the virtual nodes run on an existing Ray cluster; --engine inline runs them
-    in this process instead, without Ray's start-up (docs/simulations.md, "Engines").
+    in this process instead, without Ray's start-up (docs/simulations.md, "Engines"). With
+    --dp-epsilon, the local epochs, batch size and learning rate not given take the DP
+    defaults (server.config.DP_DEFAULTS; docs/results.md, "DP-aware defaults (issue 19)").
 
     Example:
 
@@ -167,18 +202,12 @@ def run(
     from shared_models.devices import parse_device, resolve_device
     from shared_models.errors import DataContractError
     from shared_models.protocol import RISK_ROC_AUC
-    from simulations.runner import ENGINES, simulate
+    from simulations.runner import simulate
     from simulations.synthetic import write_consortium
 
     if bool(data) == (synthetic is not None):
         raise typer.BadParameter("give either --data DIR (repeatable) or --synthetic N")
-    if engine not in ENGINES:
-        raise typer.BadParameter(f"--engine must be one of {', '.join(ENGINES)}, not {engine!r}")
-    if engine == "inline" and ray_address:
-        raise typer.BadParameter(
-            f"--engine inline runs every node in this process and cannot join the Ray cluster "
-            f"{ray_address}; use --engine ray, or drop --ray-address (and unset RAY_ADDRESS)"
-        )
+    check_engine(engine, ray_address)
     if engine == "inline" and gpus_per_node is not None:
         raise typer.BadParameter(
             "--gpus-per-node is a Ray reservation; with --engine inline the nodes take turns "

@@ -13,6 +13,7 @@ import typer
 
 from shared_models.cli_support import user_errors
 from shared_models.devices import DEVICE_HELP
+from simulations.simulate_cli import RAY_ADDRESS, check_engine
 
 if TYPE_CHECKING:
     from server.rounds import RoundReport
@@ -81,11 +82,24 @@ def reproduce(
     quick: bool = typer.Option(
         False, "--quick", help="Smoke test: 2 repeats, 2 epochs, 1 federated round."
     ),
+    epsilons: str | None = typer.Option(
+        None,
+        help="Comma-separated epsilons replacing a privacy-utility sweep's (e.g. 1,4,16); the "
+        "experiment's if omitted.",
+    ),
     list_: bool = typer.Option(False, "--list", help="List the experiments and exit."),
     threads: int = typer.Option(
         1, min=1, help="torch threads; 1 is fastest for these small models on a shared machine."
     ),
     device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
+    engine: str = typer.Option(
+        "ray",
+        "--engine",
+        help="The federated jobs' engine. ray: Flower's Ray engine, started once for every job "
+        "(or a cluster, --ray-address); inline: every node in this process, one after another, "
+        "without Ray.",
+    ),
+    ray_address: str | None = RAY_ADDRESS,
 ) -> None:
     """Reproduce a seed paper's experiment centralized, federated and federated with DP.
 
@@ -99,6 +113,8 @@ def reproduce(
       edufl reproduce cnn-lstm --dataset oulad --data ~/data/OULAD --out runs/cnn-lstm-oulad
 
       edufl reproduce at-risk-lstm --quick --modes centralized
+
+      edufl reproduce privacy-utility --dataset synthetic --engine inline
     """
     from shared_models.devices import resolve_device
     from simulations.reproduce.config import (
@@ -106,6 +122,7 @@ def reproduce(
         ReproductionError,
         experiment_names,
         load_experiment,
+        with_epsilons,
     )
     from simulations.reproduce.pipeline import command_line, new_reproduction, run_jobs
     from simulations.reproduce.report import write_report
@@ -118,8 +135,11 @@ def reproduce(
         return
     if experiment is None:
         raise typer.BadParameter("give an EXPERIMENT (see edufl reproduce --list)")
+    check_engine(engine, ray_address)
     on = resolve_device(device).type  # before anything is written
     config = load_experiment(experiment)
+    if epsilons is not None:
+        config = with_epsilons(config, epsilons)
     chosen = [m.strip() for m in modes.split(",") if m.strip()] if modes else None
     bad = [m for m in chosen or [] if m not in MODES]
     if bad:
@@ -136,8 +156,19 @@ def reproduce(
         out_dir=out_dir,
         modes=chosen,
         quick=quick,
-        command=command_line(experiment, name, data, out_dir, chosen, quick),
+        command=command_line(
+            experiment,
+            name,
+            data,
+            out_dir,
+            chosen,
+            quick,
+            engine,
+            epsilons=config.epsilons if epsilons is not None else None,
+        ),
         device=on,
+        engine=engine,
+        ray_address=ray_address or None,
     )
     typer.echo(f"{config.name} on {name}: {len(rep.jobs)} jobs; {config.title}", err=True)
     progress = _terminal_progress()

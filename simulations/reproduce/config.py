@@ -9,6 +9,7 @@ loudly with the key's path (``models.1.overrides``), as every edufl config does.
 
 from __future__ import annotations
 
+import math
 import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -130,7 +131,7 @@ class Federated(_Strict):
     batch_size: Annotated[int, Field(ge=1)] = 32
     learning_rate: Annotated[float, Field(gt=0)] = 1e-3
     strategy: str = "fedavg"
-    repeats: Annotated[int, Field(ge=1)] = 1  # seeds per model; each is a Ray simulation (slow)
+    repeats: Annotated[int, Field(ge=1)] = 3  # seeds per model; each seed is one simulation
 
 
 class DifferentialPrivacy(_Strict):
@@ -336,6 +337,31 @@ class ExperimentConfig(_Strict):
         if self.epsilons is not None:
             update["epsilons"] = [max(self.epsilons)]
         return self.model_copy(update=update)
+
+
+def with_epsilons(config: ExperimentConfig, text: str) -> ExperimentConfig:
+    """``config`` with its epsilon sweep replaced by ``text`` (``--epsilons 1,4,16``).
+
+    Raises:
+        ReproductionError: the experiment sweeps no epsilon, or a value is not a positive number.
+    """
+    if config.sweep != "epsilon":
+        raise ReproductionError(
+            f"--epsilons: experiment {config.name!r} sweeps no epsilon; it trains at its [dp] "
+            f"epsilon {config.dp.epsilon:g} (edit [dp] in a copy of its TOML to change it)"
+        )
+    values = []
+    for part in (p.strip() for p in text.split(",")):
+        try:
+            value = float(part)
+        except ValueError:
+            value = math.nan
+        if not (math.isfinite(value) and value > 0):
+            raise ReproductionError(
+                f"--epsilons {text!r}: {part!r} is not a positive number; give e.g. 1,4,16"
+            )
+        values.append(value)
+    return config.model_copy(update={"epsilons": sorted(set(values))})
 
 
 def contract_weeks(dataset: str) -> int:

@@ -8,12 +8,14 @@ outcomes to `simulations.reproduce.report` for the markdown table, JSON and plot
 Protocol. Centralized rows pool each institution's own 70/15/15 split of a seed (or, for a
 ``kfold`` experiment, K folds of the pooled records), train with early stopping and are scored
 on the pooled test split; the scikit-learn baselines and the naive predictor are fitted on the
-same split (they are not federated). Federated rows run FedAvg on Flower's Ray simulation, one
-virtual node per institution, and their final global model is scored on the same test students.
+same split (they are not federated). Federated rows run FedAvg on a Flower simulation (the Ray
+engine, or the inline one: `Reproduction.engine`), one virtual node per institution, and their
+final global model is scored on the same test students.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 import shutil
@@ -24,11 +26,13 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Literal
 
+from server.federation import FederationError
 from server.rounds import RoundReport
 from simulations.ray_session import ray_session
 from simulations.reproduce import fairness
 from simulations.reproduce.config import (
     MODES,
+    DifferentialPrivacy,
     ExperimentConfig,
     ModelEntry,
     ReproductionError,
@@ -50,6 +54,8 @@ logger = logging.getLogger(__name__)
 
 MARKER = ".edufl-reproduction"  # marks a folder this module may clear and rewrite
 SEED = 0  # repeat r uses seed SEED + r: the same seed gives the same splits in every mode
+#: How a node's refusal of a DP round reads (`privacy.dp`): its budget would buy only noise.
+DECLINED = "declines this round"
 
 
 class Progress:
@@ -107,6 +113,8 @@ class Reproduction:
     data: list[dict[str, object]] = field(default_factory=list)  # one per cut-off week
     outcomes: list[Outcome] = field(default_factory=list)
     device: str = "cpu"  # where models train (`shared_models.devices`): cpu, cuda, auto
+    engine: str = "ray"  # the federated jobs' engine (`simulations.runner.ENGINES`)
+    ray_address: str | None = None  # a Ray cluster to join (engine ray); None: RAY_ADDRESS
 
 
 def command_line(
@@ -116,8 +124,14 @@ def command_line(
     out: Path,
     modes: Sequence[str] | None,
     quick: bool,
+    engine: str = "ray",
+    *,
+    epsilons: Sequence[float] | None = None,
 ) -> str:
-    """The ``edufl reproduce`` command that runs this reproduction (quoted in every table)."""
+    """The ``edufl reproduce`` command that runs this reproduction (quoted in every table).
+
+    A Ray cluster's address is left out: it names a machine, not the experiment.
+    """
     parts = ["edufl", "reproduce", experiment, "--dataset", dataset]
     if data is not None:
         parts += ["--data", str(data)]
@@ -126,6 +140,10 @@ def command_line(
         parts += ["--modes", ",".join(modes)]
     if quick:
         parts.append("--quick")
+    if epsilons is not None:
+        parts += ["--epsilons", ",".join(f"{e:g}" for e in epsilons)]
+    if engine != "ray":
+        parts += ["--engine", engine]
     return " ".join(parts)
 
 
@@ -161,6 +179,8 @@ def new_reproduction(
     quick: bool = False,
     command: str = "",
     device: str = "cpu",
+    engine: str = "ray",
+    ray_address: str | None = None,
 ) -> Reproduction:
     """Check the request, find the data, clear ``out_dir`` and plan the jobs.
 
@@ -178,13 +198,27 @@ def new_reproduction(
     unknown = [m for m in chosen_modes if m not in MODES]
     if unknown or not chosen_modes:
         raise ReproductionError(f"--modes {unknown}: choose among {', '.join(MODES)}")
+    from simulations.runner import ENGINES  # Flower's simulation: imported only to run
+
+    if engine not in ENGINES:
+        raise ReproductionError(f"engine must be one of {', '.join(ENGINES)}, not {engine!r}")
+    if engine == "inline" and ray_address:
+        raise ReproductionError(
+            f"the inline engine cannot join the Ray cluster {ray_address}; use engine ray"
+        )
+    if ray_address and not out_dir.is_absolute():
+        raise ReproductionError(
+            f"--out {str(out_dir)!r} is relative: on the Ray cluster {ray_address} every node "
+            "reads the exports and writes its run below it, so give an absolute path on storage "
+            "every node mounts"
+        )
     source = resolve_source(dataset, data)
     config = config.quick() if quick else config
     prepare_out_dir(out_dir, config.name)
     return Reproduction(
         config=config,
         dataset=dataset,
-        command=command or command_line(config.name, dataset, data, out_dir, modes, quick),
+        command=command or command_line(config.name, dataset, data, out_dir, modes, quick, engine),
         modes=chosen_modes,
         quick=quick,
         out_dir=out_dir,
@@ -192,6 +226,8 @@ def new_reproduction(
         source=source,
         jobs=plan(config, dataset, chosen_modes),
         device=device,
+        engine=engine,
+        ray_address=ray_address,
     )
 
 
@@ -199,9 +235,10 @@ def run_jobs(rep: Reproduction, progress: Progress | None = None) -> None:
     """Run the planned jobs, appending to ``rep.outcomes`` as each finishes.
 
     On an error ``rep`` keeps what finished (and ``rep.error`` says what stopped it), so the
-    caller can still write a partial report before the error propagates. Every federated job
-    runs in one Ray session (`simulations.ray_session`): Ray starts at the first one, its
-    workers stay warm for the next, and it stops after the last (12-20 s saved per job).
+    caller can still write a partial report before the error propagates. On the Ray engine
+    every federated job runs in one Ray session (`simulations.ray_session`): Ray starts at the
+    first one, its workers stay warm for the next, and it stops after the last (12-20 s saved
+    per job). The inline engine starts nothing: each job runs its nodes in this process.
     """
     progress = progress or Progress()
     config, out_dir = rep.config, rep.out_dir
@@ -210,7 +247,8 @@ def run_jobs(rep: Reproduction, progress: Progress | None = None) -> None:
     prepared: PreparedData | None = None
     cache: SplitCache | None = None
     try:
-        with ray_session():
+        engine = ray_session(rep.ray_address) if rep.engine == "ray" else contextlib.nullcontext()
+        with engine:
             for job in rep.jobs:
                 if prepared is None or prepared.week != job.week:  # jobs come grouped by week
                     prepared = prepare(
@@ -228,7 +266,9 @@ def run_jobs(rep: Reproduction, progress: Progress | None = None) -> None:
                     )
                 assert cache is not None
                 progress.job(job.describe())
-                rep.outcomes += _run(job, config, prepared, cache, out_dir, progress, rep.device)
+                rep.outcomes += _run(
+                    job, config, prepared, cache, out_dir, progress, rep.device, rep.engine
+                )
                 last = rep.outcomes[-1]
                 value = last.scored.metrics.get(config.primary_metric)
                 shown = "n/a" if value is None else f"{value:.3f}"
@@ -274,6 +314,7 @@ def _run(
     out_dir: Path,
     progress: Progress,
     device: str = "cpu",
+    engine: str = "ray",
 ) -> list[Outcome]:
     seed = SEED + job.repeat
 
@@ -309,8 +350,41 @@ def _run(
     if job.mode == "federated-dp":
         dp = config.dp_for(entry, job.epsilon)
     run_dir = out_dir / "runs" / job.mode / _slug(entry.label) / _run_name(job, seed)
+    try:
+        scored, seconds = _train_federated(
+            entry, job, config, data, dp, seed, run_dir, progress, device, engine
+        )
+    except FederationError as exc:
+        # Every institution refused round 1: at this epsilon the noise each step needs is
+        # above the nodes' ceiling (dp-max-noise). A point of the frontier all the same, kept
+        # as such (no metric) rather than ending the whole reproduction.
+        if dp is None or DECLINED not in str(exc):
+            raise
+        logger.warning("%s: every institution declined (%s)", job.describe(), exc)
+        scored, seconds = (
+            Scored({m: None for m in config.metrics}, None, 0, 0, {"declined": str(exc)}),
+            0.0,
+        )
+        return [outcome(entry.label, "model", scored, seconds)]
+    if job.repeat == 0:  # the federation's test students: each institution's seeded split
+        fairness.attach(scored, cache.holdout(seed).test, data.spec, seed)
+    return [outcome(entry.label, "model", scored, seconds)]
+
+
+def _train_federated(
+    entry: ModelEntry,
+    job: Job,
+    config: ExperimentConfig,
+    data: PreparedData,
+    dp: DifferentialPrivacy | None,
+    seed: int,
+    run_dir: Path,
+    progress: Progress,
+    device: str,
+    engine: str,
+) -> tuple[Scored, float]:
     rounds = config.federated.rounds
-    scored, seconds = timed(
+    return timed(
         lambda: train_federated(
             entry,
             config.target,
@@ -321,11 +395,9 @@ def _run(
             run_dir,
             on_round=lambda report: progress.round(report, rounds),
             device=device,
+            engine=engine,
         )
     )
-    if job.repeat == 0:  # the federation's test students: each institution's seeded split
-        fairness.attach(scored, cache.holdout(seed).test, data.spec, seed)
-    return [outcome(entry.label, "model", scored, seconds)]
 
 
 def _split(config: ExperimentConfig, cache: SplitCache, repeat: int) -> PooledSplit:

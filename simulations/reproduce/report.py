@@ -29,7 +29,9 @@ from simulations.reproduce.data import choice
 from simulations.reproduce.figures import draw_figures
 from simulations.reproduce.pipeline import Reproduction
 from simulations.reproduce.stats import (
+    FrontierPoint,
     PairedResult,
+    frontier,
     groups,
     ordered,
     paired_t_test,
@@ -95,7 +97,9 @@ def markdown(rep: Reproduction, tests: list[PairedResult], figures: list[Path]) 
         ]
     lines += [f"Command: `{rep.command}`", "", *_protocol(rep), ""]
     lines += ["## Results", "", *_main_table(rep), ""]
-    if cfg.sweep is not None:
+    if cfg.sweep == "epsilon":
+        lines += [*_frontier_table(rep), ""]
+    elif cfg.sweep is not None:
         lines += [*_sweep_table(rep), ""]
     federated = _federation_table(rep)
     if federated:
@@ -134,8 +138,9 @@ def _protocol(rep: Reproduction) -> list[str]:
         lines.append(
             f"- Federated: {fed.strategy}, {fed.rounds} round(s) x {fed.local_epochs} local "
             f"epoch(s), batch {fed.batch_size}, Adam {fed.learning_rate:g}, {fed.repeats} "
-            "seed(s); one Ray virtual node per institution, the final global model scored on "
-            "every institution's test split (its own normalisation), predictions pooled."
+            f"seed(s); one virtual node per institution ({_engine(rep)}), the final global model "
+            "scored on every institution's test split (its own normalisation), predictions "
+            "pooled."
         )
     if "federated-dp" in rep.modes:
         eps = ", ".join(f"{e:g}" for e in (cfg.epsilons or [dp.epsilon]))
@@ -187,6 +192,78 @@ def _sweep_table(rep: Reproduction) -> list[str]:
         cells = [f"{x:g}"] + [s[x].cell() if x in s else "" for s in by_x.values()]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
+
+
+def _frontier_table(rep: Reproduction) -> list[str]:
+    """The privacy-utility frontier: each DP row by epsilon, and its ratio to centralized."""
+    cfg = rep.config
+    label = METRIC_LABELS[cfg.primary_metric]
+    front = frontier(rep)
+    rows = list(dict.fromkeys(p.row for p in front.points))
+    if not rows:
+        return []
+    lines = [f"{label} by epsilon, mean ± sd over the federated-dp seeds:", ""]
+    for row in rows:
+        ref = front.reference_for(row)
+        if ref is not None:
+            lines.append(
+                f"- {row} is measured against centralized {ref[0]} without DP: "
+                f"{ref[1].cell()} ({ref[1].n} seed(s))."
+            )
+    for row, summary in front.federated.items():
+        lines.append(f"- Federated {row} without DP: {summary.cell()} ({summary.n} seed(s)).")
+    cols = ["epsilon"]
+    for row in rows:
+        cols += [row, f"{row} / centralized"]
+    lines += ["", *_header(cols)]
+    at = {(p.row, p.epsilon): p for p in front.points}
+    for eps in sorted({p.epsilon for p in front.points}):
+        cells = [f"{eps:g}"]
+        for row in rows:
+            point = at.get((row, eps))
+            cells += ["", ""] if point is None else _frontier_cells(point)
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "The ratio is the DP mean over the centralized non-DP mean (the seeds differ in their "
+        "splits, so it carries both rows' spread: read it with the two sds).",
+    ]
+    partial = _partial_participation(rep)
+    if partial:
+        lines.append(
+            "Rounds some institutions sat out (declined, or failed) while others trained: "
+            + "; ".join(partial)
+            + ". Those models saw part of the federation for part of the run."
+        )
+    if any(p.declined for p in front.points):
+        lines.append(
+            "Declined: every institution refused round 1 because the noise its budget left "
+            "calls for is above its ceiling (dp-max-noise, `privacy.budget`); nothing was trained "
+            "or spent, so that seed has no score."
+        )
+    return lines
+
+
+def _partial_participation(rep: Reproduction) -> list[str]:
+    """``row at ε: failed / planned node-rounds`` for every DP group where a node sat out."""
+    out = []
+    for (_, mode, eps, row), outs in ordered(rep):
+        failed = sum(o.scored.details.get("node_rounds_failed", 0) for o in outs)
+        if mode != "federated-dp" or not failed:
+            continue
+        total = sum(o.scored.details.get("node_rounds", 0) for o in outs)
+        out.append(f"{row} at ε = {eps:g}: {failed} of {total} node-rounds")
+    return out
+
+
+def _frontier_cells(point: FrontierPoint) -> list[str]:
+    """The mean ± sd and the ratio of one frontier point, with its declined seeds."""
+    if point.summary.mean is None:
+        return [f"declined ({point.declined} seed(s))" if point.declined else "n/a", "n/a"]
+    cell = point.summary.cell()
+    if point.declined:
+        cell += f" ({point.summary.n} seed(s); {point.declined} declined)"
+    return [cell, "n/a" if point.ratio is None else f"{point.ratio:.3f}"]
 
 
 def _federation_table(rep: Reproduction) -> list[str]:
@@ -322,6 +399,12 @@ def _grade_cutoff(rep: Reproduction) -> list[str]:
     ]
 
 
+def _engine(rep: Reproduction) -> str:
+    if rep.engine == "inline":
+        return "inline engine: the nodes in turn in one process"
+    return "Ray engine" + (f", cluster {rep.ray_address}" if rep.ray_address else "")
+
+
 def _when(week: object) -> str:
     return f"Cut-off week {week}" if week else "Whole term"
 
@@ -351,13 +434,35 @@ def _json(rep: Reproduction, tests: list[PairedResult]) -> dict[str, Any]:
         "quick": rep.quick,
         "started": rep.started,
         "seconds": rep.seconds,
+        "engine": rep.engine,
         "jobs": {"planned": len(rep.jobs), "done": rep.done, "error": rep.error},
         "versions": {p: _version(p) for p in ("edufl", "torch", "flwr", "opacus")},
         "data": rep.data,
         "summary": summary,
         "paired_tests": [vars(t) for t in tests],
+        "frontier": _frontier_json(rep),
         "outcomes": [o.to_json() for o in rep.outcomes],
     }
+
+
+def _frontier_json(rep: Reproduction) -> list[dict[str, Any]]:
+    """The frontier's points with their reference, for docs (empty without an epsilon sweep)."""
+    if rep.config.sweep != "epsilon":
+        return []
+    front = frontier(rep)
+    out = []
+    for p in front.points:
+        ref = front.reference_for(p.row)
+        out.append(
+            {
+                "row": p.row, "epsilon": p.epsilon, **vars(p.summary), "ratio": p.ratio,
+                "declined": p.declined,
+                "reference_row": ref[0] if ref else None,
+                "reference": vars(ref[1]) if ref else None,
+                "federated_no_dp": vars(s) if (s := front.federated.get(p.row)) else None,
+            }
+        )  # fmt: skip
+    return out
 
 
 def _version(package: str) -> str:

@@ -266,16 +266,18 @@ def train_federated(
     run_dir: Path,
     on_round: Callable[[RoundReport], None] | None = None,
     device: str = "cpu",
+    engine: str = "ray",
 ) -> Scored:
-    """Run one federation on Flower's Ray simulation, then score its final global model.
+    """Run one federation on a Flower simulation, then score its final global model.
 
     The model is scored on every institution's test split, normalised with that institution's
     own train split, and the predictions pooled; the federation's own weighted-average metrics
     are kept in the details as ``federation_reported`` (under DP, ``federation_released``: the
     figures computed from the nodes' noised histograms, each marked noised with its noise std
-    and ledger entries). ``dp``: DP-SGD at every institution.
+    and ledger entries). ``dp``: DP-SGD at every institution. ``engine``: ``ray`` (in the open
+    `simulations.ray_session`, if any) or ``inline`` (`simulations.runner.simulate`).
     """
-    from simulations.runner import simulate  # imports Ray and Flower's simulation engine
+    from simulations.runner import simulate  # imports Flower's simulation engine
 
     settings: dict[str, Any] = {
         "model": entry.model,
@@ -301,7 +303,7 @@ def train_federated(
             "local_epochs": dp.local_epochs or federated.local_epochs,
         }
     config = FederationConfig.from_options(None, settings, source=f"the federated run in {run_dir}")
-    result = simulate(config, data.exports, on_round=on_round, device=device)
+    result = simulate(config, data.exports, on_round=on_round, device=device, engine=engine)
     store = CheckpointStore(run_dir)
     last = store.latest()
     if last is None:
@@ -320,6 +322,10 @@ def train_federated(
     records = store.read_metrics()
     if records and "epsilon_max" in records[-1]:
         details["epsilon_spent"] = records[-1]["epsilon_max"]
+    # A node that declines a round (its budget would buy only noise, `privacy.dp`) sits it out
+    # and may join later with fewer rounds left: the model then saw part of the federation.
+    details["node_rounds_failed"] = sum(len(r.get("failures", [])) for r in records)
+    details["node_rounds"] = len(records) * len(data.exports)
     return score(
         target,
         test.at_risk,

@@ -135,3 +135,74 @@ def series(rep: Reproduction) -> dict[str, dict[float, Summary]]:
             o.scored.metrics.get(cfg.primary_metric) for o in outs
         )
     return out
+
+
+@dataclass(frozen=True)
+class FrontierPoint:
+    """One DP row at one epsilon, against the centralized model without DP."""
+
+    row: str
+    epsilon: float
+    summary: Summary  # the primary metric over the federated-dp seeds that trained
+    ratio: float | None  # summary.mean / reference.mean; None without a reference or mean
+    declined: int = 0  # seeds whose every institution declined round 1 (nothing trained)
+
+
+@dataclass(frozen=True)
+class Frontier:
+    """The privacy-utility frontier of an epsilon sweep: every DP row at every epsilon.
+
+    The reference is the centralized model without DP: ``row``'s own centralized row when it
+    has one, else the first centralized model row (``reference_row``), the model a consortium
+    could train if it pooled its data without privacy.
+    """
+
+    reference_row: str | None
+    references: dict[str, Summary]  # centralized, no DP, by row
+    federated: dict[str, Summary]  # federated, no DP, by row
+    points: list[FrontierPoint]
+
+    def reference_for(self, row: str) -> tuple[str, Summary] | None:
+        """The centralized non-DP row ``row`` is measured against, and its summary."""
+        if row in self.references:
+            return row, self.references[row]
+        if self.reference_row is not None:
+            return self.reference_row, self.references[self.reference_row]
+        return None
+
+
+def frontier(rep: Reproduction) -> Frontier:
+    """The frontier of the last (or only) cut-off week, by the config's row order."""
+    cfg = rep.config
+    metric = cfg.primary_metric
+    found = ordered(rep)
+    weeks = [k[0] for k, _ in found]
+    week = max(weeks, key=lambda w: -1 if w is None else w) if weeks else None
+    references: dict[str, Summary] = {}
+    federated: dict[str, Summary] = {}
+    dp: list[tuple[str, float, Summary, int]] = []
+    for (w, mode, eps, row), outs in found:
+        if w != week:
+            continue
+        summary = summarize(o.scored.metrics.get(metric) for o in outs)
+        if mode == "federated-dp" and eps is not None:
+            declined = sum("declined" in o.scored.details for o in outs)
+            dp.append((row, float(eps), summary, declined))
+        elif summary.mean is None:
+            continue
+        elif mode == "centralized" and eps is None:
+            references[row] = summary
+        elif mode == "federated" and eps is None:
+            federated[row] = summary
+    models = [m.label for m in cfg.models if m.label in references]
+    reference_row = models[0] if models else None
+    if cfg.paired_test is not None and cfg.paired_test.reference in references:
+        reference_row = cfg.paired_test.reference
+    out = Frontier(reference_row, references, federated, [])
+    for row, eps, summary, declined in dp:
+        ref = out.reference_for(row)
+        ratio = None
+        if ref is not None and ref[1].mean and summary.mean is not None:
+            ratio = summary.mean / ref[1].mean
+        out.points.append(FrontierPoint(row, eps, summary, ratio, declined))
+    return out

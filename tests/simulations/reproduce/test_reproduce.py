@@ -217,7 +217,8 @@ def test_plan_runs_every_epsilon_of_the_privacy_sweep_once_per_seed() -> None:
     jobs = plan(config, "synthetic", ["centralized", "federated", "federated-dp"])
     for row in ("LSTM", "DP logistic (engineered features)"):
         dp = [j.epsilon for j in jobs if j.mode == "federated-dp" and j.entry.label == row]
-        assert dp == [1.0, 3.0, 8.0] * config.federated.repeats, row
+        eps = [0.5, 1.0, 2.0, 4.0, 8.0, 16.0]
+        assert dp == [e for e in eps for _ in range(config.federated.repeats)], row
     assert len([j for j in jobs if j.mode == "centralized"]) == config.repeats
     assert all(j.epsilon is None for j in jobs if j.mode != "federated-dp")
 
