@@ -111,17 +111,37 @@ def test_simulate_run_help_states_the_dp_defaults() -> None:
     assert f"{DP_LEARNING_RATES['logistic']:g} for logistic)" in text
 
 
+@pytest.mark.parametrize("model", ["lstm", "logistic"])
 @pytest.mark.parametrize("epsilon", [8.0, 0.0])
-def test_the_demo_trains_with_the_shared_dp_defaults(epsilon: float, tmp_path: Path) -> None:
+def test_the_demo_trains_with_the_shared_dp_defaults(
+    epsilon: float, model: str, tmp_path: Path
+) -> None:
     from simulations.demo import federation_config
 
-    config = federation_config(5, 0, epsilon, 4, tmp_path / "run")
+    config = federation_config(5, 0, epsilon, 4, tmp_path / "run", model)
 
-    expected = (
-        DP_DEFAULTS if epsilon else {"local_epochs": 3, "batch_size": 32, "learning_rate": None}
-    )
+    dp = {
+        **DP_DEFAULTS,
+        "learning_rate": DP_LEARNING_RATES.get(model, DP_DEFAULTS["learning_rate"]),
+    }
+    expected = dp if epsilon else {"local_epochs": 3, "batch_size": 32, "learning_rate": None}
     assert _training(config) == expected
     assert config.dp_epsilon == (epsilon or None)
+    assert config.model == model
+
+
+def test_the_demo_ships_the_dp_logistic_model_and_refuses_an_unknown_one(tmp_path: Path) -> None:
+    from simulations.cli import app
+    from simulations.demo import DEMO_MODEL, federation_config
+
+    assert DEMO_MODEL == "logistic"  # issue 19: the better private model on the demo's data
+    assert federation_config(5, 0, 8.0, 4, tmp_path / "run").model == DEMO_MODEL
+
+    out = tmp_path / "demo"
+    result = CliRunner().invoke(app, ["demo", "--out", str(out), "--model", "lsmt"])
+    assert result.exit_code == 2, result.output
+    assert "lsmt" in result.output and "lstm" in result.output  # names the valid models
+    assert not (out / "federated").exists()  # refused before any training
 
 
 def test_simulate_run_trains_under_dp_with_the_dp_defaults_unless_told(
