@@ -58,9 +58,10 @@ def demo(
     against the data contract, trains the at-risk model (``--model``, by default the DP logistic
     regression on engineered weekly features, the better private model on this consortium)
     federated across the institutions with Opacus DP-SGD (epsilon 8 per institution for the
-    whole run by default; the DP defaults: batches of 256, one local epoch per round), then lets each institution adopt the global model, calibrate it on
-    its own validation split, score its own students and write an advisor report, and finally
-    audits the signed privacy ledger with an independent accountant.
+    whole run by default; the DP defaults: batches of 256, one local epoch per round), then
+    lets each institution adopt the global model, calibrate it on its own validation split,
+    score its own students and write an advisor report, and finally audits the signed privacy
+    ledger with an independent accountant.
     A previous demo in the same folder is replaced.
 
     Example:
