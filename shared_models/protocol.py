@@ -724,3 +724,53 @@ def unpack_arrays(blob: bytes) -> dict[str, Any]:
     if offset != len(blob):
         raise bad(f"{len(blob) - offset} bytes after the last array")
     return arrays
+
+
+@dataclass(frozen=True)
+class RecordTypes:
+    """Flower's record classes, handed in by the transport that packs (this layer knows no
+    Flower): ``record_dict()`` an empty ``RecordDict``, ``array_record`` the ``ArrayRecord``
+    class, ``array`` the ``Array`` class."""
+
+    record_dict: Any
+    array_record: Any
+    array: Any
+
+
+def pack_records(content: Mapping[str, Any], types: RecordTypes) -> Any:
+    """``content`` (a Flower ``RecordDict``) with each ArrayRecord of several numpy arrays
+    packed into one array (`PACKED_ARRAY`); other records, and their order, unchanged."""
+    packed = types.record_dict()
+    for name, record in content.items():
+        if (
+            isinstance(record, types.array_record)
+            and len(record) > 1
+            and all(array.stype == "numpy.ndarray" for array in record.values())
+        ):
+            blob = pack_arrays({key: array.numpy() for key, array in record.items()})
+            array = types.array(dtype="uint8", shape=(len(blob),), stype=PACKED_STYPE, data=blob)
+            record = types.array_record({PACKED_ARRAY: array})
+        packed[name] = record
+    return packed
+
+
+def unpack_records(content: Mapping[str, Any], types: RecordTypes) -> Any:
+    """``content`` with each packed ArrayRecord (`pack_records`) back to its named arrays.
+
+    Raises:
+        PackedArraysError: a packed array is corrupt, or sits beside other arrays.
+    """
+    unpacked = types.record_dict()
+    for name, record in content.items():
+        if isinstance(record, types.array_record) and PACKED_ARRAY in record:
+            array = record[PACKED_ARRAY]
+            if len(record) != 1 or array.stype != PACKED_STYPE:
+                raise PackedArraysError(
+                    f"record {name!r} holds {PACKED_ARRAY!r} of type {array.stype!r} beside "
+                    f"{len(record) - 1} other array(s); are server and node running the same "
+                    "edufl version?"
+                )
+            arrays = unpack_arrays(bytes(array.data))
+            record = types.array_record({key: types.array(value) for key, value in arrays.items()})
+        unpacked[name] = record
+    return unpacked
