@@ -56,6 +56,13 @@ def exchange(grid: Grid, messages: list[Message], timeout: float) -> list[Messag
     lost. The node answers the second message from its release cache (same
     run, round and global weights: the update already released, no second privacy spend;
     `client.release_cache`); a node that was only slow answers twice and the first is kept.
+
+    A node the SuperLink no longer has (unregistered, e.g. by `edufl server revoke`, while the
+    round runs) fails at once, as Flower's strategies count a failure, and is never asked again:
+    Flower 1.41 answers a message already sent to it with a Node Unavailable error (it then also
+    withholds a reply the node stored before, which is not aggregated), and refuses a message
+    for it (an empty message id; see `_refused`). A node whose last message was spent with no
+    ask left is not waited for either.
     """
     if not messages:
         return []
@@ -68,19 +75,26 @@ def exchange(grid: Grid, messages: list[Message], timeout: float) -> list[Messag
     sent_at: dict[int, float] = {}
     asks: Counter[int] = Counter()
 
+    replies: dict[int, Message] = {}
+
     def push(batch: list[Message]) -> None:
         now = time.monotonic()
         packed = [_packed(m) for m in batch]
         for msg_id, msg in zip(grid.push_messages(packed), batch, strict=True):
-            node_of[msg_id] = int(msg.metadata.dst_node_id)
-            sent_at[node_of[msg_id]] = now
-            asks[node_of[msg_id]] += 1
+            node = int(msg.metadata.dst_node_id)
+            asks[node] += 1
+            if not msg_id:  # the SuperLink stored no message: it has no such node now
+                replies.setdefault(node, _refused(msg))
+                continue
+            node_of[msg_id] = node
+            sent_at[node] = now
 
     push(messages)
-    replies: dict[int, Message] = {}
     latencies: list[float] = []
     while len(replies) < len(by_node) and time.monotonic() < deadline:
         waiting = [i for i, node in node_of.items() if node not in replies]
+        if not waiting:  # every message left was spent, and no node may be asked again
+            break
         lost: set[int] = set()
         for msg in grid.pull_messages(waiting):
             msg_id = msg.metadata.reply_to_message_id
@@ -122,6 +136,30 @@ def _late_nodes(
     typical = sorted(latencies)[len(latencies) // 2]
     patience = max(RESEND_MIN_S, RESEND_FACTOR * typical)
     return [n for n in by_node if n not in replies and now - sent_at[n] >= patience]
+
+
+def _refused(msg: Message) -> Message:
+    """The failure of a node whose message the SuperLink refused to store: Flower 1.41 keeps
+    no message for a node that is not registered (`store_message_ins`, e.g. one unregistered
+    between the round's sampling and its messages) and answers the push with an empty id."""
+    node = int(msg.metadata.dst_node_id)
+    reason = (
+        f"the SuperLink refused this round's message for node {node}: the node is not "
+        "registered with it (unregistered, e.g. by `edufl server revoke`, after the round "
+        "sampled it)"
+    )
+    metadata = Metadata(
+        run_id=msg.metadata.run_id,
+        message_id="",
+        src_node_id=node,
+        dst_node_id=msg.metadata.src_node_id,
+        reply_to_message_id="",
+        group_id=msg.metadata.group_id,
+        created_at=time.time(),
+        ttl=0,
+        message_type=msg.metadata.message_type,
+    )
+    return Message(error=Error(code=ErrorCode.NODE_UNAVAILABLE, reason=reason), metadata=metadata)
 
 
 def _from_node(msg: Message, node: int) -> Message:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import tomllib
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +22,7 @@ import client.app
 from server.checkpoints import CheckpointStore
 from server.config import FederationConfig
 from server.federation import global_model
+from server.institutions import load_registry
 from shared_models.data.contract import default_spec
 from shared_models.models.weights import named_weights
 from tests.client.test_app import _message
@@ -62,6 +64,12 @@ def _verify(dep: Deployment, ledger: Path, *, absent: tuple[str, ...] = ()) -> N
     absents = [arg for name in absent for arg in ("--absent", name)]
     report = edufl("audit", "verify", str(ledger), "--keys", str(registry), *heads, *absents)
     assert "=> INTACT" in report, report
+
+
+def _failures(record: dict[str, object]) -> list[dict[str, object]]:
+    failures = record["failures"]
+    assert isinstance(failures, list)
+    return failures
 
 
 def test_garbage_updates_are_rejected_named_and_kept_out_of_the_global_model(
@@ -229,18 +237,52 @@ def test_revoked_institution_is_refused_at_once_or_at_the_next_start(
     }
     data = consortium(dep, nodes)
     out = dep.root / "run"
-    server = start_server(dep, out, rounds=2, min_nodes=2)
-    a = dep.node("uni-a", data / nodes["uni-a"], dep.root / "uni-a")
-    b = dep.node("uni-b", data / nodes["uni-b"], dep.root / "uni-b")
-    c = dep.node("uni-c", data / nodes["uni-c"], dep.root / "uni-c")
-    wait_for("round 1", lambda: len(metrics(out)) >= 1, 180, [server, a, b, c])
+    server = start_server(dep, out, rounds=3, min_nodes=2)
+    superlink_log = dep.state / "logs" / "superlink.log"
 
-    # Revoked while the server runs: the SuperLink unregisters its node at once.
+    def online(name: str) -> Callable[[], bool]:
+        node_id = load_registry(dep.state).institutions[name].node_id
+        return lambda: f"Activated node_id={node_id}" in superlink_log.read_text("utf-8")
+
+    # The round boundaries are held with test-only faults (train replies that wait for a
+    # file): round 1 is uni-a's and uni-b's, and uni-a's reply waits until uni-c is online,
+    # so round 2 samples all three; uni-c's round-2 reply waits until it has been revoked.
+    hold_a, hold_c = dep.root / "hold-a", dep.root / "hold-c"
+    for folder, rounds in ((hold_a, (2, 3)), (hold_c, (1, 3))):
+        folder.mkdir()
+        for n in rounds:
+            (folder / f"release-round-{n}").touch()
+    a = dep.node(
+        "uni-a", data / nodes["uni-a"], dep.root / "uni-a", env=_faulty("hold-train", hold_a)
+    )
+    b = dep.node("uni-b", data / nodes["uni-b"], dep.root / "uni-b")
+    wait_for("round 1 under way", (hold_a / "held-round-1").exists, 180, [server, a, b])
+    c = dep.node(
+        "uni-c", data / nodes["uni-c"], dep.root / "uni-c", env=_faulty("hold-train", hold_c)
+    )
+    wait_for("uni-c online", online("uni-c"), 120, [server, a, b, c])
+    (hold_a / "release-round-1").touch()
+    wait_for("uni-c to train round 2", (hold_c / "held-round-2").exists, 180, [server, a, b, c])
+
+    # Revoked while the server runs, after round 2 sent it its message: the SuperLink
+    # unregisters its node at once.
+    c_id = load_registry(dep.state).institutions["uni-c"].node_id
     reply = edufl("server", "revoke", "uni-c", "--state", str(dep.state))
-    assert "unregistered from the running SuperLink" in reply
-    first, second = finished_rounds(server, out, rounds=2)
-    assert "uni-c" in institutions(first)
+    assert f"node {c_id} unregistered from the running SuperLink" in reply
+    (hold_c / "release-round-2").touch()  # its round-2 update now goes out, after the revocation
+    first, second, third = finished_rounds(server, out, rounds=3)
+    assert institutions(first) == {"uni-a", "uni-b"}
+    # The round it was revoked in ends without it, as a failure (Flower's Node Unavailable),
+    # not at the round timeout (120 s); the update it trained and spent budget on (its own
+    # ledger) is refused by the SuperLink, never aggregated. The next round has only the others.
+    assert ledger_rounds(dep.home("uni-c") / "privacy" / "ledger.jsonl") == [2]
     assert institutions(second) == {"uni-a", "uni-b"}
+    assert [f["node_id"] for f in _failures(second)] == [int(c_id)]
+    assert float(second["seconds"]) < 60, second
+    assert institutions(third) == {"uni-a", "uni-b"}
+    assert _failures(third) == []
+    refused = "refused node request /v1/fleet/push-messages from 127.0.0.1: revoked key of uni-c"
+    wait_for("uni-c's reply refused", lambda: refused in superlink_log.read_text("utf-8"), 60, [])
 
     # Revoked while the server is down: the next start unregisters the node before any run.
     # (uni-a spent its whole budget in the first run and declines; uni-d joins fresh.)

@@ -8,10 +8,14 @@ start-up in every process of that node (the SuperNode and each ClientApp), and s
 - ``shape``: the first array is flattened (wrong shape);
 - ``scale``: every weight multiplied by 1000 (a model-replacement attack);
 - ``replay``: from round 2 on, the update it sent in round 1 (kept in ``EDUFL_FAULT_STATE``);
-- ``slow-evaluate``: honest, but each evaluation takes 15 s longer (a window to crash in).
+- ``slow-evaluate``: honest, but each evaluation takes 15 s longer (a window to crash in);
+- ``hold-train``: honest, but a train reply of round N waits, after training, until the file
+  ``EDUFL_FAULT_STATE``/release-round-N exists, and first writes ``EDUFL_FAULT_STATE``/held-round-N
+  (a round a test can hold and watch; it creates release-round-N beforehand to let round N pass).
 
-It wraps ``client.app.named_weights`` once ``client.app`` is imported; everything else (the
-data, DP-SGD, the signed ledger entry, the transport) stays real.
+It wraps ``client.app.named_weights`` (``hold-train``: ``client.app._reply``) once
+``client.app`` is imported; everything else (the data, DP-SGD, the signed ledger entry, the
+transport) stays real.
 """
 
 from __future__ import annotations
@@ -48,7 +52,25 @@ def _corrupt(module: Any) -> None:
             np.savez(saved, **weights)
         return weights
 
-    if FAULT == "slow-evaluate":
+    if FAULT == "hold-train":
+        import time
+
+        reply = module._reply
+        state = Path(os.environ["EDUFL_FAULT_STATE"])
+
+        def held_reply(msg: Any, *args: Any, **kwargs: Any) -> Any:
+            server_round = module.RoundSettings.from_config(module._config(msg)).server_round
+            release = state / f"release-round-{server_round}"
+            if msg.metadata.message_type == "train" and not release.exists():
+                state.mkdir(parents=True, exist_ok=True)
+                (state / f"held-round-{server_round}").touch()
+                deadline = time.monotonic() + 150
+                while not release.exists() and time.monotonic() < deadline:
+                    time.sleep(0.1)
+            return reply(msg, *args, **kwargs)
+
+        module._reply = held_reply
+    elif FAULT == "slow-evaluate":
         import time
 
         evaluate = module.local_evaluate

@@ -17,7 +17,9 @@ class _SuperLink(HttpGrid):
     """An ``HttpGrid`` (no network) whose nodes answer after ``delay`` seconds of a fake clock.
 
     ``lose`` names nodes whose first reply is dropped, as Flower's SuperNode drops a reply
-    whose push the SuperLink refused.
+    whose push the SuperLink refused; ``unregistered`` nodes whose messages the SuperLink
+    refuses (an empty id, as Flower 1.41's Runtime API answers for an unregistered node);
+    ``garble`` nodes whose next reply's upload breaks off (``garble_always``: every one).
     """
 
     def __init__(
@@ -27,15 +29,23 @@ class _SuperLink(HttpGrid):
         lose: Iterable[int] = (),
         garble: Iterable[int] = (),
         gone: Iterable[int] = (),
+        unregistered: Iterable[int] = (),
+        garble_always: bool = False,
     ) -> None:
         self.clock, self.delay, self.lose, self.garble = clock, delay, set(lose), set(garble)
-        self.gone = set(gone)
+        self.gone, self.unregistered = set(gone), set(unregistered)
+        self.garble_always = garble_always
+        self.refused: list[int] = []
         self.pushed: dict[str, tuple[int, float]] = {}  # message id -> (node, sent at)
         self.asks = 0
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
         ids = []
         for msg in messages:
+            if int(msg.metadata.dst_node_id) in self.unregistered:
+                self.refused.append(int(msg.metadata.dst_node_id))
+                ids.append("")
+                continue
             msg_id = f"msg-{len(self.pushed)}"
             self.pushed[msg_id] = (int(msg.metadata.dst_node_id), self.clock.now)
             ids.append(msg_id)
@@ -45,6 +55,7 @@ class _SuperLink(HttpGrid):
         self.asks += 1
         out = []
         for msg_id in message_ids:
+            assert msg_id, "an empty message id was asked for"
             node, sent = self.pushed[msg_id]
             if self.clock.now - sent < self.delay[node]:
                 continue
@@ -56,7 +67,8 @@ class _SuperLink(HttpGrid):
                 out.append(_answer(node, msg_id, error=True, code=ErrorCode.NODE_UNAVAILABLE))
                 continue
             if node in self.garble:  # the upload broke off: the grid reports it as an error
-                self.garble.discard(node)
+                if not self.garble_always:
+                    self.garble.discard(node)
                 out.append(_answer(node, msg_id, error=True))
                 continue
             out.append(_answer(node, msg_id))
@@ -189,3 +201,53 @@ def test_a_node_the_superlink_reports_unavailable_fails_at_once_under_its_own_id
         True,
     ]
     assert clock.now < 2  # no waiting for the round timeout
+
+
+@pytest.mark.usefixtures("flower_task")
+def test_a_node_unregistered_before_its_message_fails_at_once_and_is_not_asked_again(
+    clock: _Clock,
+) -> None:
+    # Sampled, then revoked before the round's messages went out: the SuperLink refuses its
+    # message. Its failure is named at once; the round does not wait for the timeout.
+    grid = _SuperLink(clock, {1: 1.0, 2: 1.0, 3: 1.0}, unregistered={3})
+    replies = server.superlink.retry.exchange(grid, _to([1, 2, 3]), timeout=900)
+    assert _nodes(replies) == [1, 2, 3]
+    (failed,) = [m for m in replies if m.has_error()]
+    assert int(failed.metadata.src_node_id) == 3
+    assert failed.error.code == ErrorCode.NODE_UNAVAILABLE
+    assert "not registered" in failed.error.reason and "revoke" in failed.error.reason
+    assert grid.refused == [3]  # asked once, never again
+    assert clock.now < 2
+
+
+@pytest.mark.usefixtures("flower_task")
+def test_a_node_revoked_after_its_reply_was_lost_fails_at_the_next_ask(clock: _Clock) -> None:
+    grid = _SuperLink(clock, {1: 1.0, 2: 1.0, 3: 1.0}, garble={3})
+    pull = grid.pull_messages
+
+    def revoke_after_the_loss(message_ids: Iterable[str]) -> Iterable[Message]:
+        out = list(pull(message_ids))
+        if any(m.has_error() for m in out):
+            grid.unregistered.add(3)  # revoked before the ask again reaches it
+        return out
+
+    grid.pull_messages = revoke_after_the_loss  # type: ignore[method-assign]
+    replies = server.superlink.retry.exchange(grid, _to([1, 2, 3]), timeout=900)
+    assert sorted((_nodes([m]), m.has_error()) for m in replies) == [
+        ([1], False),
+        ([2], False),
+        ([3], True),
+    ]
+    assert grid.refused == [3]
+    assert clock.now < 2
+
+
+@pytest.mark.usefixtures("flower_task")
+def test_a_node_whose_every_reply_is_lost_is_not_waited_for_once_no_ask_is_left(
+    clock: _Clock,
+) -> None:
+    grid = _SuperLink(clock, {1: 1.0, 2: 1.0, 3: 1.0}, garble={3}, garble_always=True)
+    replies = server.superlink.retry.exchange(grid, _to([1, 2, 3]), timeout=900)
+    assert _nodes(replies) == [1, 2]  # node 3: no reply (the round reports it as missing)
+    assert [node for node, _ in grid.pushed.values()].count(3) == server.superlink.retry.MAX_ASKS
+    assert clock.now < 10  # 4 asks of ~1 s, then nothing left in flight: no wait for the timeout
