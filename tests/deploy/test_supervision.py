@@ -8,6 +8,7 @@ code is the SuperNode's.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -16,7 +17,13 @@ from pathlib import Path
 
 import pytest
 
-from client.node.launcher import NodeOptions, node_argv, start_supernode, supernode_argv
+from client.node.launcher import (
+    NodeOptions,
+    node_argv,
+    node_config,
+    start_supernode,
+    supernode_argv,
+)
 from shared_models import processes
 
 
@@ -36,7 +43,7 @@ def _options(tmp_path: Path, **changes: object) -> NodeOptions:
 def test_node_runs_its_supernode_in_process_isolation_under_the_warm_executor(
     tmp_path: Path,
 ) -> None:
-    options = _options(tmp_path)
+    options = _options(tmp_path, pull_interval=None)  # Flower's pace: no pacing wrapper
     argv = node_argv(options)
     split = argv.index("--")
     assert argv[:split] == [
@@ -45,6 +52,8 @@ def test_node_runs_its_supernode_in_process_isolation_under_the_warm_executor(
         "client.node.warm_exec",
         "--runtime-api-address",
         "127.0.0.1:9123",
+        "--node-config-json",  # the executor prepares the export once, before the first task
+        json.dumps(node_config(options).to_node_config()),
     ]
     supernode = argv[split + 1 :]
     assert supernode == supernode_argv(options)
@@ -56,8 +65,9 @@ def test_node_runs_its_supernode_in_process_isolation_under_the_warm_executor(
     assert supernode[supernode.index("--port") + 1] == "9123"
 
 
-def test_a_node_asked_to_pull_sooner_runs_flowers_supernode_paced(tmp_path: Path) -> None:
-    options = _options(tmp_path, pull_interval=0.25)
+def test_a_node_runs_flowers_supernode_paced_by_default(tmp_path: Path) -> None:
+    options = _options(tmp_path)
+    assert options.pull_interval == 0.25
     argv = node_argv(options)
     rest = argv[argv.index("--") + 1 :]
     paced = rest[: rest.index("--")]
@@ -90,8 +100,9 @@ def test_flowers_own_superexec_is_never_used_even_when_the_warm_executor_is_off(
     argv = node_argv(options)
     assert argv[1:3] == ["-m", "client.node.warm_exec"]
     assert argv[argv.index("--preload") + 1] == ""  # cold: each task imports for itself
-    assert argv[argv.index("--") + 1 :] == supernode_argv(options)
-    assert supernode_argv(options)[-2:] == ["--isolation", "process"]
+    supernode = supernode_argv(options)
+    assert argv[-len(supernode) - 1 :] == ["--", *supernode]
+    assert supernode[-2:] == ["--isolation", "process"]
 
 
 # --- real processes -------------------------------------------------------------------------

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 import itertools
+import logging
 import time
 import types
 
@@ -70,6 +71,7 @@ def test_only_the_loops_fixed_sleeps_change(monkeypatch: pytest.MonkeyPatch) -> 
 
 
 def test_a_loop_of_another_shape_runs_at_flowers_pace(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING, logger=supernode_pace.logger.name)
     loop = types.ModuleType("other_release")
     loop.time = time  # type: ignore[attr-defined]
     assert not install(loop, Pace())
