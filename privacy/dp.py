@@ -72,6 +72,11 @@ from shared_models.errors import PrivacyBudgetExceeded
 
 logger = logging.getLogger(__name__)
 
+#: The words of a node's refusal of a round its budget can only buy noise for (`check_round`).
+#: Budget errors keep their text in a node's reply, so a caller that must tell this refusal
+#: from a failure (`simulations.reproduce.pipeline`) looks for it.
+DECLINES_ROUND = "declines this round"
+
 
 @dataclass
 class _Round:
@@ -191,7 +196,7 @@ class DPSession:
         ceiling = self.budget.max_noise_multiplier
         if self.noise_multiplier > ceiling:
             raise PrivacyBudgetExceeded(
-                f"{self._state.institution} declines this round: the budget left "
+                f"{self._state.institution} {DECLINES_ROUND}: the budget left "
                 f"(epsilon {self.epsilon_spent:.4g} of {self.budget.epsilon:g} spent after "
                 f"{self.rounds_done} round(s)) calls for noise multiplier "
                 f"{self.noise_multiplier:.3g} over {plan.planned_rounds - self.rounds_done} "

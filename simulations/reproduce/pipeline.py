@@ -54,8 +54,6 @@ logger = logging.getLogger(__name__)
 
 MARKER = ".edufl-reproduction"  # marks a folder this module may clear and rewrite
 SEED = 0  # repeat r uses seed SEED + r: the same seed gives the same splits in every mode
-#: How a node's refusal of a DP round reads (`privacy.dp`): its budget would buy only noise.
-DECLINED = "declines this round"
 
 
 class Progress:
@@ -358,7 +356,9 @@ def _run(
         # Every institution refused round 1: at this epsilon the noise each step needs is
         # above the nodes' ceiling (dp-max-noise). A point of the frontier all the same, kept
         # as such (no metric) rather than ending the whole reproduction.
-        if dp is None or DECLINED not in str(exc):
+        from privacy.dp import DECLINES_ROUND  # torch and Opacus: imported only when needed
+
+        if dp is None or DECLINES_ROUND not in str(exc):
             raise
         logger.warning("%s: every institution declined (%s)", job.describe(), exc)
         scored, seconds = (
