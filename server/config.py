@@ -123,10 +123,12 @@ class FederationConfig(BaseModel):
         filled: list[str] = []
         if isinstance(data, Mapping) and data.get("dp_epsilon") not in (None, ""):
             filled = [key for key in DP_DEFAULTS if data.get(key) in (None, "")]
-            # An unknown model name gets the generic values here and fails validation below.
-            own = dp_defaults(str(data.get("model") or cls.model_fields["model"].default))
-            data = {**data, **{key: own[key] for key in filled}}
+            data = {**data, **{key: DP_DEFAULTS[key] for key in filled}}
         config = handler(data)
+        # The model's own DP values (`DP_LEARNING_RATES`) once the model name is validated;
+        # same types as the generic ones, so nothing else needs validating again.
+        own = dp_defaults(config.model)
+        config.__dict__.update({key: own[key] for key in filled})
         config.__pydantic_fields_set__.difference_update(filled)
         return config
 
