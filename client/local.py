@@ -28,6 +28,7 @@ from torch.utils.data import DataLoader
 
 from shared_models.data.cohort import ModelInputs
 from shared_models.evaluation import evaluate, predict
+from shared_models.models.native import native_recurrent
 from shared_models.models.registry import build_model
 from shared_models.protocol import (
     HEAD_METRICS,
@@ -106,15 +107,18 @@ def local_train(
         model, optimizer, loader = privatize(model, optimizer, loader)
     loss = math.nan
     started = time.perf_counter()
-    for _ in range(settings.local_epochs):
-        loss = train_one_epoch(
-            model,
-            loader,
-            optimizer,
-            settings.task,
-            proximal_mu=settings.proximal_mu,
-            global_params=global_weights if settings.proximal_mu > 0 else None,
-        )
+    # Without DP no per-student gradient is needed: torch's own recurrent kernels train the
+    # same parameters (under DP the privatizer has already swapped in its fused twins).
+    with native_recurrent(model):
+        for _ in range(settings.local_epochs):
+            loss = train_one_epoch(
+                model,
+                loader,
+                optimizer,
+                settings.task,
+                proximal_mu=settings.proximal_mu,
+                global_params=global_weights if settings.proximal_mu > 0 else None,
+            )
     metrics = {
         TRAIN_LOSS: float(loss),
         # Local work only (the deployment benchmark subtracts it from a round's wall time).

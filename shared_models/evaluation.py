@@ -18,6 +18,7 @@ from shared_models.data.cohort import ModelInputs
 from shared_models.devices import model_device
 from shared_models.losses import check_task, heads_for_task, task_loss
 from shared_models.metrics import classification_metrics, regression_metrics
+from shared_models.models.native import native_recurrent
 from shared_models.models.weights import unwrap
 
 logger = logging.getLogger(__name__)
@@ -64,12 +65,13 @@ def forward_all(model: nn.Module, inputs: ModelInputs, batch_size: int = 1024) -
     device = model_device(model)
     chunks: dict[str, list[Tensor]] = {}
     try:
-        for start in range(0, max(len(inputs), 1), batch_size):
-            end = start + batch_size
-            batch = (t[start:end].to(device) for t in (dynamic, week_mask, static))
-            outputs = model(*batch)
-            for name, value in outputs.items():
-                chunks.setdefault(name, []).append(value.cpu())
+        with native_recurrent(model):  # inference needs no per-student gradient
+            for start in range(0, max(len(inputs), 1), batch_size):
+                end = start + batch_size
+                batch = (t[start:end].to(device) for t in (dynamic, week_mask, static))
+                outputs = model(*batch)
+                for name, value in outputs.items():
+                    chunks.setdefault(name, []).append(value.cpu())
     finally:
         model.train(was_training)
     return {name: torch.cat(parts) for name, parts in chunks.items()}

@@ -41,6 +41,7 @@ from shared_models.evaluation import (
 )
 from shared_models.losses import balanced_pos_weight, check_task, heads_for_task, task_loss
 from shared_models.models.base import ModelConfig
+from shared_models.models.native import native_recurrent
 from shared_models.models.weights import unwrap
 
 logger = logging.getLogger(__name__)
@@ -306,6 +307,29 @@ def fit(
     scheduler = make_scheduler(optimizer, decay)
     stopper = EarlyStopping(cfg.patience, cfg.min_delta)
     result = FitResult(pos_weight=pos_weight)
+    with native_recurrent(model):  # no per-student gradients here: torch's own RNN kernels
+        _fit_epochs(model, train, val, task, cfg, loader, optimizer, scheduler, stopper,
+                    pos_weight, result, on_epoch)  # fmt: skip
+    if val is not None and stopper.restore(model):
+        result.best_epoch = stopper.best_epoch
+        result.best_val_loss = stopper.best_loss
+    return result
+
+
+def _fit_epochs(
+    model: nn.Module,
+    train: ModelInputs,
+    val: ModelInputs | None,
+    task: str,
+    cfg: FitConfig,
+    loader: DataLoader[Any],
+    optimizer: Optimizer,
+    scheduler: ExponentialLR | None,
+    stopper: EarlyStopping,
+    pos_weight: float | None,
+    result: FitResult,
+    on_epoch: Callable[[EpochRecord], None] | None,
+) -> None:
     for epoch in range(1, cfg.max_epochs + 1):
         current_lr = float(optimizer.param_groups[0]["lr"])
         train_loss = train_one_epoch(
@@ -331,7 +355,3 @@ def fit(
         if val_loss is not None and stopper.step(val_loss, model, epoch):
             result.stopped_early = True
             break
-    if val is not None and stopper.restore(model):
-        result.best_epoch = stopper.best_epoch
-        result.best_val_loss = stopper.best_loss
-    return result
