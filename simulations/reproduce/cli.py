@@ -91,6 +91,14 @@ def reproduce(
     threads: int = typer.Option(
         1, min=1, help="torch threads; 1 is fastest for these small models on a shared machine."
     ),
+    workers: int | None = typer.Option(
+        None,
+        min=1,
+        help="Jobs run at once: the centralized jobs go to worker processes while the "
+        "federated ones run here (same results as one after another). Default: the CPUs, at "
+        "most 4; 1 runs every job in this process.",
+        show_default=False,
+    ),
     device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
     engine: str = typer.Option(
         "ray",
@@ -124,7 +132,12 @@ def reproduce(
         load_experiment,
         with_epsilons,
     )
-    from simulations.reproduce.pipeline import command_line, new_reproduction, run_jobs
+    from simulations.reproduce.pipeline import (
+        command_line,
+        default_workers,
+        new_reproduction,
+        run_jobs,
+    )
     from simulations.reproduce.report import write_report
 
     if list_:
@@ -169,8 +182,13 @@ def reproduce(
         device=on,
         engine=engine,
         ray_address=ray_address or None,
+        workers=workers or default_workers(),
+        threads=threads,
     )
-    typer.echo(f"{config.name} on {name}: {len(rep.jobs)} jobs; {config.title}", err=True)
+    typer.echo(
+        f"{config.name} on {name}: {len(rep.jobs)} jobs ({rep.workers} at once); {config.title}",
+        err=True,
+    )
     progress = _terminal_progress()
     try:
         run_jobs(rep, progress)

@@ -17,10 +17,14 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import multiprocessing
+import os
 import re
 import shutil
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from concurrent.futures import CancelledError, Future, ProcessPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -113,6 +117,9 @@ class Reproduction:
     device: str = "cpu"  # where models train (`shared_models.devices`): cpu, cuda, auto
     engine: str = "ray"  # the federated jobs' engine (`simulations.runner.ENGINES`)
     ray_address: str | None = None  # a Ray cluster to join (engine ray); None: RAY_ADDRESS
+    workers: int = 1  # processes running jobs at once (`run_jobs`); 1: one after another
+    threads: int = 1  # torch threads of each worker process
+    finished: dict[int, list[Outcome]] = field(default_factory=dict, repr=False)  # by job index
 
 
 def command_line(
@@ -179,8 +186,12 @@ def new_reproduction(
     device: str = "cpu",
     engine: str = "ray",
     ray_address: str | None = None,
+    workers: int = 1,
+    threads: int = 1,
 ) -> Reproduction:
     """Check the request, find the data, clear ``out_dir`` and plan the jobs.
+
+    ``workers``: jobs run at once (`run_jobs`); ``threads``: torch threads per worker process.
 
     Raises:
         ReproductionError: a dataset or mode the experiment does not offer, missing data, or an
@@ -210,6 +221,8 @@ def new_reproduction(
             "reads the exports and writes its run below it, so give an absolute path on storage "
             "every node mounts"
         )
+    if workers < 1 or threads < 1:
+        raise ReproductionError(f"workers and threads must be at least 1, got {workers}, {threads}")
     source = resolve_source(dataset, data)
     config = config.quick() if quick else config
     prepare_out_dir(out_dir, config.name)
@@ -226,17 +239,28 @@ def new_reproduction(
         device=device,
         engine=engine,
         ray_address=ray_address,
+        workers=workers,
+        threads=threads,
     )
 
 
+def default_workers() -> int:
+    """Jobs a reproduction runs at once by default: this machine's CPUs, at most 4."""
+    return max(1, min(os.cpu_count() or 1, 4))
+
+
 def run_jobs(rep: Reproduction, progress: Progress | None = None) -> None:
-    """Run the planned jobs, appending to ``rep.outcomes`` as each finishes.
+    """Run the planned jobs, adding to ``rep.outcomes`` (in plan order) as each finishes.
 
     On an error ``rep`` keeps what finished (and ``rep.error`` says what stopped it), so the
     caller can still write a partial report before the error propagates. On the Ray engine
     every federated job runs in one Ray session (`simulations.ray_session`): Ray starts at the
     first one, its workers stay warm for the next, and it stops after the last (12-20 s saved
     per job). The inline engine starts nothing: each job runs its nodes in this process.
+
+    With ``rep.workers`` > 1 the centralized jobs (models and baselines) run in a pool of
+    worker processes while this process runs the federated ones (`CentralizedPool`): every job
+    is seeded by its repeat, so the outcomes are the same as one after another, only sooner.
     """
     progress = progress or Progress()
     config, out_dir = rep.config, rep.out_dir
@@ -244,10 +268,27 @@ def run_jobs(rep: Reproduction, progress: Progress | None = None) -> None:
     started = time.perf_counter()
     prepared: PreparedData | None = None
     cache: SplitCache | None = None
+    lock = threading.Lock()
+
+    def finish(index: int, job: Job, outcomes: list[Outcome]) -> None:
+        with lock:
+            rep.finished[index] = outcomes
+            rep.outcomes = [o for i in sorted(rep.finished) for o in rep.finished[i]]
+            rep.done += 1
+            last = outcomes[-1]
+            value = last.scored.metrics.get(config.primary_metric)
+            shown = "n/a" if value is None else f"{value:.3f}"
+            progress.done(
+                f"{job.describe()}: {config.primary_metric} {shown} ({last.seconds:.0f} s)"
+            )
+
     try:
+        federated = sum(job.mode != "centralized" for job in rep.jobs)
+        pool = CentralizedPool(rep, finish, leave_one=federated > 0)
         engine = ray_session(rep.ray_address) if rep.engine == "ray" else contextlib.nullcontext()
-        with engine:
-            for job in rep.jobs:
+        with pool, engine:
+            for index, job in enumerate(rep.jobs):
+                pool.check()
                 if prepared is None or prepared.week != job.week:  # jobs come grouped by week
                     prepared = prepare(
                         rep.dataset, rep.source, out_dir / "data", week=job.week, quick=rep.quick
@@ -263,22 +304,118 @@ def run_jobs(rep: Reproduction, progress: Progress | None = None) -> None:
                         }
                     )
                 assert cache is not None
+                if pool.submit(index, job, prepared):
+                    continue
                 progress.job(job.describe())
-                rep.outcomes += _run(
+                outcomes = _run(
                     job, config, prepared, cache, out_dir, progress, rep.device, rep.engine
                 )
-                last = rep.outcomes[-1]
-                value = last.scored.metrics.get(config.primary_metric)
-                shown = "n/a" if value is None else f"{value:.3f}"
-                progress.done(
-                    f"{job.describe()}: {config.primary_metric} {shown} ({last.seconds:.0f} s)"
-                )
-                rep.done += 1
+                finish(index, job, outcomes)
+            pool.wait()
     except BaseException as exc:
         rep.error = f"{type(exc).__name__}: {exc}".strip()
         raise
     finally:
         rep.seconds = time.perf_counter() - started
+
+
+class CentralizedPool:
+    """Worker processes that run a reproduction's centralized jobs beside its federated ones.
+
+    Centralized jobs (a model's early-stopped training, or the scikit-learn baselines) need
+    neither Flower nor the other jobs: each worker process loads the exports' seeded splits
+    itself and returns the job's outcomes. With ``rep.workers`` = 1 there is no pool and
+    `submit` declines everything (the caller runs each job itself). Otherwise there are
+    ``rep.workers`` processes, one fewer when ``leave_one`` (a federated job keeps the parent
+    busy). Processes are spawned (no fork of a process holding Ray or torch threads), each with
+    ``rep.threads`` torch threads. The first error stops the reproduction: `check` and `wait`
+    raise it and the jobs not yet started are cancelled.
+    """
+
+    def __init__(
+        self,
+        rep: Reproduction,
+        finish: Callable[[int, Job, list[Outcome]], None],
+        *,
+        leave_one: bool,
+    ) -> None:
+        self.rep = rep
+        self.finish = finish
+        self.size = rep.workers - 1 if leave_one else rep.workers
+        self.size = self.size if rep.workers > 1 else 0
+        self.executor: ProcessPoolExecutor | None = None
+        self.futures: list[Future[list[Outcome]]] = []
+        self.error: BaseException | None = None
+
+    def __enter__(self) -> CentralizedPool:
+        if self.size > 0:
+            self.executor = ProcessPoolExecutor(
+                max_workers=self.size,
+                mp_context=multiprocessing.get_context("spawn"),
+                initializer=_worker_start,
+                initargs=(self.rep.threads, logging.getLogger().level),
+            )
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.executor is not None:
+            self.executor.shutdown(wait=True, cancel_futures=True)
+
+    def submit(self, index: int, job: Job, prepared: PreparedData) -> bool:
+        """Queue ``job`` if it is a centralized job and there is a pool; else False."""
+        if self.executor is None or job.mode != "centralized":
+            return False
+        rep = self.rep
+        future = self.executor.submit(
+            _run_centralized, job, rep.config, prepared, rep.out_dir, rep.device
+        )
+        future.add_done_callback(lambda f: self._done(f, index, job))
+        self.futures.append(future)
+        return True
+
+    def _done(self, future: Future[list[Outcome]], index: int, job: Job) -> None:
+        if future.cancelled():
+            return
+        error = future.exception()
+        if error is not None:
+            self.error = self.error or error
+            return
+        self.finish(index, job, future.result())
+
+    def check(self) -> None:
+        """Raise the first error a worker's job ended with, if any."""
+        if self.error is not None:
+            raise self.error
+
+    def wait(self) -> None:
+        """Wait for every queued job; raise the first error (the rest are cancelled)."""
+        for future in self.futures:
+            with contextlib.suppress(CancelledError):
+                future.exception()  # waits; errors are kept by _done in completion order
+            if self.error is not None and self.executor is not None:
+                self.executor.shutdown(wait=True, cancel_futures=True)
+                break
+        self.check()
+
+
+_WORKER_CACHE: dict[Path, SplitCache] = {}
+
+
+def _worker_start(threads: int, log_level: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+    logging.basicConfig(level=log_level)
+
+
+def _run_centralized(
+    job: Job, config: ExperimentConfig, prepared: PreparedData, out_dir: Path, device: str
+) -> list[Outcome]:
+    """A worker process's centralized job (its splits loaded once per export folder)."""
+    key = prepared.exports[0].parent
+    if key not in _WORKER_CACHE or _WORKER_CACHE[key].data.week != prepared.week:
+        _WORKER_CACHE[key] = SplitCache(prepared)
+    return _run(job, config, prepared, _WORKER_CACHE[key], out_dir, Progress(), device)
 
 
 def prepare_out_dir(out_dir: Path, experiment: str) -> None:
