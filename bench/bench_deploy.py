@@ -26,7 +26,8 @@ key, DP-SGD on as every node defaults to. The modes compared:
 
 A round's overhead is its wall time at the server (``seconds`` in the run's ``metrics.jsonl``:
 from sending the global model until the last reply is in and aggregated) minus the slowest
-node's local training time (``train/seconds`` in that node's own reply). Rounds run without a
+node's local training time (``train/seconds`` in a reply without DP; a DP reply carries none,
+so the time each node writes in its own log, `add_train_times`). Rounds run without a
 federated evaluation, so a round is one message per node. Round 1 also waits for the nodes to
 connect, so only later rounds count. With edufl's executor (cold, warm, paced) the overhead is
 split further with the task durations it logs: in the task (imports when cold, loading the
@@ -338,6 +339,27 @@ def round_rows(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 _TASK_DONE = re.compile(r"task \d+: ClientApp done in ([\d.]+) s")
+#: `client.app`'s line in the node's own log (a DP reply carries no training time).
+_TRAINED = re.compile(r"round (\d+): .+ trained .*in ([\d.]+) s")
+
+
+def add_train_times(rows: list[dict[str, Any]], homes: Path) -> None:
+    """Each round's slowest training time and overhead, from the nodes' own logs.
+
+    Under DP the reply releases nothing but the update, so ``round_rows`` finds no training
+    time; every node logs it locally (the benchmark runs the nodes, so it may read their logs).
+    A round gets them only when every node logged it.
+    """
+    per_node = [
+        {int(r): float(t) for r, t in _TRAINED.findall(log.read_text(errors="replace"))}
+        for log in sorted(homes.glob("*/logs/supernode.log"))
+    ]
+    for row in rows:
+        times = [node[row["round"]] for node in per_node if row["round"] in node]
+        if "slowest_train_s" in row or not per_node or len(times) != len(per_node):
+            continue
+        row["slowest_train_s"] = round(max(times), 3)
+        row["overhead_s"] = round(row["wall_s"] - max(times), 3)
 
 
 def add_task_split(rows: list[dict[str, Any]], homes: Path) -> None:
@@ -348,6 +370,7 @@ def add_task_split(rows: list[dict[str, Any]], homes: Path) -> None:
     the rest (the round's wall time minus the slowest task): SuperNode and ServerApp polling,
     TLS transfers, aggregation. Rounds are one task per node (no federated evaluation).
     """
+    add_train_times(rows, homes)
     per_node = [
         [float(m) for m in _TASK_DONE.findall(log.read_text(errors="replace"))]
         for log in sorted(homes.glob("*/logs/supernode.log"))

@@ -64,6 +64,7 @@ from shared_models.protocol import (
     RISK_HIST_NEG,
     RISK_HIST_POS,
     SPEC_PATH,
+    TRAIN_SECONDS,
     TRAIN_STEPS,
     Acknowledgement,
     Delivery,
@@ -157,10 +158,11 @@ def train(msg: Message, context: Context) -> Message:
     _assign(model, global_weights)
     metrics = local_train(model, node.train, settings, global_weights, validation=node.val)
     logger.info(
-        "round %d: %s trained on %d records",
+        "round %d: %s trained on %d records in %.3f s",
         settings.server_round,
         node.institution,
         len(node.train),
+        metrics[TRAIN_SECONDS],
     )
     weights = named_weights(model)
     if cache is None:
@@ -188,7 +190,7 @@ def _train_private(
     _assign(model, global_weights)
     try:
         # The exact loss, time and steps local_train returns stay here; none may leave.
-        local_train(
+        kept = local_train(
             model,
             node.train,
             settings,
@@ -201,7 +203,14 @@ def _train_private(
     weights = named_weights(model)
     # Commit the spend before the model may leave the node (raises if over budget).
     entry = session.spend_round(run_id, settings.server_round, str(context.node_id))
-    logger.info("round %d: %s trained with DP-SGD", settings.server_round, node.institution)
+    # In this node's own log only (the deployment benchmark reads it): never in the reply.
+    logger.info(
+        "round %d: %s trained with DP-SGD in %.3f s (%d steps)",
+        settings.server_round,
+        node.institution,
+        kept[TRAIN_SECONDS],
+        int(kept[TRAIN_STEPS]),
+    )
     metrics: dict[str, Any] = {NOISE_COUNT_STD: count.noise_std}
     release = Release(weights, metrics, entry, num_examples=count.n_public)
     ReleaseCache(_privacy_state(own, node)).store(run_id, settings.server_round, digest, release)

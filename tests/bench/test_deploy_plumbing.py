@@ -242,3 +242,36 @@ def test_deploy_rows_without_training_times_compare_round_wall_times() -> None:
     rows = {row.measure: row for row in report.rows}
     assert rows["warm: round wall time (replies carry no training time)"].stats.median == 5.0
     assert rows["round wall time warm / flower (per pair of federations)"].stats.median == 5 / 11
+
+
+def test_dp_rounds_get_training_times_and_overhead_from_the_nodes_own_logs(
+    tmp_path: Path,
+) -> None:
+    from bench.bench_deploy import add_task_split, round_rows
+
+    def record(k: int, seconds: float) -> dict[str, Any]:
+        return {"round": k, "seconds": seconds, "failures": [], "institutions": [{"train": {}}]}
+
+    logs = {
+        "uni-a": [
+            "INFO    :      round 1: uni-a trained with DP-SGD in 0.800 s (3 steps)",
+            "INFO    :      task 11: ClientApp done in 1.20 s",
+            "INFO    :      round 2: uni-a trained with DP-SGD in 0.500 s (3 steps)",
+            "INFO    :      task 12: ClientApp done in 0.90 s",
+        ],
+        "uni-b": [
+            "INFO    :      round 1: uni-b trained on 300 records in 1.500 s",
+            "INFO    :      task 21: ClientApp done in 2.00 s",
+            "INFO    :      task 22: ClientApp done in 0.70 s",  # round 2 not logged
+        ],
+    }
+    for name, lines in logs.items():
+        (tmp_path / name / "logs").mkdir(parents=True)
+        (tmp_path / name / "logs" / "supernode.log").write_text("\n".join(lines) + "\n")
+    rows = round_rows([record(1, 3.0), record(2, 2.0)])
+    add_task_split(rows, tmp_path)
+    first, second = rows
+    assert first["slowest_train_s"] == 1.5 and first["overhead_s"] == 1.5
+    assert first["in_task_s"] == 0.5 and first["transport_s"] == 1.0
+    assert "overhead_s" not in second  # one node did not log its training: no figure
+    assert second["transport_s"] == 1.1
