@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 import numpy as np
 import pytest
 
@@ -78,12 +76,11 @@ def test_same_seed_gives_the_same_predictions() -> None:
 
 
 @pytest.mark.slow
-def test_all_baselines_fit_a_few_thousand_students_in_seconds() -> None:
+def test_all_baselines_fit_a_few_thousand_students_with_many_features() -> None:
+    # How long they take is measured by the benchmarks, not asserted here.
     x, y, grade = _data(3500, 150)
-    start = time.perf_counter()
     risk = fit_baselines("risk", x[:3000], y[:3000], x[3000:], y[3000:])
     grade_results = fit_baselines("grade", x[:3000], grade[:3000], x[3000:], grade[3000:])
-    assert time.perf_counter() - start < 30.0
     # Many uninformative features must not break any of them (an MLP on unscaled grades did).
     assert all(r.metrics["roc_auc"] > 0.6 for r in risk.values())
     assert all(r.metrics["r2"] > 0.2 for r in grade_results.values())
