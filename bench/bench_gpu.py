@@ -208,7 +208,7 @@ def dp_step(
         optimizer.step()
     params = dict(model.named_parameters())
     summed = {n: p.summed_grad.detach().cpu() for n, p in params.items()}  # type: ignore[attr-defined]
-    noise = {str(k): draw for k, draw in enumerate(source.draws)}  # one draw per parameter
+    noise = {str(k): draw for k, draw in enumerate(source.draws)}  # one for all parameters
     weights = {n: p.detach().cpu().clone() for n, p in params.items()}
     wrapped._close()
     return {"per_student": per_student, "clipped_sum": summed, "noise": noise, "weights": weights}

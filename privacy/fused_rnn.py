@@ -44,6 +44,7 @@ from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence
 
 from privacy import fused_clip
+from shared_models.models.native import native_twin
 
 logger = logging.getLogger(__name__)
 
@@ -208,12 +209,14 @@ def _weight_grads(
     for `privacy.fused_clip` and give Opacus placeholders; others form them with one bmm each.
     """
     w_ih, w_hh, b_ih, b_hh = _weights(layer)
+    g_b_ih = d_ih.sum(dim=1)
+    g_b_hh = g_b_ih.clone() if d_ih is d_hh else d_hh.sum(dim=1)  # LSTM: the same gradients
     if layer.__dict__.get("_factored", False):
         return {
             w_ih: fused_clip.stash(w_ih, d_ih.transpose(0, 1), x.transpose(0, 1)),
             w_hh: fused_clip.stash(w_hh, d_hh.transpose(0, 1), h_prev.transpose(0, 1)),
-            b_ih: d_ih.sum(dim=1),
-            b_hh: d_hh.sum(dim=1),
+            b_ih: g_b_ih,
+            b_hh: g_b_hh,
         }
     if d_ih is d_hh:  # LSTM: both projections get the same gate gradients, one bmm serves
         both = torch.einsum("btg,btk->bgk", d_ih, torch.cat([x, h_prev], dim=2))
@@ -221,7 +224,7 @@ def _weight_grads(
     else:
         g_ih = torch.bmm(d_ih.transpose(1, 2), x)
         g_hh = torch.bmm(d_hh.transpose(1, 2), h_prev)
-    return {w_ih: g_ih, w_hh: g_hh, b_ih: d_ih.sum(dim=1), b_hh: d_hh.sum(dim=1)}
+    return {w_ih: g_ih, w_hh: g_hh, b_ih: g_b_ih, b_hh: g_b_hh}
 
 
 @register_grad_sampler(FusedLSTM)  # type: ignore[untyped-decorator]
@@ -235,52 +238,63 @@ def _lstm_grad_sample(
     recurrence needed), the cell states by one elementwise pass; then BPTT runs backwards with
     one (B, 4H) x (4H, H) product per step, as the native backward does, keeping every step's
     gate gradients. Everything inside is time-major (T, B, ...) so that a step is one
-    contiguous block, written in place (the loops are most of this function's cost).
+    contiguous block, written in place into few buffers (each full-size pass and allocation
+    counts at batch 256), and the loops index lists of per-step views made by one ``unbind``
+    each (at batch 64 the per-call cost of the loops is as large as their arithmetic).
     """
     x = activations[0].to(backprops.dtype)
     out = _output(layer, x, nn.LSTM)
     batch, steps, hidden = out.shape
+    n_in = x.shape[2]
     w_ih, w_hh, b_ih, b_hh = _weights(layer)
     # a[t] = [x_t, h_{t-1}]: what both weight matrices multiply, time-major.
-    a = x.new_empty(steps, batch, x.shape[2] + hidden)
-    a[:, :, : x.shape[2]] = x.transpose(0, 1)
-    a[0, :, x.shape[2] :] = 0
-    a[1:, :, x.shape[2] :] = out[:, :-1].transpose(0, 1)
+    a = x.new_empty(steps, batch, n_in + hidden)
+    a[:, :, :n_in] = x.transpose(0, 1)
+    a[0, :, n_in:] = 0
+    a[1:, :, n_in:] = out[:, :-1].transpose(0, 1)
     gates = torch.addmm(
         b_ih + b_hh, a.view(steps * batch, a.shape[2]), torch.cat([w_ih, w_hh], 1).t()
     )
     gates = gates.view(steps, batch, 4, hidden)
-    # tanh(z) = 2 sigmoid(2z) - 1: torch's float32 tanh is several times slower on CPU.
+    # tanh(z) = 2 sigmoid(2z) - 1: torch's float32 tanh is several times slower on CPU. Then
+    # every gate's derivative is s (1 - s) of its sigmoid s (times 4 for the tanh gate g).
     gates[:, :, 2] *= 2
     gates.sigmoid_()
+    factor = torch.addcmul(gates, gates, gates, value=-1)  # s - s^2, all four gates at once
     gates[:, :, 2].mul_(2).sub_(1)
     i, f, g, o = gates.unbind(2)
     c = torch.mul(i, g)  # c[t] = f[t] * c[t - 1] + i[t] * g[t], in place
+    c_t, f_t = c.unbind(0), f.unbind(0)
     for t in range(1, steps):
-        c[t].addcmul_(f[t], c[t - 1])
-    tanh_c = torch.sigmoid(2 * c).mul_(2).sub_(1)
-    # dh -> dc through h = o * tanh(c); then each gate's pre-activation gradient is dc (dh for
-    # the output gate) times a factor known from the forward pass.
-    dc_from_dh = (1 - tanh_c * tanh_c).mul_(o)
-    factor = torch.empty_like(gates)
-    torch.mul(g, i * (1 - i), out=factor[:, :, 0])
+        c_t[t].addcmul_(f_t[t], c_t[t - 1])
+    # h = o * tanh(c), tanh(c) = 2 s_c - 1 with s_c = sigmoid(2c); 1 - tanh(c)^2 = 4 s_c (1 - s_c).
+    s_c = torch.mul(c, 2).sigmoid_()
+    dc_from_dh = torch.addcmul(s_c, s_c, s_c, value=-1).mul_(o).mul_(4)  # dh -> dc
+    tanh_c = s_c.mul_(2).sub_(1)
+    # Each gate's pre-activation gradient is dc (dh for the output gate) times its factor.
+    factor[:, :, 0].mul_(g)
     factor[0, :, 1] = 0
-    torch.mul(c[:-1], f[1:] * (1 - f[1:]), out=factor[1:, :, 1])
-    torch.mul(i, 1 - g * g, out=factor[:, :, 2])
-    torch.mul(tanh_c, o * (1 - o), out=factor[:, :, 3])
-    d_gates = torch.empty_like(factor)
-    dh = backprops[:, -1].clone()
+    factor[1:, :, 1].mul_(c[:-1])
+    factor[:, :, 2].mul_(i).mul_(4)
+    factor[:, :, 3].mul_(tanh_c)
+    # BPTT, writing each step's gate gradients over its factors (read once, at that step).
+    d_gates = factor
+    cell_part, out_part = d_gates[:, :, :3].unbind(0), d_gates[:, :, 3].unbind(0)
+    flat = d_gates.view(steps, batch, 4 * hidden).unbind(0)
+    dc_dh, grad_out = dc_from_dh.unbind(0), backprops.unbind(1)
+    dh = grad_out[steps - 1].clone()
     dc = backprops.new_zeros(batch, hidden)
+    dc_3 = dc.unsqueeze(1)  # a view: follows dc's in-place updates
     for t in range(steps - 1, -1, -1):
-        dc.addcmul_(dh, dc_from_dh[t])
-        torch.mul(factor[t, :, :3], dc.unsqueeze(1), out=d_gates[t, :, :3])
-        torch.mul(factor[t, :, 3], dh, out=d_gates[t, :, 3])
+        dc.addcmul_(dh, dc_dh[t])
+        cell_part[t].mul_(dc_3)
+        out_part[t].mul_(dh)
         if t:
-            dc.mul_(f[t])
-            dh = torch.addmm(backprops[:, t - 1], d_gates[t].view(batch, 4 * hidden), w_hh)
+            dc.mul_(f_t[t])
+            torch.addmm(grad_out[t - 1], flat[t], w_hh, out=dh)
     d_flat = d_gates.view(steps, batch, 4 * hidden).transpose(0, 1)  # batch-major views
     a = a.transpose(0, 1)
-    return _weight_grads(layer, a[..., : x.shape[2]], a[..., x.shape[2] :], d_flat, d_flat)
+    return _weight_grads(layer, a[..., :n_in], a[..., n_in:], d_flat, d_flat)
 
 
 @register_grad_sampler(FusedGRU)  # type: ignore[untyped-decorator]
@@ -334,21 +348,9 @@ def _twin(module: nn.Module, factored: bool) -> nn.Module | None:
     if factored and (linear := fused_clip.factored_linear(module)) is not None:
         return linear
     cls = _TWINS.get(type(module))
-    if cls is None:
-        return None
-    layer = cast(Any, module)  # DPRNNBase: nn.RNNBase's attributes without its type
-    shape = (layer.num_layers, layer.bidirectional, layer.batch_first, layer.bias, layer.proj_size)
-    if shape != (1, False, True, True, 0):
-        logger.debug("%s is not fused (shape %s): Opacus' hooks serve it", layer, shape)
-        return None
-    with torch.device("meta"):  # no storage and no draw from torch's RNG for throwaway weights
-        twin = cls(layer.input_size, layer.hidden_size, batch_first=True)
-    shared = dict(layer.named_parameters())  # DPRNNBase names them like nn.LSTM/nn.GRU
-    for name in twin._flat_weights_names:
-        setattr(twin, name, shared[name])
-    twin._init_flat_weights()  # the native kernels read this list, not the attributes
-    twin.train(layer.training)
-    return twin
+    # The shape check and the parameter sharing are the plain-training fast path's; a layer of
+    # another shape is served by Opacus' hooks.
+    return None if cls is None else native_twin(module, cls)
 
 
 def fuse_recurrent_layers(model: nn.Module, *, factored: bool = False) -> Callable[[], None]:

@@ -25,7 +25,9 @@ def test_a_dp_step_of_the_numerical_check_is_deterministic_under_one_key() -> No
     first = bench_gpu.dp_step(reference, batch, torch.device("cpu"))
     second = bench_gpu.dp_step(reference, batch, torch.device("cpu"))
     assert set(first) == {"per_student", "clipped_sum", "noise", "weights"}
-    assert len(first["noise"]) == len(first["weights"])  # one noise draw per parameter
+    # privacy.noise draws the noise of all parameters at once: one value per weight in all.
+    drawn = sum(draw.numel() for draw in first["noise"].values())
+    assert drawn == sum(w.numel() for w in first["weights"].values())
     for what, tensors in first.items():
         for name, value in tensors.items():
             torch.testing.assert_close(second[what][name], value, rtol=0, atol=0)

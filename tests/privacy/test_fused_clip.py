@@ -109,6 +109,28 @@ def test_a_layer_called_twice_in_a_step_clips_the_sum_of_both_calls() -> None:
     torch.testing.assert_close(weight.summed_grad, expected, rtol=1e-5, atol=1e-6)
 
 
+def test_an_lstm_step_forms_the_gram_of_its_shared_gate_gradients_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Both LSTM weights stash the same gate gradients, each through its own view: the Gram of
+    # the widest factor is most of the norms' cost, and must not be formed twice.
+    model = build_model("lstm", WEEKS, DYNAMIC, STATIC, {"dropout": 0.0})
+    fuse_recurrent_layers(model, factored=True)
+    shapes: list[tuple[int, ...]] = []
+    gram = fused_clip._gram
+
+    def counted(factor: Tensor) -> Tensor:
+        shapes.append(tuple(factor.shape))
+        return gram(factor)
+
+    monkeypatch.setattr(fused_clip, "_gram", counted)
+    _clipped_sums(model, _batch(6), clip=1.0, factored=True)
+
+    hidden = model.rnn.hidden_size
+    assert shapes.count((WEEKS, 6, 4 * hidden)) == 1
+    assert sorted(s[2] for s in shapes) == [DYNAMIC + 1, hidden, 4 * hidden]
+
+
 def test_a_placeholder_reaching_opacus_own_clipping_fails_loudly() -> None:
     weight, optimizer = _one_weight(4, 1.0)  # no install_factored_clipping
     weight.grad_sample = stash(weight, torch.randn(2, 4, 5), torch.randn(2, 4, 3))

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from opacus import PrivacyEngine
+from opacus.optimizers import DPOptimizer
 from scipy import stats
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -146,6 +147,28 @@ def test_installed_noise_has_std_noise_multiplier_times_clip_over_batch() -> Non
     torch.manual_seed(0)
     again = _noised_grad(model, optimizer, inputs)
     assert not torch.equal(grad, again)
+
+
+def test_installed_noise_is_one_draw_split_over_the_parameters_in_their_dtypes() -> None:
+    # One draw for all parameters (per-call cost), each its own stretch of the keystream.
+    params = [nn.Parameter(torch.zeros(3, 4)), nn.Parameter(torch.zeros(5, dtype=torch.float64))]
+    optimizer = DPOptimizer(
+        torch.optim.SGD(params, lr=1.0),
+        noise_multiplier=2.0,
+        max_grad_norm=0.5,
+        expected_batch_size=1,
+    )
+    install_secure_noise(optimizer, SecureRandom(KEY_A))
+    for p in params:
+        p.summed_grad = torch.ones_like(p)
+
+    optimizer.add_noise()
+
+    expected = SecureRandom(KEY_A).normal((17,), 2.0 * 0.5)
+    assert [p.grad.dtype for p in params] == [torch.float32, torch.float64]  # type: ignore[union-attr]
+    assert params[0].grad.shape == (3, 4)  # type: ignore[union-attr]
+    torch.testing.assert_close(params[0].grad, (1 + expected[:12]).float().view(3, 4))
+    torch.testing.assert_close(params[1].grad, 1 + expected[12:], rtol=0, atol=0)
 
 
 def test_installed_noise_with_zero_multiplier_adds_exactly_nothing() -> None:
