@@ -22,7 +22,7 @@ from shared_models.atomic import write_atomic_many
 from shared_models.data.cohort import Normalizer
 from shared_models.data.contract import FeatureSpec
 from shared_models.errors import DataContractError
-from shared_models.models.registry import MODEL_NAMES, build_model
+from shared_models.models.registry import MODEL_NAMES, build_model, validate_model_config
 from shared_models.models.weights import assign_weights, check_weights, load_tensors, weights_writer
 from shared_models.user_files import describe_read_error, loads_json, read_text
 
@@ -230,8 +230,24 @@ def _validated_card(raw: Any, card_path: Path) -> tuple[ModelCard, Normalizer]:
             for e in exc.errors()[:5]
         )
         raise DataContractError(f"{card_path}: not a valid model card ({problems})") from None
-    card = ModelCard(**schema.model_dump(exclude={"format"}))
+    fields = schema.model_dump(exclude={"format"})
+    fields["config"] = trained_config(schema.model, schema.config)
+    card = ModelCard(**fields)
     return card, _normalizer(schema, card_path)
+
+
+#: Config fields added after cards were first written, with the value a card that lacks them
+#: was trained with (its new default would rebuild a different model): ``static_scale`` (issue
+#: 19) scales the static attributes of ``cnn-lstm``, ``cnn`` and ``multitask``, 0.1 by default
+#: since; a model saved before it read them unscaled.
+_BEFORE_FIELD: dict[str, Any] = {"static_scale": 1.0}
+
+
+def trained_config(model: str, config: dict[str, Any]) -> dict[str, Any]:
+    """A saved config with the fields it predates set to what its model was trained with."""
+    fields = validate_model_config(model, None).model_dump()
+    missing = {k: v for k, v in _BEFORE_FIELD.items() if k in fields and k not in config}
+    return {**config, **missing}
 
 
 def _normalizer(card: _CardSchema, card_path: Path) -> Normalizer:

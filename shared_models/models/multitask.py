@@ -45,6 +45,12 @@ class MultiTaskConfig(ModelConfig):
     engagement: bool = True  # add the self-supervised engagement head
     engagement_index: tuple[int, ...] | None = None  # activity channels averaged; None = all
     lr_decay: Annotated[float, Field(ge=0.0)] = 0.05  # k per epoch: lr halves every ~14 epochs
+    # Multiplies the static attributes fused into every step. Contract-normalised attributes are
+    # about 1 a column (OULAD: 8 attributes in 37 one-hot and numeric columns, norm about 2.8),
+    # weekly clicks about 0.1; DP-SGD's noise on the static weights, times that norm, became a
+    # random per-student score. 0.1 brings the block to the weekly inputs' size (issue 19,
+    # docs/results.md "Static attributes under DP"); 1.0 is the paper's plain concatenation.
+    static_scale: Annotated[float, Field(gt=0)] = 0.1
 
     @field_validator("engagement_index")
     @classmethod
@@ -88,6 +94,7 @@ class MultiTaskLSTM(StudentModel):
         self._engagement_index = None if index is None else torch.tensor(index, dtype=torch.long)
         fused_static = n_static if cfg.use_static else 0
         self.rnn = DPLSTM(n_dynamic + 1 + fused_static, cfg.hidden_size, batch_first=True)
+        self.static_scale = cfg.static_scale
         heads = [*cfg.targets, "engagement"] if cfg.engagement else list(cfg.targets)
         # Static attributes already shaped every hidden state; the heads read h_t only (Eq. 4).
         self.head = OutputHeads(cfg.hidden_size, heads, dropout=cfg.dropout)
@@ -95,7 +102,8 @@ class MultiTaskLSTM(StudentModel):
     def _encode(self, dynamic: Tensor, week_mask: Tensor, static: Tensor) -> Tensor:
         weekly = masked_dynamic(dynamic, week_mask)
         if self.config.use_static:
-            repeated = static.unsqueeze(1).expand(-1, weekly.shape[1], -1)
+            scaled = static * self.static_scale  # see CNNLSTMModel.forward: DP noise x norm
+            repeated = scaled.unsqueeze(1).expand(-1, weekly.shape[1], -1)
             weekly = torch.cat([weekly, repeated], dim=-1)
         sequence, _ = self.rnn(weekly)
         return last_observed(sequence, week_mask)

@@ -1,0 +1,47 @@
+"""A model card written before a config field existed rebuilds the model it was trained as."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from shared_models.data.cohort import Normalizer
+from shared_models.data.contract import default_spec
+from shared_models.models.artifact import load_trained, save_trained, trained_config
+from shared_models.models.registry import build_model
+from shared_models.training import set_seed
+
+
+@pytest.mark.parametrize("name", ["cnn-lstm", "multitask"])
+def test_a_card_without_static_scale_was_trained_unscaled(name: str, tmp_path: Path) -> None:
+    spec = default_spec()
+    n_dynamic, n_static = len(spec.dynamic), len(spec.static_names)
+    set_seed(0)
+    old = build_model(name, spec.weeks, n_dynamic, n_static, {"static_scale": 1.0})
+    folder = tmp_path / name
+    save_trained(
+        folder, old, name=name, task="multitask", spec=spec,
+        normalizer=Normalizer.from_contract(spec),
+    )  # fmt: skip
+    card_path = folder / "model.json"
+    card = json.loads(card_path.read_text())
+    del card["config"]["static_scale"]  # as an edufl before issue 19 wrote it
+    card_path.write_text(json.dumps(card))
+
+    loaded, _, restored = load_trained(folder, spec)
+    assert restored.config["static_scale"] == 1.0
+    dynamic, mask = torch.rand(3, spec.weeks, n_dynamic), torch.ones(3, spec.weeks)
+    static = torch.rand(3, n_static)
+    with torch.no_grad():
+        expected, got = old.eval()(dynamic, mask, static), loaded.eval()(dynamic, mask, static)
+    for head in expected:
+        torch.testing.assert_close(got[head], expected[head], rtol=0, atol=0)
+
+
+def test_a_current_card_and_models_without_the_field_are_left_as_they_are() -> None:
+    assert trained_config("cnn-lstm", {"static_scale": 0.1})["static_scale"] == 0.1
+    assert "static_scale" not in trained_config("lstm", {})
+    assert trained_config("cnn", {})["static_scale"] == 1.0
