@@ -39,7 +39,13 @@ from shared_models.evaluation import (
     objective,
     predict,
 )
-from shared_models.losses import balanced_pos_weight, check_task, heads_for_task, task_loss
+from shared_models.losses import (
+    DP_GRADE_LOSS,
+    balanced_pos_weight,
+    check_task,
+    heads_for_task,
+    task_loss,
+)
 from shared_models.models.base import ModelConfig
 from shared_models.models.native import native_recurrent
 from shared_models.models.weights import unwrap
@@ -135,6 +141,7 @@ def _step(
     task: str,
     class_weight: float | None,
     loss_weights: Mapping[str, float] | None,
+    grade_loss: str = "squared",
 ) -> float:
     """Forward and backward of one batch; returns its loss. The update is the caller's."""
     optimizer.zero_grad()
@@ -147,6 +154,7 @@ def _step(
         auxiliary_targets=auxiliary_targets(model, batch, task),
         pos_weight=class_weight,
         loss_weights=loss_weights,
+        grade_loss=grade_loss,
     )
     loss.backward()  # type: ignore[no-untyped-call]
     return float(loss.detach())
@@ -170,7 +178,8 @@ def train_one_epoch(
     term ``mu / 2 * ||w - w_global||^2`` does not depend on any student, so its gradient is
     added *after* Opacus clips and noises the data gradient (added to the loss, Opacus would
     silently drop it: only per-sample gradients survive ``DPOptimizer``). It is not part of the
-    returned loss.
+    returned loss. Under DP the grade head's loss is `shared_models.losses.DP_GRADE_LOSS` (the
+    Bernoulli quasi-likelihood; the squared error without DP), and so is the returned loss.
 
     Args:
         model: a model from `build_model`, possibly wrapped in a ``GradSampleModule``.
@@ -204,7 +213,17 @@ def train_one_epoch(
             n = int(batch[4].shape[0])
             if n == 0 and not dp:
                 continue
-            loss = _step(model, batch, optimizer, task, class_weight, loss_weights)
+            # Under DP the grade head trains on the Bernoulli quasi-likelihood: its gradient has
+            # the risk head's scale, so clipping does not drown it (`shared_models.losses`).
+            loss = _step(
+                model,
+                batch,
+                optimizer,
+                task,
+                class_weight,
+                loss_weights,
+                DP_GRADE_LOSS if dp else "squared",
+            )
             if dp:
                 # DPOptimizer.step() is pre_step() (clip, noise, account) + the wrapped step.
                 if optimizer.pre_step():  # type: ignore[attr-defined]
