@@ -15,9 +15,9 @@ Where the rest goes comes from timestamps inside the processes (imports, Ray and
 start in round 1, the steady rounds, shutdown), the nodes' own ``train/seconds``, and in-process
 timings of what a round moves: serializing the messages (Ray pickles them) and aggregating.
 
-    python -m bench.bench_federation          # 1,200 students 3 runs, 6,000 students 1 run
+    python -m bench.bench_federation          # 1,200 students x 3 runs, 6,000 x 1, both engines
     python -m bench.bench_federation --students 1200,12000 --runs 5,3
-    python -m bench.bench_federation --engine inline   # or: --engine ray,inline (both, in turn)
+    python -m bench.bench_federation --engine inline   # one engine only (default: ray,inline)
 """
 
 from __future__ import annotations
@@ -283,8 +283,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     p.add_argument(
         "--engine",
-        default="ray",
-        help="simulation engine(s), comma-separated: ray, inline (simulations.runner.ENGINES)",
+        default="ray,inline",
+        help="simulation engine(s), comma-separated, each against centralized in the same run: "
+        "ray (simulate run's default), inline (simulations.runner.ENGINES)",
     )
     args = p.parse_args(argv)
     if args.quick:
