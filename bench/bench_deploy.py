@@ -98,6 +98,8 @@ class Federation:
     host: str = PUBLIC_HOST
     port: int = 0
     children: list[Any] = field(default_factory=list)  # processes.Child or a pid
+    #: Timestamps on the server's and the nodes' log lines (``--log-times``).
+    log_times: bool = False
 
     def __post_init__(self) -> None:
         from shared_models import processes
@@ -149,11 +151,14 @@ class Federation:
         argv += ["--state", str(self.state), "--address", self.address, "--config", str(cfg)]
         argv += ["--rounds", str(rounds), "--min-nodes", str(min_nodes)]
         argv += ["--out", str(self.run_dir), "--timeout", str(timeout_s)]
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        if self.log_times:  # Flower's lines timed (with its debug lines): the ServerApp's too
+            env["FLWR_LOG_LEVEL"] = "DEBUG"
         server = processes.start(
             "server",
             argv,
             log_path=self.root / "logs" / "server.out",
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            env=env,
             cwd=self.root,
         )
         self.children.append(server)
@@ -388,7 +393,7 @@ def add_task_split(rows: list[dict[str, Any]], homes: Path) -> None:
 
 def run_federation(mode: str, args: Any, exports: list[Path], root: Path) -> list[dict[str, Any]]:
     """One federation of ``len(exports)`` nodes in ``mode``; its per-round figures."""
-    fed = Federation(root, hard_limit_s=args.timeout + 120)
+    fed = Federation(root, hard_limit_s=args.timeout + 120, log_times=args.log_times)
     nodes = fed.enrol(exports)
     config = f"local_epochs = {args.local_epochs}\nfraction_evaluate = 0.0\nround_timeout = 300.0\n"
     try:
@@ -430,7 +435,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--local-epochs", type=int, default=1)
     p.add_argument("--timeout", type=int, default=900, help="seconds per federation")
     p.add_argument("--workdir", type=Path, default=None, help="kept; default a temp dir")
+    p.add_argument(
+        "--log-times",
+        action="store_true",
+        help="timestamps on every node log line (EDUFL_NODE_LOG_TIMES=1), for a timeline",
+    )
     args = p.parse_args(argv)
+    if args.log_times:  # the nodes inherit this process's environment
+        from client.node import log_times
+
+        os.environ[log_times.ENV] = "1"
     if args.quick:
         args.rounds, args.reps = 3, 1
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]

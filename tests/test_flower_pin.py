@@ -137,6 +137,6 @@ def test_the_code_reads_its_flower_texts_and_names_from_the_lists() -> None:
 
     assert node_surface.ACTIVATED.text == launcher._ACTIVATED
     assert launcher._FLOWER_EXIT.search("Exit Code: 305").group(1) == "305"  # type: ignore[union-attr]
-    assert node_surface.RECEIVING.text.encode() == warm_exec._HINT
+    assert node_surface.RECEIVED.text.encode() == warm_exec._HINT
     assert (node_surface.PULL.attr, node_surface.PUSH.attr) == (pacing._PULL, pacing._PUSH)
     assert server_surface.ALREADY_REGISTERED.text == control._ALREADY_REGISTERED

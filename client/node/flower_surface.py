@@ -16,8 +16,8 @@ _RUN_CLIENTAPP = "flwr.supernode.runtime.run_clientapp"
 
 #: Logged once the SuperLink has let the node in (`launcher.follow`, `warm_exec`).
 ACTIVATED = FlowerText(_LOOP, "SuperNode ID:")
-#: Logged right before the SuperNode creates a message's task (`warm_exec`).
-RECEIVING = FlowerText(_LOOP, "Receiving: ")
+#: Logged once the SuperNode holds all of a message's objects (`warm_exec`'s hint).
+RECEIVED = FlowerText(_LOOP, "Received successfully")
 #: Opens Flower's exit message, followed by the code (`launcher.follow`).
 EXIT_CODE = FlowerText("flwr.supercore.exit.exit", "Exit Code: ")
 #: A refused activation is shown with the refusal's public note, where the SuperLink puts
@@ -49,13 +49,29 @@ LOOP_TIME = FlowerName(_LOOP, "time")
 PULL_OBJECTS = FlowerName(
     _LOOP, "pull_objects", ("object_ids", "pull_object_fn", "initial_backoff")
 )
+#: The task's own pull of its message from the SuperNode, which `object_pulls` speeds up too.
+TASK_PULL = FlowerName(
+    _RUN_CLIENTAPP,
+    "pull_and_inflate_object_from_tree",
+    (
+        "object_tree",
+        "pull_object_fn",
+        "confirm_object_received_fn",
+        "initial_backoff",
+        "backoff_cap",
+        "max_tries_per_object",
+    ),
+)
 
 NAMES: tuple[FlowerName, ...] = (
     PULL,
     PUSH,
     LOOP_TIME,
     PULL_OBJECTS,
+    TASK_PULL,
     FlowerName("flwr.supernode.cli", "flower_supernode", ()),
+    # log_times: timestamps on Flower's console lines (EDUFL_NODE_LOG_TIMES=1).
+    FlowerName("flwr.supercore.logger", "update_console_handler", ("timestamps",)),
     # warm_exec: asks the node's Runtime API for tasks as Flower's SuperExec would.
     FlowerName(_RUN_CLIENTAPP),
     FlowerName("flwr.proto.runtime_pb2", "AcquireTaskRequest", ("supported_task_types",)),
@@ -94,7 +110,7 @@ NAMES: tuple[FlowerName, ...] = (
 
 TEXTS: tuple[FlowerText, ...] = (
     ACTIVATED,
-    RECEIVING,
+    RECEIVED,
     EXIT_CODE,
     REFUSAL_NOTE,
     IDLE_SLEEP,

@@ -12,6 +12,19 @@ both off: see ``client.node.launcher.NodeOptions``).
 
 ``install`` makes a module's ``pull_objects`` start at ``INITIAL_BACKOFF_S`` instead; the
 doubling, the cap, the time limit and the tries per object stay Flower's.
+
+A task's process can meet the same wait one step later: Flower's SuperNode creates a message's
+task before it pulls the message's objects from the SuperLink, so a task handed out then (the
+warm executor used to fork on "Receiving: "; an idle ask can still hand it out early) asks the
+SuperNode's local Runtime API for objects it does not hold yet, and Flower's
+``run_clientapp.pull_task_input`` waits the same 1 s: 0.6 to 1 s in most tasks of a steady
+round (bench/bench_deploy.py with ``--log-times``). The executor now forks once the SuperNode
+says it received the message (`client.node.warm_exec`), and ``install_task`` makes a task that
+is early all the same ask again after ``TASK_BACKOFF_S``, doubling up to ``TASK_BACKOFF_CAP_S``:
+a request to the node's own loopback API every 0.1 s at most, while the message is still
+arriving. The tries per object are then unbounded and Flower's time limit (2 h) the bound,
+about the time Flower's own 500 tries with its backoff take, so a large message on a slow link
+is not given up sooner than Flower would.
 """
 
 from __future__ import annotations
@@ -23,6 +36,9 @@ from typing import Any
 
 #: Seconds before asking again for an object that was not there (Flower: 1 s), then doubling.
 INITIAL_BACKOFF_S = 0.05
+#: In a task's process, asking the SuperNode: the first wait and the longest (Flower: 1 s, 10 s).
+TASK_BACKOFF_S = 0.05
+TASK_BACKOFF_CAP_S = 0.1
 _MARK = "_edufl_quick_retry"
 
 
@@ -46,4 +62,32 @@ def install(module: ModuleType) -> bool:
     if not callable(pull_objects):
         return False
     module.pull_objects = quick(pull_objects)  # type: ignore[attr-defined]
+    return True
+
+
+def quick_task(pull_and_inflate: Callable[..., Any]) -> Callable[..., Any]:
+    """Flower's ``pull_and_inflate_object_from_tree`` asking again after ``TASK_BACKOFF_S``
+    (doubling up to ``TASK_BACKOFF_CAP_S``, tries bounded by Flower's time limit only), unless
+    told otherwise."""
+    if getattr(pull_and_inflate, _MARK, False):
+        return pull_and_inflate
+
+    @functools.wraps(pull_and_inflate)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        kwargs.setdefault("initial_backoff", TASK_BACKOFF_S)
+        kwargs.setdefault("backoff_cap", TASK_BACKOFF_CAP_S)
+        kwargs.setdefault("max_tries_per_object", None)  # Flower's max_time bounds it
+        return pull_and_inflate(*args, **kwargs)
+
+    setattr(wrapper, _MARK, True)
+    return wrapper
+
+
+def install_task(module: ModuleType) -> bool:
+    """Replace ``module.pull_and_inflate_object_from_tree`` (Flower's ``run_clientapp`` imports
+    it by name) by ``quick_task``'s version; call it in the task's own process only."""
+    pull_and_inflate = getattr(module, "pull_and_inflate_object_from_tree", None)
+    if not callable(pull_and_inflate):
+        return False
+    module.pull_and_inflate_object_from_tree = quick_task(pull_and_inflate)  # type: ignore[attr-defined]
     return True

@@ -183,14 +183,18 @@ def run_task(address: str, token: str, parent_pid: int | None) -> None:
     from flwr.supercore.retry import make_simple_http_retry_invoker
     from flwr.supercore.runtime import RuntimeHttpClient
     from flwr.supercore.telemetry import EventType
+    from flwr.supernode.runtime import run_clientapp
     from flwr.supernode.runtime.run_clientapp import (
         pull_task_input,
         push_message,
         push_task_output,
     )
 
+    from client.node import object_pulls
     from client.node.packing import pack_records, unpack_records
 
+    # The SuperNode may still be pulling the message's objects: ask for them again soon.
+    object_pulls.install_task(run_clientapp)
     if parent_pid is not None:
         start_parent_process_monitor(parent_pid)
     retry_invoker = make_simple_http_retry_invoker()

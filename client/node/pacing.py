@@ -43,7 +43,7 @@ from collections.abc import Callable, Sequence
 from types import ModuleType
 from typing import Any
 
-from client.node import flower_surface, object_pulls
+from client.node import flower_surface, log_times, object_pulls
 from shared_models.deployment import exit_unless_pinned_flower
 
 logger = logging.getLogger("edufl.supernode_pace")
@@ -142,6 +142,17 @@ def _after(
     return wrapper
 
 
+def _log_own_lines() -> None:
+    """This module's lines to stderr. Not through the root logger: Flower's lines propagate
+    there, so a root handler would print each a second time, and its debug lines too (one for
+    every Runtime API request)."""
+    if not logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(log_times.formatter())
+        logger.addHandler(handler)
+    logger.propagate = False
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m client.node.pacing", description=__doc__)
     parser.add_argument(
@@ -169,7 +180,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     from flwr.supernode import start_client_internal
     from flwr.supernode.cli import flower_supernode
 
-    logging.basicConfig(format="%(levelname)-8s:      %(message)s")
+    _log_own_lines()
+    log_times.time_flower_lines()  # EDUFL_NODE_LOG_TIMES=1: the SuperNode's lines timed
     install(start_client_internal, pace)
     sys.argv = ["flower-supernode", *command[1:]]  # command[0] is the flower-supernode path
     flower_supernode()

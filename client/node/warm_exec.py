@@ -20,8 +20,9 @@ its files changed (a task that finds them changed prepares its own). With ``--pr
 "cold" node) each task imports what it needs itself, as Flower's ``flwr-clientapp`` would.
 
 The SuperNode is this process's child; its output passes through here to ours, so one log shows
-the SuperNode, this executor and the ClientApps. When the SuperNode announces a message, the
-task is asked for at once; otherwise every ``--poll`` seconds, as Flower's SuperExec does. The
+the SuperNode, this executor and the ClientApps. When the SuperNode announces that it received
+a message (all of its objects), the task is asked for at once; otherwise every ``--poll``
+seconds, as Flower's SuperExec does. The
 command exits with the SuperNode's exit code; SIGTERM or SIGINT stops the SuperNode and any
 task in progress.
 
@@ -51,7 +52,7 @@ from dataclasses import dataclass
 from types import FrameType
 from typing import Any
 
-from client.node import flower_surface
+from client.node import flower_surface, log_times
 from shared_models.deployment import exit_unless_pinned_flower
 
 logger = logging.getLogger("edufl.warm_exec")
@@ -72,9 +73,13 @@ PRELOAD = (
 #: A request costs the node about 5 ms of CPU (0.1 s would take 5 % of a core per idle node);
 #: tasks announced in the SuperNode's log (`_HINT`) are asked for at once anyway.
 POLL_S = 2.0
-#: The SuperNode logs this right before it creates a message's task (flwr 1.41); if a release
-#: changes it, tasks are still found, ``POLL_S`` later.
-_HINT = flower_surface.RECEIVING.text.encode()
+#: The SuperNode logs this once it holds all of a message's objects, after it created the
+#: message's task (flwr 1.41); if a release changes it, tasks are still found, ``POLL_S`` later.
+#: Not "Receiving: " (logged before the task is created and its objects are pulled from the
+#: SuperLink): a task forked then asks the SuperNode for objects it does not hold yet, and
+#: Flower's task waits 1 s before asking again (`client.node.object_pulls.install_task`
+#: shortens that wait for a task that is handed out early all the same, e.g. by ``POLL_S``).
+_HINT = flower_surface.RECEIVED.text.encode()
 #: Logged once the SuperLink has let the node in.
 _ACTIVATED = flower_surface.ACTIVATED.text.encode()
 #: Importing competes for the CPU with the SuperNode's own start: wait this long for it first.
@@ -100,6 +105,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise SystemExit("give the SuperNode command after --")
     _log_to_stderr()
     exit_unless_pinned_flower()  # tasks run through Flower 1.41.0's internals (flower_surface)
+    log_times.time_flower_lines()  # the tasks' Flower lines, forked from here
     from client.node.own_code import describe_own_code
 
     logger.info("warm ClientApp executor: %s", describe_own_code())
@@ -138,11 +144,13 @@ class _Relay:
         self.fd = fd
         self.open = True
         self.activated = False
+        self.hints = 0  # messages announced so far (``_HINT``), one task each
         self._tail = b""
 
-    def pump(self, timeout: float) -> bool:
-        """Copy what the SuperNode wrote (waiting up to ``timeout`` s); whether it hinted."""
-        hinted = False
+    def pump(self, timeout: float) -> int:
+        """Copy what the SuperNode wrote (waiting up to ``timeout`` s); how many messages it
+        announced (also added to ``hints``)."""
+        hinted = 0
         while self.open and select.select([self.fd], [], [], timeout)[0]:
             chunk = os.read(self.fd, 65536)
             if not chunk:  # the SuperNode exited
@@ -150,10 +158,11 @@ class _Relay:
                 break
             _write_all(1, chunk)
             text = self._tail + chunk
-            hinted = hinted or _HINT in text
+            hinted += text.count(_HINT) - self._tail.count(_HINT)  # the tail's were counted
             self.activated = self.activated or _ACTIVATED in text
             self._tail = text[-64:]
             timeout = 0.0  # take what is there, then return
+        self.hints += hinted
         return hinted
 
     def wait_until_activated(self, timeout: float) -> None:
@@ -172,7 +181,7 @@ def _write_all(fd: int, data: bytes) -> None:
 def _log_to_stderr() -> None:
     """Our lines, and edufl's own from the ClientApp, in the node's log (not Flower's again)."""
     handler = logging.StreamHandler()
-    handler.setFormatter(logging.Formatter("%(levelname)-8s:      %(message)s"))
+    handler.setFormatter(log_times.formatter())  # timed with EDUFL_NODE_LOG_TIMES=1
     for name in (logger.name, "client", "privacy", "shared_models"):
         package_logger = logging.getLogger(name)
         package_logger.addHandler(handler)
@@ -271,17 +280,26 @@ def _serve(
         interceptors=[RuntimeVersionHttpInterceptor(component_name="SuperExec")],
     )
     request = AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP])
-    next_ask, hinted_until = 0.0, 0.0
+    # Asked quickly only while a task announced is not handed out yet: the hint may come after
+    # the task was found by an idle ask, and must not keep the quick asks on into the next
+    # round's message, whose objects would then still be arriving.
+    next_ask, acquired, last_task = 0.0, 0, time.monotonic()
+    hinted_until = last_task + _HINT_WINDOW_S if relay.hints else 0.0  # announced in preload
     with contextlib.closing(client):
         while relay.open and supernode.poll() is None:
             if _reap(tasks) and primer is not None and not tasks:
                 primer()
-            if relay.pump(max(0.0, next_ask - time.monotonic())):
-                next_ask, hinted_until = 0.0, time.monotonic() + _HINT_WINDOW_S
+            hinted = relay.pump(max(0.0, next_ask - time.monotonic()))
             now = time.monotonic()
+            if relay.hints < acquired and now - last_task > _HINT_WINDOW_S:
+                acquired = relay.hints  # tasks without a hint (e.g. another Flower's log)
+            owed = relay.hints - acquired
+            if hinted and owed > 0:
+                next_ask, hinted_until = 0.0, now + _HINT_WINDOW_S
             if now < next_ask:
                 continue
-            next_ask = now + (_HINT_POLL_S if now < hinted_until else poll)
+            quick = owed > 0 and now < hinted_until
+            next_ask = now + (_HINT_POLL_S if quick else poll)
             try:
                 reply = client.AcquireTask(request)
             except Exception as exc:  # the SuperNode is starting or stopping: ask again
@@ -291,7 +309,9 @@ def _serve(
             if reply.HasField("task") and reply.token:
                 task = _fork_task(address, reply.token, reply.task.task_id, relay.fd)
                 tasks[task.pid] = task
-                hinted_until = 0.0
+                acquired, last_task = acquired + 1, time.monotonic()
+                if relay.hints <= acquired:
+                    hinted_until = 0.0
 
 
 def _fork_task(address: str, token: str, task_id: int, relay_fd: int) -> _Task:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import time
 import types
 
@@ -74,3 +75,40 @@ def test_a_paced_supernode_uses_the_quick_version() -> None:
     loop.__dict__.update(vars(start_client_internal))
     assert install(loop, Pace())
     assert getattr(loop.pull_objects, "_edufl_quick_retry", False)
+
+
+def test_a_task_asks_its_supernode_again_soon_for_a_message_still_arriving() -> None:
+    """The task's pull of its message (Flower's ``pull_and_inflate_object_from_tree``, which
+    hands its backoff to ``pull_objects``) retries after 0.05 s, at most every 0.1 s, where
+    Flower's waits 1 s first."""
+    seen: dict[str, object] = {}
+
+    def pull_and_inflate(object_ids: list[str], pull_fn: object, **kwargs: object) -> object:
+        seen.update(kwargs)
+        return pull_objects(object_ids, pull_fn, **kwargs)  # type: ignore[arg-type]
+
+    pull, asks = _arrives_after(0.3)
+    quick = object_pulls.quick_task(pull_and_inflate)
+    assert quick(["d" * 64], pull) == {"d" * 64: b"content"}
+    assert seen == {"initial_backoff": 0.05, "backoff_cap": 0.1, "max_tries_per_object": None}
+    assert asks[-1] < 0.6  # Flower's own first retry alone is 0.8-1.2 s
+    gaps = [b - a for a, b in itertools.pairwise(asks)]
+    assert len(gaps) >= 3 and max(gaps) < 0.3  # capped near 0.1 s, not doubling on to 10 s
+
+    seen.clear()
+    object_pulls.quick_task(pull_and_inflate)(["e" * 64], pull, initial_backoff=2.0)
+    assert seen["initial_backoff"] == 2.0  # a caller's own choice stays
+
+
+def test_install_task_replaces_run_clientapps_pull_once() -> None:
+    from flwr.supernode.runtime import run_clientapp
+
+    module = types.ModuleType("copy")
+    module.__dict__.update(vars(run_clientapp))
+    original = module.pull_and_inflate_object_from_tree  # type: ignore[attr-defined]
+    assert object_pulls.install_task(module)
+    first = module.pull_and_inflate_object_from_tree  # type: ignore[attr-defined]
+    assert first is not original and getattr(first, "_edufl_quick_retry", False)
+    assert object_pulls.install_task(module)
+    assert module.pull_and_inflate_object_from_tree is first  # type: ignore[attr-defined]
+    assert not object_pulls.install_task(types.ModuleType("no_pulls"))

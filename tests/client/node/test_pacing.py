@@ -97,3 +97,17 @@ def test_command_line_needs_the_supernode_command_and_a_sane_interval() -> None:
         supernode_pace.main(["--pull-interval", "0.25"])
     with pytest.raises(SystemExit, match="--pull-interval"):
         supernode_pace.main(["--pull-interval", "9", "--", "flower-supernode", "--insecure"])
+
+
+def test_the_paced_node_prints_flowers_lines_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Its own lines get a handler of their own; none goes on the root logger, where Flower's
+    lines (which propagate) would be printed a second time, debug lines included."""
+    monkeypatch.setattr(supernode_pace.logger, "handlers", [])
+    monkeypatch.setattr(supernode_pace.logger, "propagate", True)
+    root = logging.getLogger()
+    before = list(root.handlers)
+    supernode_pace._log_own_lines()
+    supernode_pace._log_own_lines()  # once is enough
+    assert root.handlers == before
+    assert len(supernode_pace.logger.handlers) == 1
+    assert not supernode_pace.logger.propagate
