@@ -26,19 +26,24 @@ def _invoke(*args: str) -> tuple[int, str]:
     return result.exit_code, result.output
 
 
+#: Python's own multiprocessing helper: started by the first spawned worker pool of this test
+#: process (`edufl reproduce --workers`), it lives as long as its parent by design.
+_RESOURCE_TRACKER = "from multiprocessing.resource_tracker import main"
+
+
 def _descendants() -> list[str]:
     """Processes started (directly or not) by this test process, as ``pid command``."""
     table = subprocess.run(
-        ["ps", "-eo", "pid=,ppid=,comm="], capture_output=True, text=True, check=True
+        ["ps", "-ww", "-eo", "pid=,ppid=,comm=,args="], capture_output=True, text=True, check=True
     ).stdout
-    children: dict[int, list[tuple[int, str]]] = {}
+    children: dict[int, list[tuple[int, str, str]]] = {}
     for line in table.splitlines():
-        pid, ppid, comm = line.split(None, 2)
-        children.setdefault(int(ppid), []).append((int(pid), comm))
+        pid, ppid, comm, *args = line.split(None, 3)
+        children.setdefault(int(ppid), []).append((int(pid), comm, " ".join(args)))
     found, todo = [], [os.getpid()]
     while todo:
-        for pid, comm in children.get(todo.pop(), []):
-            if comm != "ps":
+        for pid, comm, args in children.get(todo.pop(), []):
+            if comm != "ps" and _RESOURCE_TRACKER not in args:
                 found.append(f"{pid} {comm}")
                 todo.append(pid)
     return found
