@@ -43,6 +43,7 @@ from client.local import build_local_model, local_evaluate, local_train, risk_hi
 from client.release_cache import Release, ReleaseCache
 from privacy.accountant_store import AccountantStateError
 from privacy.budget import PrivacyBudget, node_budget
+from shared_models import protocol
 from shared_models.data.contract import FeatureSpec, load_spec
 from shared_models.data.node import NodeData, prepare_node_data
 from shared_models.devices import resolve_device
@@ -80,6 +81,8 @@ from shared_models.protocol import (
 logger = logging.getLogger(__name__)
 
 app = ClientApp()
+#: Flower's record classes for `shared_models.protocol`'s record walk (see `_public_errors`).
+_RECORDS = protocol.RecordTypes(record_dict=RecordDict, array_record=ArrayRecord, array=Array)
 
 
 class ContractMismatch(DataContractError, PublicError):
@@ -106,6 +109,10 @@ def _public_errors(handler: Callable[[Message, Context], Message]) -> Any:
 
     @functools.wraps(handler)
     def guarded(msg: Message, context: Context) -> Message:
+        if msg.has_content():
+            # edufl's node unpacks the weights before this app sees them (`client.node.own_code`);
+            # under Flower's own process isolation (`flwr-clientapp`) they arrive packed.
+            msg.content = protocol.unpack_records(msg.content, _RECORDS)
         try:
             return handler(msg, context)
         except PUBLIC_ERRORS:
