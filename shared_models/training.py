@@ -327,50 +327,36 @@ def fit(
     stopper = EarlyStopping(cfg.patience, cfg.min_delta)
     result = FitResult(pos_weight=pos_weight)
     with native_recurrent(model):  # no per-student gradients here: torch's own RNN kernels
-        _fit_epochs(model, train, val, task, cfg, loader, optimizer, scheduler, stopper,
-                    pos_weight, result, on_epoch)  # fmt: skip
+        for epoch in range(1, cfg.max_epochs + 1):
+            current_lr = float(optimizer.param_groups[0]["lr"])
+            train_loss = train_one_epoch(
+                model,
+                loader,
+                optimizer,
+                task,
+                class_weight=pos_weight,
+                loss_weights=cfg.loss_weights,
+            )
+            val_loss = (
+                None
+                if val is None
+                else objective(
+                    model, val, task, class_weight=pos_weight, loss_weights=cfg.loss_weights
+                )
+            )
+            record = EpochRecord(epoch, train_loss, val_loss, current_lr)
+            result.history.append(record)
+            logger.debug(
+                "epoch %d: train %.5g val %s lr %.3g", epoch, train_loss, val_loss, current_lr
+            )
+            if on_epoch is not None:
+                on_epoch(record)
+            if scheduler is not None:
+                scheduler.step()
+            if val_loss is not None and stopper.step(val_loss, model, epoch):
+                result.stopped_early = True
+                break
     if val is not None and stopper.restore(model):
         result.best_epoch = stopper.best_epoch
         result.best_val_loss = stopper.best_loss
     return result
-
-
-def _fit_epochs(
-    model: nn.Module,
-    train: ModelInputs,
-    val: ModelInputs | None,
-    task: str,
-    cfg: FitConfig,
-    loader: DataLoader[Any],
-    optimizer: Optimizer,
-    scheduler: ExponentialLR | None,
-    stopper: EarlyStopping,
-    pos_weight: float | None,
-    result: FitResult,
-    on_epoch: Callable[[EpochRecord], None] | None,
-) -> None:
-    for epoch in range(1, cfg.max_epochs + 1):
-        current_lr = float(optimizer.param_groups[0]["lr"])
-        train_loss = train_one_epoch(
-            model,
-            loader,
-            optimizer,
-            task,
-            class_weight=pos_weight,
-            loss_weights=cfg.loss_weights,
-        )
-        val_loss = (
-            None
-            if val is None
-            else objective(model, val, task, class_weight=pos_weight, loss_weights=cfg.loss_weights)
-        )
-        record = EpochRecord(epoch, train_loss, val_loss, current_lr)
-        result.history.append(record)
-        logger.debug("epoch %d: train %.5g val %s lr %.3g", epoch, train_loss, val_loss, current_lr)
-        if on_epoch is not None:
-            on_epoch(record)
-        if scheduler is not None:
-            scheduler.step()
-        if val_loss is not None and stopper.step(val_loss, model, epoch):
-            result.stopped_early = True
-            break

@@ -341,8 +341,7 @@ class CentralizedPool:
     ) -> None:
         self.rep = rep
         self.finish = finish
-        self.size = rep.workers - 1 if leave_one else rep.workers
-        self.size = self.size if rep.workers > 1 else 0
+        self.size = 0 if rep.workers == 1 else rep.workers - int(leave_one)
         self.executor: ProcessPoolExecutor | None = None
         self.futures: list[Future[list[Outcome]]] = []
         self.error: BaseException | None = None
