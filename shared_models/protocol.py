@@ -329,9 +329,10 @@ class NodeConfig(BaseModel):
 
 def _flower_quoted(key: str, value: str) -> str:
     # Flower splits on `key="..."` / `key='...'` and reads each value as TOML: a basic string
-    # ("...") unless it holds a quote or a backslash (a TOML escape), then a literal one ('...').
-    if '"' not in value and "\\" not in value:
-        return f'"{value}"'
+    # ("...", backslashes escaped) unless it holds a double quote, then a literal one ('...').
+    if '"' not in value:
+        escaped = value.replace("\\", "\\\\")
+        return f'"{escaped}"'
     if "'" not in value:
         return f"'{value}'"
     raise NodeConfigError(f"node config {key}={value!r}: a value cannot hold both ' and \"")

@@ -184,6 +184,17 @@ def test_node_config_survives_flowers_node_config_and_its_command_line(own: Node
     assert NodeConfig.parse(parse_config_args([own.to_flower_arg()])) == own
 
 
+@pytest.mark.parametrize("path", ["'\\", "a\\b'c", "C:\\data\\n", 'x\\"y', "it's"])
+def test_a_path_with_a_backslash_and_one_kind_of_quote_survives_flowers_command_line(
+    path: str,
+) -> None:
+    """Found by the property test above: ``'\\`` was refused as if it held both quotes."""
+    from flwr.common.config import parse_config_args
+
+    own = NodeConfig(data_path=path)
+    assert NodeConfig.parse(parse_config_args([own.to_flower_arg()])) == own
+
+
 def test_node_config_refuses_an_unknown_key_naming_the_valid_ones() -> None:
     with pytest.raises(NodeConfigError, match=r"data_path: unknown key.*valid keys: data-path"):
         NodeConfig.parse({"data_path": "/x"})
