@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -45,7 +44,8 @@ from privacy.accountant_store import AccountantStateError
 from privacy.budget import PrivacyBudget, node_budget
 from shared_models import protocol
 from shared_models.data.contract import FeatureSpec, load_spec
-from shared_models.data.node import NodeData, prepare_node_data
+from shared_models.data.node import NodeData, clear_cohorts, prepare_node_data
+from shared_models.data.stamp import export_stamp, file_stamp
 from shared_models.devices import resolve_device
 from shared_models.errors import (
     DataContractError,
@@ -569,8 +569,8 @@ def _dp_session(
 
 
 def _spec(path: str | None) -> FeatureSpec:
-    """The node's spec, parsed again only when its file changed (`_file_stamp`)."""
-    stamp = _file_stamp(Path(path)) if path else ()
+    """The node's spec, parsed again only when its file changed (`file_stamp`)."""
+    stamp = file_stamp(Path(path)) if path else ()
     cached = _specs.get(path)
     if cached is not None and cached[0] == stamp:
         return cached[1]
@@ -591,7 +591,7 @@ _KEEP_PREPARED = 8
 def _node_data(path: str, spec: FeatureSpec, seed: int, institution: str | None) -> NodeData:
     """`prepare_node_data` of the export at ``path``, reused while none of its files changed."""
     key = (path, spec.fingerprint, seed, institution)
-    stamp = _export_stamp(Path(path))
+    stamp = export_stamp(Path(path))
     cached = _prepared.get(key)
     if cached is not None and cached[0] == stamp:
         return cached[1]
@@ -602,31 +602,6 @@ def _node_data(path: str, spec: FeatureSpec, seed: int, institution: str | None)
     while len(_prepared) > _KEEP_PREPARED:
         del _prepared[next(iter(_prepared))]
     return node
-
-
-def _export_stamp(folder: Path) -> tuple[Any, ...]:
-    """Every file under ``folder`` (the tables, a mapping file): name, size, mtime, inode, ctime.
-
-    A changed, added, removed, renamed or replaced file changes the stamp: any write moves the
-    status-change time (ctime, in ns), which, unlike the modification time, no tool can set
-    back. A few microseconds per file, where hashing the contents would read the whole export.
-    """
-    try:
-        return tuple(
-            (str(f.relative_to(folder)), *_file_stamp(f))
-            for f in sorted(folder.rglob("*"))
-            if f.is_file()
-        )
-    except OSError:
-        return (("<unreadable>", time.monotonic_ns()),)  # never equal: read it again
-
-
-def _file_stamp(path: Path) -> tuple[int, int, int, int]:
-    try:
-        st = path.stat()
-    except OSError:
-        return (-1, -1, -1, time.monotonic_ns())  # never equal: read it again
-    return (st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns)
 
 
 def prime(node_config: Mapping[str, Any]) -> bool:
@@ -647,6 +622,7 @@ def prime(node_config: Mapping[str, Any]) -> bool:
 
 
 def clear_caches() -> None:
-    """Forget the prepared exports and specs (a warm worker whose files changed on disk)."""
+    """Forget the prepared exports, specs and read cohorts (a warm worker whose files changed)."""
     _prepared.clear()
     _specs.clear()
+    clear_cohorts()

@@ -9,14 +9,17 @@ so preprocessing depends on no student's data (see `Normalizer`).
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
+
+import numpy as np
 
 from shared_models.data.cohort import CohortArrays, ModelInputs, Normalizer
 from shared_models.data.contract import FeatureSpec
 from shared_models.data.loader import load_cohort
 from shared_models.data.splits import split_cohort
+from shared_models.data.stamp import export_stamp
 
 logger = logging.getLogger(__name__)
 
@@ -66,12 +69,53 @@ def split_node(
     Raises:
         DataContractError: the export does not satisfy the contract.
     """
-    cohort = load_cohort(data_path, spec, institution=institution)
+    cohort = cached_cohort(data_path, spec, institution=institution)
     split = split_cohort(cohort, seed=seed)
     name = str(cohort.institution[0]) if len(cohort.institution) else Path(data_path).name
     return NodeSplits(
         name, cohort.subset(split.train), cohort.subset(split.val), cohort.subset(split.test)
     )
+
+
+#: Validated exports by (folder, spec fingerprint, institution), each with the stamp of the
+#: files it was read from (`stamp.export_stamp`). Splitting is per seed, reading is not: a
+#: reproduction's jobs (3-5 seeds, several models) and a simulation's nodes read each export once.
+_cohorts: dict[tuple[str, str, str | None], tuple[tuple[Any, ...], CohortArrays]] = {}
+_KEEP_COHORTS = 4
+
+
+def cached_cohort(
+    data_path: Path | str, spec: FeatureSpec, *, institution: str | None = None
+) -> CohortArrays:
+    """`load_cohort` of the export at ``data_path``, read again only when one of its files changed.
+
+    The cohort returned is shared between callers, so its arrays are read-only (`split_node`
+    takes copies of its rows); a caller that writes to one gets numpy's "read-only" error.
+
+    Raises:
+        DataContractError: the export does not satisfy the contract.
+    """
+    folder = Path(data_path)
+    key = (str(folder.resolve()), spec.fingerprint, institution)
+    stamp = export_stamp(folder)  # taken before reading: a file changed meanwhile is read again
+    cached = _cohorts.get(key)
+    if cached is not None and cached[0] == stamp:
+        return cached[1]
+    cohort = load_cohort(folder, spec, institution=institution)
+    for f in fields(cohort):
+        value = getattr(cohort, f.name)
+        if isinstance(value, np.ndarray):
+            value.flags.writeable = False
+    _cohorts.pop(key, None)
+    _cohorts[key] = (stamp, cohort)
+    while len(_cohorts) > _KEEP_COHORTS:
+        del _cohorts[next(iter(_cohorts))]
+    return cohort
+
+
+def clear_cohorts() -> None:
+    """Forget the cached exports (`cached_cohort`)."""
+    _cohorts.clear()
 
 
 def node_normalizer(

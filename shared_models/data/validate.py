@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 
 from shared_models.data.contract import STUDENT_ID, TERM, WEEK, FeatureSpec
-from shared_models.data.export import RawTable, is_missing, read_export
+from shared_models.data.export import MISSING_TOKENS, RawTable, read_export
 from shared_models.data.identifiers import identifier_kind_by_name, identifier_kind_by_values
 from shared_models.data.mapping import PERIOD, ColumnMapping, find_mapping, period_patterns
 from shared_models.errors import DataContractError
@@ -519,9 +519,16 @@ def _preview(columns: tuple[str, ...], limit: int = 8) -> str:
     return shown + (f" and {len(columns) - limit} more" if len(columns) > limit else "")
 
 
+_MISSING_TOKENS = sorted(MISSING_TOKENS)
+
+
 def _missing(text: pd.Series) -> pd.Series:
-    """Boolean mask of missing cells; bool even for an empty column (pandas keeps str there)."""
-    return text.map(is_missing).astype(bool)
+    """Boolean mask of missing cells (`export.is_missing` of each, and NaN); bool even when empty.
+
+    Vectorised (pandas' string methods, Arrow-backed): a quarter of a validation's time was
+    calling `export.is_missing` once per cell.
+    """
+    return (text.str.strip().str.lower().isin(_MISSING_TOKENS) | text.isna()).astype(bool)
 
 
 def _fmt(v: float | None, unbounded: str = "inf") -> str:

@@ -241,3 +241,15 @@ def test_random_damage_never_raises(
     assert (parsed is None) == bool(report.errors)
     for problem in report.errors:
         assert problem.where and problem.message
+
+
+def test_missing_mask_agrees_with_is_missing_cell_by_cell():
+    import pandas as pd
+
+    from shared_models.data.export import is_missing
+    from shared_models.data.validate import _missing
+
+    cells = ["", " ", "NA", " n/a", "N/A ", "nan", "NaN", "NULL", "None", "?", "0", "na1", "x"]
+    text = pd.Series(cells).astype(str)
+    assert _missing(text).tolist() == [is_missing(c) for c in cells]
+    assert _missing(pd.Series([], dtype=object).astype(str)).dtype == bool
