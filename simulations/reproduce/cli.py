@@ -13,7 +13,7 @@ import typer
 
 from shared_models.cli_support import user_errors
 from shared_models.devices import DEVICE_HELP
-from simulations.simulate_cli import RAY_ADDRESS, check_engine
+from simulations.simulate_cli import RAY_ADDRESS, check_engine, resolve_engine
 
 if TYPE_CHECKING:
     from server.rounds import RoundReport
@@ -94,18 +94,19 @@ def reproduce(
     workers: int | None = typer.Option(
         None,
         min=1,
-        help="Jobs run at once: the centralized jobs go to worker processes while the "
-        "federated ones run here (same results as one after another). Default: the CPUs, at "
-        "most 4; 1 runs every job in this process.",
+        help="Jobs run at once in worker processes (same results as one after another): every "
+        "job on the inline engine; on Ray the centralized ones, while the federated ones run "
+        "here. Default: the CPUs, at most 4; 1 runs every job in this process.",
         show_default=False,
     ),
     device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
     engine: str = typer.Option(
-        "ray",
+        "auto",
         "--engine",
         help="The federated jobs' engine. ray: Flower's Ray engine, started once for every job "
-        "(or a cluster, --ray-address); inline: every node in this process, one after another, "
-        "without Ray.",
+        "(or a cluster, --ray-address), the jobs one after another; inline: each job's nodes in "
+        "one process, without Ray, the jobs in the worker processes (--workers); auto: ray "
+        "with --ray-address (or RAY_ADDRESS), else inline.",
     ),
     ray_address: str | None = RAY_ADDRESS,
 ) -> None:
@@ -149,6 +150,7 @@ def reproduce(
     if experiment is None:
         raise typer.BadParameter("give an EXPERIMENT (see edufl reproduce --list)")
     check_engine(engine, ray_address)
+    engine = resolve_engine(engine, ray_address)
     on = resolve_device(device).type  # before anything is written
     config = load_experiment(experiment)
     if epsilons is not None:

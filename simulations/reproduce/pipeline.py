@@ -135,7 +135,8 @@ def command_line(
 ) -> str:
     """The ``edufl reproduce`` command that runs this reproduction (quoted in every table).
 
-    A Ray cluster's address is left out: it names a machine, not the experiment.
+    A Ray cluster's address is left out: it names a machine, not the experiment (the engines
+    give the same results).
     """
     parts = ["edufl", "reproduce", experiment, "--dataset", dataset]
     if data is not None:
@@ -147,7 +148,7 @@ def command_line(
         parts.append("--quick")
     if epsilons is not None:
         parts += ["--epsilons", ",".join(f"{e:g}" for e in epsilons)]
-    if engine != "ray":
+    if engine == "ray":  # inline is what the default (auto) runs without a cluster
         parts += ["--engine", engine]
     return " ".join(parts)
 
@@ -256,18 +257,17 @@ def run_jobs(rep: Reproduction, progress: Progress | None = None) -> None:
     caller can still write a partial report before the error propagates. On the Ray engine
     every federated job runs in one Ray session (`simulations.ray_session`): Ray starts at the
     first one, its workers stay warm for the next, and it stops after the last (12-20 s saved
-    per job). The inline engine starts nothing: each job runs its nodes in this process.
+    per job). The inline engine starts nothing: each job runs its nodes in one process.
 
-    With ``rep.workers`` > 1 the centralized jobs (models and baselines) run in a pool of
-    worker processes while this process runs the federated ones (`CentralizedPool`): every job
-    is seeded by its repeat, so the outcomes are the same as one after another, only sooner.
+    With ``rep.workers`` > 1 jobs run in a pool of worker processes (`JobPool`): every job on
+    the inline engine; on Ray the centralized jobs (models and baselines), while this process
+    runs the federated ones. Every job is seeded by its repeat, so the outcomes are the same as
+    one after another, only sooner.
     """
     progress = progress or Progress()
     config, out_dir = rep.config, rep.out_dir
     progress.start(len(rep.jobs))
     started = time.perf_counter()
-    prepared: PreparedData | None = None
-    cache: SplitCache | None = None
     lock = threading.Lock()
 
     def finish(index: int, job: Job, outcomes: list[Outcome]) -> None:
@@ -283,34 +283,39 @@ def run_jobs(rep: Reproduction, progress: Progress | None = None) -> None:
             )
 
     try:
-        federated = sum(job.mode != "centralized" for job in rep.jobs)
-        pool = CentralizedPool(rep, finish, leave_one=federated > 0)
+        here = sum(not JobPool.takes(rep, job) for job in rep.jobs)
+        pool = JobPool(rep, finish, leave_one=here > 0)
         engine = ray_session(rep.ray_address) if rep.engine == "ray" else contextlib.nullcontext()
         with pool, engine:
-            for index, job in enumerate(rep.jobs):
+            for week, indices in _by_week(rep.jobs):
                 pool.check()
-                if prepared is None or prepared.week != job.week:  # jobs come grouped by week
-                    prepared = prepare(
-                        rep.dataset, rep.source, out_dir / "data", week=job.week, quick=rep.quick
-                    )
-                    cache = SplitCache(prepared)
-                    rep.data.append(
-                        {
-                            "week": job.week,
-                            "institutions": len(prepared.exports),
-                            "parts": prepared.parts,
-                            "summary": prepared.summary(),
-                            "source": str(rep.source) if rep.source else "generated",
-                        }
-                    )
-                assert cache is not None
-                if pool.submit(index, job, prepared):
-                    continue
-                progress.job(job.describe())
-                outcomes = _run(
-                    job, config, prepared, cache, out_dir, progress, rep.device, rep.engine
+                prepared = prepare(
+                    rep.dataset, rep.source, out_dir / "data", week=week, quick=rep.quick
                 )
-                finish(index, job, outcomes)
+                cache = SplitCache(prepared)
+                rep.data.append(
+                    {
+                        "week": week,
+                        "institutions": len(prepared.exports),
+                        "parts": prepared.parts,
+                        "summary": prepared.summary(),
+                        "source": str(rep.source) if rep.source else "generated",
+                    }
+                )
+                # The pool's queue is first come, first served: the long (federated) jobs first,
+                # so that the last job to finish is a short one.
+                for index in sorted(indices, key=lambda i: rep.jobs[i].mode == "centralized"):
+                    pool.submit(index, rep.jobs[index], prepared)
+                for index in indices:
+                    job = rep.jobs[index]
+                    if pool.took(index):
+                        continue
+                    pool.check()
+                    progress.job(job.describe())
+                    outcomes = _run(
+                        job, config, prepared, cache, out_dir, progress, rep.device, rep.engine
+                    )
+                    finish(index, job, outcomes)
             pool.wait()
     except BaseException as exc:
         rep.error = f"{type(exc).__name__}: {exc}".strip()
@@ -319,17 +324,30 @@ def run_jobs(rep: Reproduction, progress: Progress | None = None) -> None:
         rep.seconds = time.perf_counter() - started
 
 
-class CentralizedPool:
-    """Worker processes that run a reproduction's centralized jobs beside its federated ones.
+def _by_week(jobs: Sequence[Job]) -> list[tuple[int | None, list[int]]]:
+    """The job indices of each cut-off week, in plan order (`plan` groups them by week)."""
+    groups: list[tuple[int | None, list[int]]] = []
+    for index, job in enumerate(jobs):
+        if not groups or groups[-1][0] != job.week:
+            groups.append((job.week, []))
+        groups[-1][1].append(index)
+    return groups
 
-    Centralized jobs (a model's early-stopped training, or the scikit-learn baselines) need
-    neither Flower nor the other jobs: each worker process loads the exports' seeded splits
-    itself and returns the job's outcomes. With ``rep.workers`` = 1 there is no pool and
-    `submit` declines everything (the caller runs each job itself). Otherwise there are
-    ``rep.workers`` processes, one fewer when ``leave_one`` (a federated job keeps the parent
-    busy). Processes are spawned (no fork of a process holding Ray or torch threads), each with
-    ``rep.threads`` torch threads. The first error stops the reproduction: `check` and `wait`
-    raise it and the jobs not yet started are cancelled.
+
+class JobPool:
+    """Worker processes that run a reproduction's jobs beside (or instead of) this process.
+
+    A centralized job (a model's early-stopped training, or the scikit-learn baselines) needs
+    neither Flower nor the other jobs, and neither does a federated job on the inline engine
+    (its nodes run in the worker, one after another): each worker process loads the exports'
+    seeded splits itself and returns the job's outcomes. Federated jobs on Ray stay in this
+    process, in its one Ray session. With ``rep.workers`` = 1 there is no pool and `submit`
+    declines everything (the caller runs each job itself). Otherwise there are ``rep.workers``
+    processes, one fewer when ``leave_one`` (a job this process runs keeps it busy). Processes
+    are spawned (no fork of a process holding Ray or torch threads), each with ``rep.threads``
+    torch threads. The first error stops the reproduction: `check` and `wait` raise it and the
+    jobs not yet started are cancelled. A federated job in a worker reports no rounds to the
+    progress display, only its end.
     """
 
     def __init__(
@@ -344,9 +362,15 @@ class CentralizedPool:
         self.size = 0 if rep.workers == 1 else rep.workers - int(leave_one)
         self.executor: ProcessPoolExecutor | None = None
         self.futures: list[Future[list[Outcome]]] = []
+        self.taken: set[int] = set()
         self.error: BaseException | None = None
 
-    def __enter__(self) -> CentralizedPool:
+    @staticmethod
+    def takes(rep: Reproduction, job: Job) -> bool:
+        """Whether a pool (``rep.workers`` > 1) runs ``job``, rather than this process."""
+        return rep.workers > 1 and (job.mode == "centralized" or rep.engine == "inline")
+
+    def __enter__(self) -> JobPool:
         if self.size > 0:
             self.executor = ProcessPoolExecutor(
                 max_workers=self.size,
@@ -361,16 +385,21 @@ class CentralizedPool:
             self.executor.shutdown(wait=True, cancel_futures=True)
 
     def submit(self, index: int, job: Job, prepared: PreparedData) -> bool:
-        """Queue ``job`` if it is a centralized job and there is a pool; else False."""
-        if self.executor is None or job.mode != "centralized":
+        """Queue ``job`` if the pool runs such jobs (`takes`); else False."""
+        if self.executor is None or not self.takes(self.rep, job):
             return False
         rep = self.rep
         future = self.executor.submit(
-            _run_centralized, job, rep.config, prepared, rep.out_dir, rep.device
+            _run_in_worker, job, rep.config, prepared, rep.out_dir, rep.device, rep.engine
         )
         future.add_done_callback(lambda f: self._done(f, index, job))
         self.futures.append(future)
+        self.taken.add(index)
         return True
+
+    def took(self, index: int) -> bool:
+        """Whether the job at ``index`` was queued here."""
+        return index in self.taken
 
     def _done(self, future: Future[list[Outcome]], index: int, job: Job) -> None:
         if future.cancelled():
@@ -407,14 +436,19 @@ def _worker_start(threads: int, log_level: int) -> None:
     logging.basicConfig(level=log_level)
 
 
-def _run_centralized(
-    job: Job, config: ExperimentConfig, prepared: PreparedData, out_dir: Path, device: str
+def _run_in_worker(
+    job: Job,
+    config: ExperimentConfig,
+    prepared: PreparedData,
+    out_dir: Path,
+    device: str,
+    engine: str,
 ) -> list[Outcome]:
-    """A worker process's centralized job (its splits loaded once per export folder)."""
+    """A worker process's job (its splits loaded once per export folder and week)."""
     key = prepared.exports[0].parent
     if key not in _WORKER_CACHE or _WORKER_CACHE[key].data.week != prepared.week:
         _WORKER_CACHE[key] = SplitCache(prepared)
-    return _run(job, config, prepared, _WORKER_CACHE[key], out_dir, Progress(), device)
+    return _run(job, config, prepared, _WORKER_CACHE[key], out_dir, Progress(), device, engine)
 
 
 def prepare_out_dir(out_dir: Path, experiment: str) -> None:

@@ -118,7 +118,7 @@ def test_inline_refuses_ray_only_options_with_one_clear_line(tmp_path: Path) -> 
     result = runner.invoke(app, [*args, "--engine", "inline", "--ray-address", "h:6379"])
     assert result.exit_code == 2 and "--engine inline" in result.output
     result = runner.invoke(app, [*args, "--engine", "warp"])
-    assert result.exit_code == 2 and "--engine must be one of ray, inline" in result.output
+    assert result.exit_code == 2 and "--engine must be one of auto, ray, inline" in result.output
     assert not (tmp_path / "consortium").exists()  # refused before writing anything
 
 

@@ -49,10 +49,12 @@ def test_epsilons_option_replaces_the_sweep_and_is_quoted_in_the_command() -> No
     config = with_epsilons(load_experiment("privacy-utility"), "8, 1,4,1")
     assert config.epsilons == [1.0, 4.0, 8.0]
     command = command_line(
-        "privacy-utility", "synthetic", None, Path("o"), None, False, "inline",
+        "privacy-utility", "synthetic", None, Path("o"), None, False, "ray",
         epsilons=config.epsilons,
     )  # fmt: skip
-    assert command.endswith("--out o --epsilons 1,4,8 --engine inline")
+    assert command.endswith("--out o --epsilons 1,4,8 --engine ray")
+    inline = command_line("privacy-utility", "synthetic", None, Path("o"), None, False, "inline")
+    assert inline.endswith("--out o")  # what the default (auto) runs without a Ray cluster
     with pytest.raises(ReproductionError, match="'x' is not a positive number"):
         with_epsilons(config, "1,x")
     with pytest.raises(ReproductionError, match="'-1' is not a positive number"):
@@ -64,13 +66,29 @@ def test_epsilons_option_replaces_the_sweep_and_is_quoted_in_the_command() -> No
 def test_engine_names_match_the_runner() -> None:
     from simulations.runner import ENGINES
 
-    assert simulate_cli.ENGINE_NAMES == ENGINES
+    assert simulate_cli.ENGINE_NAMES == ("auto", *ENGINES)
+
+
+@pytest.mark.parametrize(
+    ("engine", "address", "gpus", "resolved"),
+    [
+        ("auto", None, None, "inline"),
+        ("auto", "10.0.0.1:6379", None, "ray"),
+        ("auto", None, 0.5, "ray"),
+        ("ray", None, None, "ray"),
+        ("inline", None, None, "inline"),
+    ],
+)
+def test_auto_is_ray_only_where_only_ray_can_do_it(
+    engine: str, address: str | None, gpus: float | None, resolved: str
+) -> None:
+    assert simulate_cli.resolve_engine(engine, address, gpus) == resolved
 
 
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (("--engine", "dask"), "--engine must be one of ray, inline, not 'dask'"),
+        (("--engine", "dask"), "--engine must be one of auto, ray, inline, not 'dask'"),
         (("--engine", "inline", "--ray-address", "10.0.0.1:6379"), "cannot join the Ray cluster"),
         (("--ray-address", "10.0.0.1:6379", "--out", "rel/out"), "is relative"),
     ],
@@ -120,7 +138,7 @@ def test_inline_engine_reaches_every_federated_job_and_starts_no_ray(
     )  # fmt: skip
     run_jobs(rep)
     assert engines == ["inline"] * len(rep.jobs) and len(engines) == 3  # fed + 2 DP rows at 16
-    assert "--engine inline" in rep.command
+    assert "--engine" not in rep.command  # inline: the default without a Ray cluster
     assert "inline engine" in markdown(rep, [], [])
 
 

@@ -1,4 +1,4 @@
-"""Jobs at once: centralized jobs in worker processes give the same outcomes, in plan order."""
+"""Jobs at once: jobs in worker processes give the same outcomes, in plan order."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 
 from simulations.reproduce import pipeline
 from simulations.reproduce.config import ReproductionError, load_experiment
-from simulations.reproduce.pipeline import CentralizedPool, new_reproduction, run_jobs
+from simulations.reproduce.pipeline import JobPool, new_reproduction, run_jobs
 from simulations.reproduce.runs import Scored
 
 
@@ -22,17 +22,8 @@ def _key(o: Any) -> tuple:
 
 
 @pytest.mark.slow
-def test_a_pool_gives_the_outcomes_of_one_after_another(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Real centralized training and baselines in spawned workers, federated jobs here."""
-    fed_calls: list[int] = []
-
-    def fake_federated(*args: Any, **kwargs: Any) -> Scored:
-        fed_calls.append(1)
-        return _fake_scored(0.5)
-
-    monkeypatch.setattr(pipeline, "train_federated", fake_federated)
+def test_a_pool_gives_the_outcomes_of_one_after_another(tmp_path: Path) -> None:
+    """Real centralized and federated (inline) training and baselines in spawned workers."""
     config = load_experiment("at-risk-lstm")
     reps = []
     for workers in (1, 2):
@@ -50,7 +41,9 @@ def test_a_pool_gives_the_outcomes_of_one_after_another(
         assert a.scored.n_train == b.scored.n_train
     central = [o for o in two.outcomes if o.mode == "centralized"]
     assert {o.kind for o in central} == {"model", "baseline"}
-    assert len(fed_calls) == 2 * sum(j.mode == "federated" for j in one.jobs)
+    federated = [o for o in two.outcomes if o.mode == "federated"]
+    assert len(federated) == sum(j.mode == "federated" for j in one.jobs) > 0
+    assert all(o.scored.metrics["f1"] is not None for o in federated)
 
 
 def _failing_centralized(*args: Any, **kwargs: Any) -> list[Any]:
@@ -68,7 +61,7 @@ def test_the_first_error_of_a_worker_stops_the_reproduction(
     # A thread pool stands in for the processes: the function is patched in this process only.
     from concurrent.futures import ThreadPoolExecutor
 
-    monkeypatch.setattr(pipeline, "_run_centralized", _failing_centralized)
+    monkeypatch.setattr(pipeline, "_run_in_worker", _failing_centralized)
     monkeypatch.setattr(
         pipeline, "ProcessPoolExecutor", lambda max_workers, **_: ThreadPoolExecutor(max_workers)
     )
@@ -83,10 +76,17 @@ def test_pool_size_and_what_it_takes(tmp_path: Path) -> None:
     rep = new_reproduction(
         config, "synthetic", out_dir=tmp_path / "out", quick=True, engine="inline", workers=3
     )
-    assert CentralizedPool(rep, lambda *a: None, leave_one=True).size == 2
-    assert CentralizedPool(rep, lambda *a: None, leave_one=False).size == 3
+    assert JobPool(rep, lambda *a: None, leave_one=True).size == 2
+    assert JobPool(rep, lambda *a: None, leave_one=False).size == 3
+    central = next(j for j in rep.jobs if j.mode == "centralized")
+    federated = next(j for j in rep.jobs if j.mode == "federated")
+    # Inline: every job in the pool. Ray: the federated jobs stay in the one Ray session here.
+    assert JobPool.takes(rep, central) and JobPool.takes(rep, federated)
+    rep.engine = "ray"
+    assert JobPool.takes(rep, central) and not JobPool.takes(rep, federated)
     rep.workers = 1
-    pool = CentralizedPool(rep, lambda *a: None, leave_one=False)
+    assert not JobPool.takes(rep, central)
+    pool = JobPool(rep, lambda *a: None, leave_one=False)
     assert pool.size == 0
     with pool:
         assert not pool.submit(0, rep.jobs[0], None)  # type: ignore[arg-type]
