@@ -68,12 +68,14 @@ class DPTuning(_Strict):
     """One row's own DP-SGD settings, over the experiment's ``[dp]`` (None: the experiment's).
 
     A model with a few dozen weights (the DP logistic) wants larger batches and steps than a
-    recurrent net under the same noise: fewer, less noisy steps for the same epsilon.
+    recurrent net under the same noise: fewer, less noisy steps for the same epsilon. A recurrent
+    net short of training wants more rounds: the accountant spreads the same epsilon over them.
     """
 
     learning_rate: Annotated[float, Field(gt=0)] | None = None
     batch_size: Annotated[int, Field(ge=1)] | None = None
     local_epochs: Annotated[int, Field(ge=1)] | None = None
+    rounds: Annotated[int, Field(ge=1)] | None = None  # the federated-dp run's, this row only
 
 
 class ModelEntry(_Strict):
@@ -143,6 +145,9 @@ class DifferentialPrivacy(_Strict):
     learning_rate: Annotated[float, Field(gt=0)] | None = None  # None: the federated one
     batch_size: Annotated[int, Field(ge=1)] | None = None  # None: the federated one
     local_epochs: Annotated[int, Field(ge=1)] | None = None  # None: the federated one
+    # None: the federated one. More rounds at the same epsilon: more, noisier steps (the
+    # accountant calibrates the noise to every step of the run).
+    rounds: Annotated[int, Field(ge=1)] | None = None
 
 
 class Reference(_Strict):
@@ -266,9 +271,10 @@ class ExperimentConfig(_Strict):
                 continue
             dp = self.dp_for(m)
             notes.append(
-                f"  {m.label}: Adam {dp.learning_rate or fed.learning_rate:g}, batch "
-                f"{dp.batch_size or fed.batch_size}, {dp.local_epochs or fed.local_epochs} "
-                "local epoch(s) per round."
+                f"  {m.label}: {dp.rounds or fed.rounds} round(s) x "
+                f"{dp.local_epochs or fed.local_epochs} local epoch(s), Adam "
+                f"{dp.learning_rate or fed.learning_rate:g}, batch "
+                f"{dp.batch_size or fed.batch_size}."
             )
         return notes
 
@@ -316,15 +322,16 @@ class ExperimentConfig(_Strict):
 
     def quick(self) -> ExperimentConfig:
         """A smoke-test version: 2 repeats, 2 epochs, 1 round, the ends of any sweep."""
+        unset = {"local_epochs": None, "rounds": None}  # DP rows too: 1 round x 1 epoch
         update: dict[str, Any] = {
             "repeats": 2,
             "training": self.training.model_copy(update={"max_epochs": 2, "patience": 2}),
             "federated": self.federated.model_copy(
                 update={"rounds": 1, "local_epochs": 1, "repeats": 1}
             ),
-            "dp": self.dp.model_copy(update={"local_epochs": None}),
+            "dp": self.dp.model_copy(update=unset),
             "models": [
-                m.model_copy(update={"dp": m.dp.model_copy(update={"local_epochs": None})})
+                m.model_copy(update={"dp": m.dp.model_copy(update=unset)})
                 if m.dp is not None
                 else m
                 for m in self.models

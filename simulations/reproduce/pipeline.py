@@ -553,7 +553,7 @@ def _train_federated(
     device: str,
     engine: str,
 ) -> tuple[Scored, float]:
-    rounds = config.federated.rounds
+    rounds = (dp.rounds if dp is not None else None) or config.federated.rounds
     return timed(
         lambda: train_federated(
             entry,

@@ -148,7 +148,8 @@ def _protocol(rep: Reproduction) -> list[str]:
             f"- Federated + DP: DP-SGD at every institution, epsilon {eps} per institution for "
             f"the whole run, delta {dp.delta:g}, clipping {dp.max_grad_norm:g}, Adam "
             f"{dp.learning_rate or fed.learning_rate:g}, batch {dp.batch_size or fed.batch_size}, "
-            f"{dp.local_epochs or fed.local_epochs} local epoch(s) per round."
+            f"{dp.local_epochs or fed.local_epochs} local epoch(s) per round, "
+            f"{dp.rounds or fed.rounds} round(s)."
         )
         lines += cfg.dp_row_notes()  # rows with DP settings of their own
     lines.append(

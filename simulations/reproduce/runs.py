@@ -274,7 +274,8 @@ def train_federated(
     own train split, and the predictions pooled; the federation's own weighted-average metrics
     are kept in the details as ``federation_reported`` (under DP, ``federation_released``: the
     figures computed from the nodes' noised histograms, each marked noised with its noise std
-    and ledger entries). ``dp``: DP-SGD at every institution. ``engine``: ``ray`` (in the open
+    and ledger entries). ``dp``: DP-SGD at every institution, its rounds, local epochs, batch
+    and learning rate (where set) over ``federated``'s. ``engine``: ``ray`` (in the open
     `simulations.ray_session`, if any) or ``inline`` (`simulations.runner.simulate`).
     """
     from simulations.runner import simulate  # imports Flower's simulation engine
@@ -301,6 +302,7 @@ def train_federated(
             "learning_rate": dp.learning_rate or federated.learning_rate,
             "batch_size": dp.batch_size or federated.batch_size,
             "local_epochs": dp.local_epochs or federated.local_epochs,
+            "rounds": dp.rounds or federated.rounds,
         }
     config = FederationConfig.from_options(None, settings, source=f"the federated run in {run_dir}")
     result = simulate(config, data.exports, on_round=on_round, device=device, engine=engine)
