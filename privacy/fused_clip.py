@@ -20,8 +20,11 @@ floating-point rounding. The guarantee does not change: every student's gradient
 How the factors travel: a grad sampler in factored mode (`privacy.fused_rnn`) calls `stash`
 for a weight and hands Opacus an empty (B, 0) placeholder as its per-sample gradient, so
 Opacus' hooks and its accumulation checks run unchanged; `install_factored_clipping` makes the
-``DPOptimizer`` clip from the stash. A placeholder reaching Opacus' own clipping fails loudly
-(an empty sum cannot take the parameter's shape) rather than training on a wrong gradient.
+``DPOptimizer`` clip from the stash. Parameters whose gradients share a factor are stashed
+together (`stash_joint`): an LSTM's four, ``L^T [x, h_prev, 1, 1]``, cost one Gram matrix per
+factor and one product for all four clipped sums. A placeholder reaching Opacus' own clipping
+fails loudly (an empty sum cannot take the parameter's shape) rather than training on a wrong
+gradient.
 
 `FactoredLinear` does the same for ``nn.Linear`` (``g_b = dy_b^T x_b``, one row per student):
 in a DP round `privacy.fused_rnn.fuse_recurrent_layers` swaps the model's wider ``nn.Linear``
@@ -33,6 +36,7 @@ is left to Opacus: its per-student gradients are a few hundred values (edufl's f
 from __future__ import annotations
 
 import types
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -48,9 +52,30 @@ __all__ = [
     "factored_linear",
     "install_factored_clipping",
     "stash",
+    "stash_joint",
 ]
 
 _ATTR = "_edufl_factors"
+
+
+class _Joint:
+    """Several parameters' per-student gradients as column blocks of one factored product."""
+
+    def __init__(self, params: tuple[Tensor, ...], widths: tuple[int, ...]) -> None:
+        self.params, self.widths = params, widths
+        self.layout = (tuple(id(p) for p in params), widths)  # same layout: same columns
+
+
+# A stashed part: (left, right, joint, columns of right); a lone weight's joint is None.
+_Part = tuple[Tensor, Tensor, "_Joint | None", slice]
+
+
+def _check_factors(left: Tensor, right: Tensor, out: int, width: int, what: str) -> None:
+    if left.shape[:2] != right.shape[:2] or left.shape[2] != out or right.shape[2] != width:
+        raise ValueError(
+            f"factors {tuple(left.shape)} and {tuple(right.shape)} do not make per-student "
+            f"gradients of {what}"
+        )
 
 
 def stash(param: Tensor, left: Tensor, right: Tensor) -> Tensor:
@@ -64,13 +89,37 @@ def stash(param: Tensor, left: Tensor, right: Tensor) -> Tensor:
     Returns:
         The (B, 0) tensor to give Opacus as this parameter's per-sample gradient.
     """
-    if left.shape[:2] != right.shape[:2] or param.shape != (left.shape[2], right.shape[2]):
-        raise ValueError(
-            f"factors {tuple(left.shape)} and {tuple(right.shape)} do not make per-student "
-            f"gradients of a {tuple(param.shape)} weight"
-        )
-    param.__dict__.setdefault(_ATTR, []).append((left, right))
+    if param.dim() != 2:
+        raise ValueError(f"a lone stashed parameter is a matrix, got {tuple(param.shape)}")
+    _check_factors(left, right, param.shape[0], param.shape[1], f"a {tuple(param.shape)} weight")
+    param.__dict__.setdefault(_ATTR, []).append((left, right, None, slice(None)))
     return left.new_empty(left.shape[1], 0)
+
+
+def stash_joint(params: Sequence[Tensor], left: Tensor, right: Tensor) -> dict[Tensor, Tensor]:
+    """Record several parameters' per-student gradients as column blocks of one product.
+
+    Parameter ``k``'s gradient for student ``b`` is ``left[:, b]^T @ right[:, b, cols_k]``
+    (shaped as the parameter: a vector is one column), ``cols_k`` the next
+    ``params[k].numel() // out`` columns of ``right``. An LSTM's four parameters share their
+    gate gradients: ``right = [x, h_prev, 1, 1]`` gives all four, whose norms then cost two
+    Gram matrices and whose clipped sums one product.
+
+    Returns:
+        The (B, 0) placeholder to give Opacus for each parameter.
+    """
+    out = left.shape[2]
+    widths = tuple(p.numel() // out for p in params)
+    if any(p.numel() != out * w or p.shape[0] != out for p, w in zip(params, widths, strict=True)):
+        raise ValueError(f"parameters {[tuple(p.shape) for p in params]} do not have {out} rows")
+    _check_factors(left, right, out, sum(widths), f"parameters of {sum(widths)} columns")
+    joint = _Joint(tuple(params), widths)
+    start = 0
+    for param, width in zip(params, widths, strict=True):
+        part = (left, right, joint, slice(start, start + width))
+        param.__dict__.setdefault(_ATTR, []).append(part)
+        start += width
+    return {p: left.new_empty(left.shape[1], 0) for p in params}
 
 
 def clear(param: Tensor) -> None:
@@ -78,14 +127,60 @@ def clear(param: Tensor) -> None:
     param.__dict__.pop(_ATTR, None)
 
 
-def _take(param: Tensor) -> tuple[Tensor, Tensor] | None:
-    parts: list[tuple[Tensor, Tensor]] | None = param.__dict__.pop(_ATTR, None)
-    if not parts:
-        return None
-    if len(parts) == 1:
-        return parts[0]
-    # Two calls of the layer in one step: g_b = sum_k L_kb^T R_kb = [L_1b; L_2b]^T [R_1b; R_2b].
-    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+def _units(params: Sequence[Tensor]) -> list[tuple[list[Tensor], list[slice], Tensor, Tensor]]:
+    """Each stashed parameter's factors, taken: (params, their columns, left, right) per unit.
+
+    A joint stash stays one unit when all its parameters took part in the same calls (the
+    usual case); otherwise each parameter is clipped from its own columns, as a lone weight.
+    Several calls of a layer in one step: g_b = sum_k L_kb^T R_kb = [L_1b; L_2b]^T [R_1b; R_2b].
+    """
+    parts: dict[int, list[_Part]] = {}
+    for p in params:
+        taken = p.__dict__.pop(_ATTR, None)
+        if taken:
+            parts[id(p)] = taken
+    units: list[tuple[list[Tensor], list[slice], Tensor, Tensor]] = []
+    done: set[int] = set()
+    for p in params:
+        own = parts.get(id(p))
+        if own is None or id(p) in done:
+            continue
+        joint = own[0][2]
+        members = list(joint.params) if joint is not None else [p]
+        calls = [part[2] for part in own]
+        whole = (
+            joint is not None
+            and all(c is not None and c.layout == joint.layout for c in calls)
+            and all(
+                id(m) in parts and id(m) not in done and [part[2] for part in parts[id(m)]] == calls
+                for m in members
+            )
+        )
+        if whole:
+            units.append(
+                (
+                    members,
+                    [parts[id(m)][0][3] for m in members],
+                    _cat([part[0] for part in own]),
+                    _cat([part[1] for part in own]),
+                )
+            )
+            done.update(id(m) for m in members)
+        else:
+            units.append(
+                (
+                    [p],
+                    [slice(None)],
+                    _cat([part[0] for part in own]),
+                    _cat([part[1][..., part[3]] for part in own]),
+                )
+            )
+            done.add(id(p))
+    return units
+
+
+def _cat(factors: list[Tensor]) -> Tensor:
+    return factors[0] if len(factors) == 1 else torch.cat(factors)
 
 
 def _gram(factor: Tensor) -> Tensor:
@@ -109,8 +204,8 @@ def _same_tensor(t: Tensor) -> tuple[Any, ...]:
 def _squared_norms(left: Tensor, right: Tensor, grams: dict[tuple[Any, ...], Tensor]) -> Tensor:
     """``||left[:, b]^T right[:, b]||^2`` per student without forming the product.
 
-    ``grams`` caches Gram matrices by factor (`_same_tensor`): an LSTM's two weights share
-    their ``left`` (the same memory, each through its own view).
+    ``grams`` caches Gram matrices by factor (`_same_tensor`): weights stashed apart may
+    share their ``left`` (the same memory, each through its own view).
     """
     if left.shape[0] == 1:  # one row per student: the norm of an outer product
         return left[0].double().square().sum(1) * right[0].double().square().sum(1)
@@ -123,35 +218,45 @@ def _squared_norms(left: Tensor, right: Tensor, grams: dict[tuple[Any, ...], Ten
 def _clip_and_accumulate(self: DPOptimizer) -> None:
     """`DPOptimizer.clip_and_accumulate`, reading stashed factors where a weight has them."""
     params = self.params
-    factors = {id(p): f for p in params if (f := _take(p)) is not None}
-    if not factors:  # nothing factored this step: Opacus' own clipping, unchanged
+    units = _units(params)
+    if not units:  # nothing factored this step: Opacus' own clipping, unchanged
         DPOptimizer.clip_and_accumulate(self)
         return
-    flat = {id(p): self._get_flat_grad_sample(p) for p in params if id(p) not in factors}
-    sizes = {f[0].shape[1] for f in factors.values()} | {len(g) for g in flat.values()}
+    factored = {id(m) for members, *_ in units for m in members}
+    rest = [p for p in params if id(p) not in factored]
+    flat = [self._get_flat_grad_sample(p).flatten(1) for p in rest]
+    sizes = {u[2].shape[1] for u in units} | {len(g) for g in flat}
     if len(sizes) > 1:
         raise RuntimeError(
             f"per-student gradients of one step cover different batch sizes {sorted(sizes)}; "
             "a factored weight was stashed for another batch (zero_grad between steps)"
         )
-    batch = sizes.pop() if sizes else 0
-    device = params[0].device if params else torch.device("cpu")
-    squared = torch.zeros(batch, dtype=torch.float64, device=device)
+    device = params[0].device
     grams: dict[tuple[Any, ...], Tensor] = {}
-    for p in params:
-        if id(p) in factors:
-            squared += _squared_norms(*factors[id(p)], grams).to(device)
-        else:
-            squared += flat[id(p)].flatten(1).double().square().sum(1).to(device)
-    norms = squared.sqrt()
+    squared = [_squared_norms(left, right, grams).to(device) for _, _, left, right in units]
+    # The materialised rest (a one-unit head) in one block when it can be: one pass, not one
+    # per parameter.
+    kinds = {(g.dtype, g.device) for g in flat} | {(p.dtype, p.device) for p in rest}
+    joined = len(kinds) == 1 and len(flat) > 1
+    blocks = [torch.cat(flat, 1)] if joined else flat
+    squared += [g.double().square().sum(1).to(device) for g in blocks]
+    norms = torch.stack(squared).sum(0).sqrt()
     clip = (self.max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
+    grads: dict[int, Tensor] = {}
+    for members, cols, left, right in units:
+        product = _clipped_sum(left, right, clip.to(device=left.device, dtype=members[0].dtype))
+        for m, c in zip(members, cols, strict=True):
+            grads[id(m)] = product[:, c].contiguous().view(m.shape)
+    if joined:
+        summed = clip.to(device=flat[0].device, dtype=flat[0].dtype) @ blocks[0]
+        for p, part in zip(rest, summed.split([g.shape[1] for g in flat]), strict=True):
+            grads[id(p)] = part.view(p.shape)
+    else:
+        for p, g in zip(rest, flat, strict=True):
+            grads[id(p)] = (clip.to(device=p.device, dtype=p.dtype) @ g.to(p.dtype)).view(p.shape)
     for p in params:
         _check_processed_flag(p.grad_sample)
-        factor = clip.to(device=p.device, dtype=p.dtype)
-        if id(p) in factors:
-            grad = _clipped_sum(*factors[id(p)], factor)
-        else:
-            grad = (factor @ flat[id(p)].to(p.dtype).flatten(1)).view(p.shape)
+        grad = grads[id(p)]
         if p.summed_grad is not None:
             p.summed_grad += grad
         else:
@@ -166,7 +271,8 @@ def _clipped_sum(left: Tensor, right: Tensor, clip: Tensor) -> Tensor:
     are 4x narrower than its gates), and the product is formed as narrow^T @ wide: several
     times faster than wide^T @ narrow for a narrow factor. Rows are taken in the order the
     wider factor is stored in (time-major from the LSTM's sampler, batch-major from the
-    GRU's), so that it is read in place; the sum does not depend on the order.
+    GRU's), so that it is read in place; the sum does not depend on the order. The result,
+    (out, in), may be a transposed view: the caller copies the columns it keeps.
     """
     right_is_narrow = right.shape[2] <= left.shape[2]
     narrow, wide = (right, left) if right_is_narrow else (left, right)
@@ -178,7 +284,7 @@ def _clipped_sum(left: Tensor, right: Tensor, clip: Tensor) -> Tensor:
 
     scaled = narrow.to(clip.dtype) * clip.view(1, -1, 1)  # keeps narrow's memory layout
     product = rows(scaled).t() @ rows(wide.to(clip.dtype))
-    return (product.t() if right_is_narrow else product).contiguous()
+    return product.t() if right_is_narrow else product
 
 
 def install_factored_clipping(optimizer: DPOptimizer) -> None:

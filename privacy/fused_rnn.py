@@ -247,13 +247,18 @@ def _lstm_grad_sample(
     batch, steps, hidden = out.shape
     n_in = x.shape[2]
     w_ih, w_hh, b_ih, b_hh = _weights(layer)
-    # a[t] = [x_t, h_{t-1}]: what both weight matrices multiply, time-major.
-    a = x.new_empty(steps, batch, n_in + hidden)
+    factored = layer.__dict__.get("_factored", False)
+    # a[t] = [x_t, h_{t-1}]: what both weight matrices multiply, time-major. Factored, two
+    # columns of ones follow, which the biases multiply: the four parameters' per-student
+    # gradients are then one product's column blocks (`privacy.fused_clip.stash_joint`).
+    width = n_in + hidden
+    a = x.new_empty(steps, batch, width + 2 * factored)
     a[:, :, :n_in] = x.transpose(0, 1)
-    a[0, :, n_in:] = 0
-    a[1:, :, n_in:] = out[:, :-1].transpose(0, 1)
+    a[0, :, n_in:width] = 0
+    a[1:, :, n_in:width] = out[:, :-1].transpose(0, 1)
+    a[:, :, width:] = 1
     gates = torch.addmm(
-        b_ih + b_hh, a.view(steps * batch, a.shape[2]), torch.cat([w_ih, w_hh], 1).t()
+        b_ih + b_hh, a.view(steps * batch, a.shape[2])[:, :width], torch.cat([w_ih, w_hh], 1).t()
     )
     gates = gates.view(steps, batch, 4, hidden)
     # tanh(z) = 2 sigmoid(2z) - 1: torch's float32 tanh is several times slower on CPU. Then
@@ -292,6 +297,8 @@ def _lstm_grad_sample(
         if t:
             dc.mul_(f_t[t])
             torch.addmm(grad_out[t - 1], flat[t], w_hh, out=dh)
+    if factored:
+        return fused_clip.stash_joint((w_ih, w_hh, b_ih, b_hh), d_gates.flatten(2), a)
     d_flat = d_gates.view(steps, batch, 4 * hidden).transpose(0, 1)  # batch-major views
     a = a.transpose(0, 1)
     return _weight_grads(layer, a[..., :n_in], a[..., n_in:], d_flat, d_flat)

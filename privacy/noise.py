@@ -40,6 +40,8 @@ KEY_BYTES = 32
 # ChaCha20's block counter is 32 bits (256 GiB of keystream); rekeying every GiB, from the
 # keystream itself, stays far from it and keeps a keyed (test) source deterministic.
 _REKEY_BYTES = 1 << 30
+# What the keystream encrypts, read in chunks of up to this size (never written).
+_ZEROS = memoryview(bytes(1 << 20))
 # Opacus' secure mode: 2n draws summed, n = 2, divided by sqrt(2n) = 2 to keep the variance.
 _SECURE_DRAWS = 4
 
@@ -70,38 +72,64 @@ class SecureRandom:
         """The next ``n`` bytes of the keystream."""
         if n < 0:
             raise ValueError(f"cannot draw {n} bytes")
+        out = bytearray(n)
+        self._fill(memoryview(out))
+        return bytes(out)
+
+    def _fill(self, out: memoryview) -> None:
+        """Write the next ``len(out)`` bytes of the keystream into ``out``.
+
+        The keystream is ChaCha20's encryption of zeros, written in place: no buffer is
+        allocated per draw (each DP-SGD step draws hundreds of kB).
+        """
         with self._lock:
-            parts = []
-            while n > 0:
+            done, n = 0, len(out)
+            while done < n:
                 if self._left == 0:
                     self._rekey(self._stream.update(bytes(KEY_BYTES)))
-                take = min(n, self._left)
-                parts.append(self._stream.update(bytes(take)))
+                take = min(n - done, self._left, len(_ZEROS))
+                self._stream.update_into(_ZEROS[:take], out[done : done + take])
                 self._left -= take
-                n -= take
-            return b"".join(parts)
+                done += take
+
+    def _words(self, n: int) -> np.ndarray:
+        """The next ``8 n`` bytes of the keystream as ``n`` little-endian uint64 (writable)."""
+        words = np.empty(n, dtype="<u8")
+        self._fill(memoryview(words).cast("B"))
+        return words
+
+    def _grid(self, n: int) -> np.ndarray:
+        """``n`` integers below 2**53 (int64), the 53 high bits of each 64-bit word."""
+        words = self._words(n)
+        words >>= np.uint64(11)
+        return words.view(np.int64)  # signed: converts to float faster, the values fit
 
     def uniform(self, n: int) -> np.ndarray:
         """``n`` float64 uniforms in [0, 1), each from 53 random bits (every multiple of 2**-53)."""
-        words = np.frombuffer(self.random_bytes(8 * n), dtype="<u8")
-        u = (words >> np.uint64(11)).astype(np.float64)
+        u = self._grid(n).astype(np.float64)  # exact: integers below 2**53
         u *= 2.0**-53
         return u
 
     def standard_normal(self, n: int) -> np.ndarray:
         """``n`` float64 N(0, 1) draws (Box-Muller), without the floating-point mitigation."""
         pairs = (n + 1) // 2
-        u = self.uniform(2 * pairs)
-        # 1 - u lies in (0, 1]: the logarithm is finite. numpy's float64 log1p and sqrt, torch's
-        # cos and sin: the fastest of each here (the noise is part of every DP-SGD step's cost).
-        radius = np.log1p(-u[:pairs])
-        radius *= -2.0
-        np.sqrt(radius, out=radius)
-        angle = torch.from_numpy(u[pairs:]).mul_(2.0 * math.pi)
+        k = torch.from_numpy(self._grid(2 * pairs).astype(np.float64))
+        # u = k 2**-53 is exact, and so is any further power-of-two scaling: -u and 2 pi u
+        # come straight from k (the same values as from u). 1 - u lies in (0, 1]: the
+        # logarithm is finite. numpy's float64 log1p and sqrt (correctly rounded; torch's is
+        # faster but not), torch's cos and sin: the fastest of each here (the noise is part
+        # of every DP-SGD step's cost).
+        radius, angle = k.split(pairs)
+        radius.mul_(-(2.0**-53))
+        work = radius.numpy()
+        np.log1p(work, out=work)
+        work *= -2.0
+        np.sqrt(work, out=work)
+        angle.mul_(2.0 * math.pi * 2.0**-53)
         out = np.empty(2 * pairs)
         first, second = torch.from_numpy(out).split(pairs)
-        torch.cos(angle, out=first).mul_(torch.from_numpy(radius))
-        torch.sin(angle, out=second).mul_(torch.from_numpy(radius))
+        torch.cos(angle, out=first).mul_(radius)
+        torch.sin(angle, out=second).mul_(radius)
         return out[:n]
 
     def normal(

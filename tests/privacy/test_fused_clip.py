@@ -109,11 +109,11 @@ def test_a_layer_called_twice_in_a_step_clips_the_sum_of_both_calls() -> None:
     torch.testing.assert_close(weight.summed_grad, expected, rtol=1e-5, atol=1e-6)
 
 
-def test_an_lstm_step_forms_the_gram_of_its_shared_gate_gradients_once(
+def test_an_lstm_step_forms_one_gram_of_its_gate_gradients_and_one_of_all_they_multiply(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    # Both LSTM weights stash the same gate gradients, each through its own view: the Gram of
-    # the widest factor is most of the norms' cost, and must not be formed twice.
+    # The LSTM's four parameters share their gate gradients: one joint stash, whose norms cost
+    # the Gram of the gates' gradients and the Gram of [x, h_prev, 1, 1], once each.
     model = build_model("lstm", WEEKS, DYNAMIC, STATIC, {"dropout": 0.0})
     fuse_recurrent_layers(model, factored=True)
     shapes: list[tuple[int, ...]] = []
@@ -127,8 +127,71 @@ def test_an_lstm_step_forms_the_gram_of_its_shared_gate_gradients_once(
     _clipped_sums(model, _batch(6), clip=1.0, factored=True)
 
     hidden = model.rnn.hidden_size
-    assert shapes.count((WEEKS, 6, 4 * hidden)) == 1
-    assert sorted(s[2] for s in shapes) == [DYNAMIC + 1, hidden, 4 * hidden]
+    assert sorted(shapes) == [(WEEKS, 6, DYNAMIC + 1 + hidden + 2), (WEEKS, 6, 4 * hidden)]
+
+
+def _joint_parts(
+    gen: torch.Generator, steps: int, batch: int
+) -> tuple[Tensor, Tensor, nn.Parameter, nn.Parameter]:
+    left = torch.randn(steps, batch, 5, generator=gen)
+    right = torch.cat([torch.randn(steps, batch, 3, generator=gen), torch.ones(steps, batch, 1)], 2)
+    return left, right, nn.Parameter(torch.zeros(5, 3)), nn.Parameter(torch.zeros(5))
+
+
+def _expected_sums(
+    parts: list[tuple[Tensor, Tensor]], clip: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    per_student = sum(torch.einsum("nbo,nbi->boi", left, right) for left, right in parts)
+    assert isinstance(per_student, Tensor)
+    norms = per_student.flatten(1).norm(dim=1)
+    factor = (clip / (norms + 1e-6)).clamp(max=1.0)
+    summed = torch.einsum("b,boi->oi", factor, per_student)
+    return norms, summed[:, :3], summed[:, 3]
+
+
+@pytest.mark.parametrize("second_call", ["joint", "split", "reordered"])
+def test_a_joint_stash_clips_each_parameter_from_its_columns(second_call: str) -> None:
+    # Joint: a weight and a bias (a column of ones) in one product, called twice in the step.
+    # Split: the bias is stashed alone in the second call; reordered: the second call puts
+    # the bias's column first. Then the calls do not line up and each parameter is clipped
+    # from its own columns; the clipped sums are the same.
+    gen = torch.Generator().manual_seed(2)
+    first, second = _joint_parts(gen, 4, 6), _joint_parts(gen, 2, 6)
+    left, right, weight, bias = first
+    norms, weight_sum, bias_sum = _expected_sums([first[:2], second[:2]], 0.0)
+    clip = float(norms.median())
+    _, weight_sum, bias_sum = _expected_sums([first[:2], second[:2]], clip)
+    optimizer = DPOptimizer(
+        torch.optim.SGD([weight, bias], lr=0.1),
+        noise_multiplier=0.0,
+        max_grad_norm=clip,
+        expected_batch_size=6,
+    )
+    install_factored_clipping(optimizer)
+    placeholders = fused_clip.stash_joint((weight, bias), left, right)
+    if second_call == "split":
+        placeholders[weight] = stash(weight, second[0], second[1][..., :3])
+        fused_clip.stash_joint((bias,), second[0], second[1][..., 3:])
+    elif second_call == "reordered":
+        swapped = torch.cat([second[1][..., 3:], second[1][..., :3]], 2)
+        placeholders = fused_clip.stash_joint((bias, weight), second[0], swapped)
+    else:
+        placeholders = fused_clip.stash_joint((weight, bias), second[0], second[1])
+    weight.grad_sample, bias.grad_sample = placeholders[weight], placeholders[bias]
+
+    optimizer.clip_and_accumulate()
+
+    torch.testing.assert_close(weight.summed_grad, weight_sum, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(bias.summed_grad, bias_sum, rtol=1e-5, atol=1e-6)
+    assert weight.summed_grad.is_contiguous() and bias.summed_grad.shape == (5,)
+
+
+def test_a_joint_stash_refuses_parameters_its_factors_do_not_make() -> None:
+    left, right = torch.zeros(3, 2, 5), torch.zeros(3, 2, 4)
+    with pytest.raises(ValueError, match="do not make"):
+        fused_clip.stash_joint((nn.Parameter(torch.zeros(5, 2)),), left, right)
+    with pytest.raises(ValueError, match="rows"):
+        fused_clip.stash_joint((nn.Parameter(torch.zeros(4, 5)),), left, right)
 
 
 def test_a_placeholder_reaching_opacus_own_clipping_fails_loudly() -> None:
@@ -146,7 +209,7 @@ def test_zero_grad_forgets_factors_a_step_did_not_use() -> None:
 
     optimizer.zero_grad()
 
-    assert fused_clip._take(weight) is None
+    assert fused_clip._units([weight]) == []
 
 
 def test_factors_that_do_not_make_the_weight_are_refused() -> None:

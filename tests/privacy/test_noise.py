@@ -69,6 +69,28 @@ def test_each_noise_value_averages_four_draws_as_opacus_secure_mode_does() -> No
     np.testing.assert_allclose(noise, draws.sum(axis=0) * 2.0 / 2.0, rtol=1e-12)
 
 
+def test_gaussians_are_box_muller_of_the_next_uniforms_of_the_same_stream() -> None:
+    # The draws are computed from the 53-bit integers directly (power-of-two scalings folded
+    # in): they must stay the Box-Muller transform of exactly the uniforms `uniform` returns.
+    pairs = 1000
+    u = SecureRandom(KEY_A).uniform(2 * pairs)
+    z = SecureRandom(KEY_A).standard_normal(2 * pairs - 1)  # odd: the last sine is dropped
+
+    radius = np.sqrt(-2.0 * np.log1p(-u[:pairs]))
+    angle = 2.0 * np.pi * u[pairs:]
+    expected = np.concatenate([radius * np.cos(angle), radius * np.sin(angle)])[: 2 * pairs - 1]
+    np.testing.assert_allclose(z, expected, rtol=1e-12, atol=1e-15)
+
+
+def test_a_draw_longer_than_one_chunk_continues_the_same_keystream() -> None:
+    size = len(noise_module._ZEROS) + 12_345
+    whole = SecureRandom(KEY_A).random_bytes(size)
+    pieces = SecureRandom(KEY_A)
+
+    assert whole == pieces.random_bytes(7) + pieces.random_bytes(size - 7)
+    assert len(set(whole[i : i + 64] for i in range(0, size - 64, 64))) == (size - 64 + 63) // 64
+
+
 def test_two_sources_are_independent_and_a_fresh_one_is_unpredictable() -> None:
     a, b = SecureRandom().normal((20_000,), 1.0), SecureRandom().normal((20_000,), 1.0)
     keyed_a, keyed_b = SecureRandom(KEY_A).uniform(20_000), SecureRandom(KEY_B).uniform(20_000)
