@@ -285,7 +285,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--engine",
         default="ray,inline",
         help="simulation engine(s), comma-separated, each against centralized in the same run: "
-        "ray (simulate run's default), inline (simulations.runner.ENGINES)",
+        "ray, inline (what simulate run's default, auto, runs on one machine; "
+        "simulations.runner.ENGINES)",
     )
     args = p.parse_args(argv)
     if args.quick:
