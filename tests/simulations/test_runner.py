@@ -62,6 +62,7 @@ def test_simulation_on_ray_trains_every_round_and_leaves_no_process_behind(
     out = tmp_path / "run"
     code, output = _invoke(
         "--synthetic", "3", "--students", "240", "--rounds", "2", "--out", str(out),
+        "--engine", "ray",  # the default (auto) runs inline on one machine
     )  # fmt: skip
     assert code == 0, output
 
@@ -106,7 +107,10 @@ def test_a_run_that_crashed_after_round_one_resumes_on_ray_with_the_remaining_ro
             crashed,
         )
 
-    common = ("--synthetic", "2", "--students", "120", "--local-epochs", "1", "--out", str(out))
+    common = (
+        "--synthetic", "2", "--students", "120", "--local-epochs", "1", "--out", str(out),
+        "--engine", "ray",
+    )  # fmt: skip
     code, output = _invoke(*common, "--rounds", "3")
     assert code == 2 and "--resume" in output  # a crashed run is never overwritten silently
 

@@ -22,7 +22,7 @@ def test_dp_simulation_keeps_budgets_and_a_verifiable_ledger(tmp_path: Path) -> 
         app,
         [
             "simulate", "run", "--synthetic", "2", "--students", "200", "--rounds", "2",
-            "--local-epochs", "1", "--dp-epsilon", "8", "--out", str(out),
+            "--local-epochs", "1", "--dp-epsilon", "8", "--out", str(out), "--engine", "ray",
         ],
         prog_name="edufl",
     )  # fmt: skip

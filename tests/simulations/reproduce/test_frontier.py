@@ -66,7 +66,7 @@ def test_epsilons_option_replaces_the_sweep_and_is_quoted_in_the_command() -> No
 def test_engine_names_match_the_runner() -> None:
     from simulations.runner import ENGINES
 
-    assert simulate_cli.ENGINE_NAMES == ("auto", *ENGINES)
+    assert ("auto", *ENGINES) == simulate_cli.ENGINE_NAMES
 
 
 @pytest.mark.parametrize(

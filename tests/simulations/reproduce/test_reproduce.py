@@ -284,7 +284,7 @@ def test_paired_t_test_drops_undefined_pairs_and_needs_two() -> None:
     assert same.p is None  # identical differences: nothing to test against
 
 
-@pytest.mark.slow  # Ray start-up twice: about a minute on two cores
+@pytest.mark.slow  # every job of a quick plan, on the default engine in worker processes
 def test_quick_run_in_every_mode_scores_federated_models_on_the_same_students(
     tmp_path: Path,
 ) -> None:
