@@ -14,11 +14,12 @@ from __future__ import annotations
 import inspect
 import logging
 import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import numpy as np
-from flwr.app import MetricRecord, RecordDict
+from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
+from flwr.serverapp.exception import AggregationError
 from flwr.serverapp.strategy import (
     FedAdagrad,
     FedAdam,
@@ -46,13 +47,44 @@ from shared_models.protocol import (
 
 logger = logging.getLogger(__name__)
 
+
+class _ByName(FedAvg):
+    """Hands the aggregate on with its arrays in the global model's order, matched by name.
+
+    Nodes may send their arrays in another order than the server's global model (an LSTM
+    trained under DP sends weight_ih, weight_hh, bias_ih, bias_hh; the model holds weight_ih,
+    bias_ih, weight_hh, bias_hh), and Flower's FedAvgM pairs the aggregate with the global
+    arrays by position. A reply with other names is refused.
+    """
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        arrays, metrics = super().aggregate_train(server_round, replies)
+        current: ArrayRecord | None = getattr(self, "current_arrays", None)
+        if arrays is None or current is None or list(arrays.keys()) == list(current.keys()):
+            return arrays, metrics
+        missing = sorted(set(current.keys()) - set(arrays.keys()))
+        extra = sorted(set(arrays.keys()) - set(current.keys()))
+        if missing or extra:
+            raise AggregationError(
+                reason=f"round {server_round}: the nodes' arrays do not match the global "
+                f"model's (missing {missing}, unexpected {extra})"
+            )
+        return ArrayRecord({key: arrays[key] for key in current}), metrics
+
+
+class ByNameFedAvgM(FedAvgM, _ByName):
+    """Flower's FedAvgM, its server step taken on arrays paired by name (`_ByName`)."""
+
+
 _STRATEGIES: dict[str, type[FedAvg]] = {
     "fedavg": FedAvg,
     "fedprox": FedProx,
     "fedadam": FedAdam,
     "fedyogi": FedYogi,
     "fedadagrad": FedAdagrad,
-    "fedavgm": FedAvgM,
+    "fedavgm": ByNameFedAvgM,
     "fedmedian": FedMedian,
     "fedtrimmedavg": FedTrimmedAvg,
     "krum": Krum,

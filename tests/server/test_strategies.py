@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 from flwr.serverapp import strategy as flwr_strategies
+from flwr.serverapp.exception import AggregationError
 
 from server.strategies import (
     STRATEGY_NAMES,
@@ -36,7 +37,7 @@ FLOWER_CLASS = {
 @pytest.mark.parametrize("name", STRATEGY_NAMES)
 def test_each_strategy_name_builds_flowers_own_class_with_the_sampling_settings(name: str) -> None:
     strategy = build_strategy(name, fraction_train=0.5, fraction_evaluate=0.25, min_nodes=3)
-    assert type(strategy) is getattr(flwr_strategies, FLOWER_CLASS[name])
+    assert isinstance(strategy, getattr(flwr_strategies, FLOWER_CLASS[name]))
     assert (strategy.fraction_train, strategy.fraction_evaluate) == (0.5, 0.25)
     assert strategy.min_available_nodes == strategy.min_train_nodes == 3
 
@@ -119,3 +120,38 @@ def test_server_optimizer_state_survives_a_save_and_restore(name: str, flower_ta
 
 def test_stateless_strategies_have_no_state_to_save() -> None:
     assert strategy_state(build_strategy("fedavg")) == {}
+
+
+@pytest.mark.parametrize("name", ["fedavgm", "fedadam"])
+def test_server_optimizers_pair_arrays_by_name_whatever_order_the_nodes_send(
+    name: str, flower_task: None
+) -> None:
+    """Under DP an LSTM node sends weight_ih, weight_hh, bias_ih, bias_hh; the global model
+    holds weight_ih, bias_ih, weight_hh, bias_hh. Flower's FedAvgM paired them by position."""
+    params = {"server_momentum": 0.5} if name == "fedavgm" else {}
+    strategy = build_strategy(name, min_nodes=1, params=params)
+    start = {
+        "rnn.weight_ih_l0": np.zeros((8, 2), dtype=np.float32),
+        "rnn.bias_ih_l0": np.zeros(8, dtype=np.float32),
+        "rnn.weight_hh_l0": np.zeros((8, 2), dtype=np.float32),
+        "rnn.bias_hh_l0": np.zeros(8, dtype=np.float32),
+    }
+    start_record = ArrayRecord({k: Array(v) for k, v in start.items()})
+    strategy.configure_train(1, start_record, ConfigRecord({}), _Grid())
+    order = ["rnn.weight_ih_l0", "rnn.weight_hh_l0", "rnn.bias_ih_l0", "rnn.bias_hh_l0"]
+    sent = {k: np.full_like(start[k], i + 1.0) for i, k in enumerate(order)}
+    arrays, _ = strategy.aggregate_train(1, [reply(1, sent)])
+    assert arrays is not None and list(arrays.keys()) == list(start)
+    for key in arrays:
+        value = arrays[key].numpy()
+        assert value.shape == start[key].shape
+        moved = np.sign(value - start[key])
+        assert (moved == np.sign(sent[key] - start[key])).all(), key
+
+
+def test_a_reply_with_other_array_names_is_refused_by_the_server_step(flower_task: None) -> None:
+    strategy = build_strategy("fedavgm", min_nodes=1, params={"server_momentum": 0.5})
+    start = ArrayRecord({"a": Array(np.zeros(2, dtype=np.float32))})
+    strategy.configure_train(1, start, ConfigRecord({}), _Grid())
+    with pytest.raises(AggregationError, match=r"missing \['a'\], unexpected \['b'\]"):
+        strategy.aggregate_train(1, [reply(1, {"b": np.ones(2, dtype=np.float32)})])
