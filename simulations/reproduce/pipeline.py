@@ -283,8 +283,8 @@ def run_jobs(rep: Reproduction, progress: Progress | None = None) -> None:
             )
 
     try:
-        here = sum(not JobPool.takes(rep, job) for job in rep.jobs)
-        pool = JobPool(rep, finish, leave_one=here > 0)
+        busy_here = any(not JobPool.takes(rep, job) for job in rep.jobs)
+        pool = JobPool(rep, finish, leave_one=busy_here)
         engine = ray_session(rep.ray_address) if rep.engine == "ray" else contextlib.nullcontext()
         with pool, engine:
             for week, indices in _by_week(rep.jobs):
@@ -304,12 +304,10 @@ def run_jobs(rep: Reproduction, progress: Progress | None = None) -> None:
                 )
                 # The pool's queue is first come, first served: the long (federated) jobs first,
                 # so that the last job to finish is a short one.
-                for index in sorted(indices, key=lambda i: rep.jobs[i].mode == "centralized"):
-                    pool.submit(index, rep.jobs[index], prepared)
-                for index in indices:
+                queued = sorted(indices, key=lambda i: rep.jobs[i].mode == "centralized")
+                here = sorted(i for i in queued if not pool.submit(i, rep.jobs[i], prepared))
+                for index in here:
                     job = rep.jobs[index]
-                    if pool.took(index):
-                        continue
                     pool.check()
                     progress.job(job.describe())
                     outcomes = _run(
@@ -362,7 +360,6 @@ class JobPool:
         self.size = 0 if rep.workers == 1 else rep.workers - int(leave_one)
         self.executor: ProcessPoolExecutor | None = None
         self.futures: list[Future[list[Outcome]]] = []
-        self.taken: set[int] = set()
         self.error: BaseException | None = None
 
     @staticmethod
@@ -394,12 +391,7 @@ class JobPool:
         )
         future.add_done_callback(lambda f: self._done(f, index, job))
         self.futures.append(future)
-        self.taken.add(index)
         return True
-
-    def took(self, index: int) -> bool:
-        """Whether the job at ``index`` was queued here."""
-        return index in self.taken
 
     def _done(self, future: Future[list[Outcome]], index: int, job: Job) -> None:
         if future.cancelled():
