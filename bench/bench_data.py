@@ -179,7 +179,6 @@ def _stage(label: str, n: int, reps: int, fn: Callable[[], T], out: dict[str, St
 
 def measure_scoring(students: int, week: int, train_students: int, reps: int, work: Path) -> Any:
     """Students per second of every stage of a scoring run (median over ``reps``)."""
-    import numpy as np
 
     from client.early_warning.indicators import compute_indicators
     from client.early_warning.reasons import explain, occlusion
@@ -211,7 +210,7 @@ def measure_scoring(students: int, week: int, train_students: int, reps: int, wo
         lambda: compute_indicators(cohort, k, probability=scores.probability, grade=scores.grade),
         rates,
     )
-    typical = np.asarray(scorer.normalizer.dyn_mean)
+    typical = scorer.normalizer.dynamic_reference()
     reasons = _stage(
         "reasons (occlusion)",
         n,

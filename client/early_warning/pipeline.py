@@ -101,12 +101,11 @@ def run_early_warning(
         grade=scores.grade,
         recent=spec.recent_periods,
     )
-    assert scorer.normalizer.dyn_mean is not None  # a loaded normaliser is always fitted
     reasons = explain(
         occlusion(scorer, term.cohort, k, recent=spec.recent_periods),
         indicators,
         spec,
-        scorer.normalizer.dyn_mean,
+        scorer.normalizer.dynamic_reference(),
         top_k=top_k,
     )
     info = RunInfo(

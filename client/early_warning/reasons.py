@@ -123,8 +123,9 @@ def explain(
         attribution: from `occlusion`.
         indicators: from `client.early_warning.indicators.compute_indicators` on the same cohort.
         spec: the data contract (feature labels and ranges).
-        typical: training mean of each weekly feature (the normaliser's ``dyn_mean``), shown
-            as the reference a value is compared with.
+        typical: each weekly feature's reference on the export's scale (the normaliser's
+            `dynamic_reference`: the training mean, or the contract's centre), shown as the
+            reference a value is compared with.
         top_k: most reasons per student.
         min_effect: smallest contribution (probability points) worth naming; smaller ones are
             within what retraining noise moves.

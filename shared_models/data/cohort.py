@@ -214,6 +214,9 @@ class Normalizer:
     static_low: np.ndarray | None = None
     static_high: np.ndarray | None = None
     method: str = "train-zscore"
+    # Dynamic columns mapped by log(1 + value) after clamping (the contract's `transform`);
+    # None: none. Contract normalisation only.
+    dyn_log1p: np.ndarray | None = None
 
     @classmethod
     def from_contract(cls, spec: FeatureSpec) -> Normalizer:
@@ -221,7 +224,9 @@ class Normalizer:
 
         Each numeric feature is clamped to its training range (``clip_min``/``clip_max``, else
         ``min``/``max``), then mapped by ``(value - center) / scale``: by default the range onto
-        [-1, 1]. One-hot columns stay 0/1.
+        [-1, 1]. A dynamic feature with ``transform = "log1p"`` is mapped by ``log(1 + value)``
+        after clamping; its centre and scale (and their defaults) are in those log units. One-hot
+        columns stay 0/1.
 
         Raises:
             DataContractError: a numeric feature has no lower or no upper bound in the contract.
@@ -244,17 +249,21 @@ class Normalizer:
                 "to each such [[dynamic]] or [[static]] entry of the spec"
             )
 
-        def arrays(rows: list[Any]) -> tuple[np.ndarray, ...]:
+        def arrays(rows: list[Any], log1p: np.ndarray) -> tuple[np.ndarray, ...]:
             lo = np.array([r[1][0] for r in rows], dtype=np.float64).reshape(len(rows))
             hi = np.array([r[1][1] for r in rows], dtype=np.float64).reshape(len(rows))
+            # The default centre and scale come from the range as the model sees it.
+            seen_lo = np.where(log1p, np.log1p(np.where(log1p, lo, 0.0)), lo)
+            seen_hi = np.where(log1p, np.log1p(np.where(log1p, hi, 0.0)), hi)
             center = np.array([np.nan if r[2] is None else r[2] for r in rows], dtype=np.float64)
             scale = np.array([np.nan if r[3] is None else r[3] for r in rows], dtype=np.float64)
-            center = np.where(np.isnan(center), (lo + hi) / 2, center).reshape(len(rows))
-            scale = np.where(np.isnan(scale), (hi - lo) / 2, scale).reshape(len(rows))
-            return center, scale, lo, hi
+            center = np.where(np.isnan(center), (seen_lo + seen_hi) / 2, center)
+            scale = np.where(np.isnan(scale), (seen_hi - seen_lo) / 2, scale)
+            return center.reshape(len(rows)), scale.reshape(len(rows)), lo, hi
 
-        d_center, d_scale, d_lo, d_hi = arrays(dyn)
-        s_center, s_scale, s_lo, s_hi = arrays(static)
+        d_log1p = np.array([f.transform == "log1p" for f in spec.dynamic], dtype=bool)
+        d_center, d_scale, d_lo, d_hi = arrays(dyn, d_log1p)
+        s_center, s_scale, s_lo, s_hi = arrays(static, np.zeros(len(static), dtype=bool))
         return cls(
             spec.target.grade_min,
             spec.target.grade_max,
@@ -267,6 +276,7 @@ class Normalizer:
             s_lo,
             s_hi,
             method="contract",
+            dyn_log1p=d_log1p if d_log1p.any() else None,
         )
 
     def fit(self, cohort: CohortArrays) -> Normalizer:
@@ -277,6 +287,7 @@ class Normalizer:
         self.static_mean = _nan_stat(np.nanmean, cohort.static, 0.0)
         self.static_std = _nan_stat(np.nanstd, cohort.static, 1.0)
         self.method = "train-zscore"
+        self.dyn_log1p = None  # the contract's transform is contract normalisation's alone
         return self
 
     def transform(self, cohort: CohortArrays) -> ModelInputs:
@@ -284,6 +295,9 @@ class Normalizer:
             raise RuntimeError("Normalizer.transform called before fit")
         assert self.static_mean is not None and self.static_std is not None
         dyn = _clamped(cohort.dynamic, self.dyn_low, self.dyn_high)
+        if self.dyn_log1p is not None:
+            dyn = np.array(dyn, dtype=np.float64)  # a copy: the cohort's arrays stay raw
+            dyn[..., self.dyn_log1p] = np.log1p(dyn[..., self.dyn_log1p])  # NaN stays NaN
         dyn = (dyn - self.dyn_mean) / self.dyn_std
         dyn = np.where(np.isnan(dyn), 0.0, dyn)
         dyn = dyn * cohort.week_mask[..., None]
@@ -300,6 +314,15 @@ class Normalizer:
             at_risk=cohort.at_risk.astype(np.float32),
             student_ids=cohort.student_ids,
         )
+
+    def dynamic_reference(self) -> np.ndarray:
+        """Each weekly feature's centre on the export's own scale (the training mean for
+        ``train-zscore``; the contract's ``center`` mapped back through its ``transform``)."""
+        if self.dyn_mean is None:
+            raise RuntimeError("Normalizer.dynamic_reference called before fit")
+        if self.dyn_log1p is None:
+            return self.dyn_mean
+        return np.where(self.dyn_log1p, np.expm1(self.dyn_mean), self.dyn_mean)
 
     def grade_to_scale(self, scaled: np.ndarray) -> np.ndarray:
         """Map a model's [0, 1] grade output back to the contract's grade scale."""
@@ -324,6 +347,8 @@ class Normalizer:
             bounds = getattr(self, key)
             if bounds is not None:  # JSON has no infinity: an unbounded side is null
                 out[key] = [float(b) if np.isfinite(b) else None for b in bounds]
+        if self.dyn_log1p is not None:
+            out["dyn_log1p"] = [bool(b) for b in self.dyn_log1p]
         return out
 
     @classmethod
@@ -348,6 +373,8 @@ class Normalizer:
             static_low=bounds("static_low", -np.inf),
             static_high=bounds("static_high", np.inf),
             method=str(state.get("method", "train-zscore")),
+            # Cards written before the contract's `transform`: no column is transformed.
+            dyn_log1p=np.asarray(state["dyn_log1p"], dtype=bool) if "dyn_log1p" in state else None,
         )
 
 

@@ -49,12 +49,25 @@ class DynamicFeature(_Strict):
     # midpoint and half-width, so the range maps onto [-1, 1] and a missing value onto 0.
     center: float | None = None
     scale: Annotated[float, Field(gt=0)] | None = None
+    # Applied after clamping, before centring: "log1p" maps a count c onto log(1 + c), and
+    # `center`/`scale` (and their defaults, from the clamped range) are then in log units.
+    # For heavy-tailed counts (clicks): an ordinary week becomes an input of about 1 instead of
+    # a few hundredths of the range, which DP-SGD's per-student clipping needs to see it
+    # (docs/results.md, "Clicks on a log scale"). Contract normalisation only: `train-zscore`
+    # ignores it, as it ignores `center` and `scale`.
+    transform: Literal["log1p"] | None = None
 
     @model_validator(mode="after")
     def _range(self) -> DynamicFeature:
         if self.min is not None and self.max is not None and self.min >= self.max:
             raise ValueError(f"min ({self.min}) must be below max ({self.max})")
         _check_training_range(self.min, self.max, self.clip_min, self.clip_max)
+        low = self.training_range[0]
+        if self.transform == "log1p" and (low is None or low < 0):
+            raise ValueError(
+                f'transform = "log1p" is for counts: set min = 0 (or clip_min >= 0), got '
+                f"{'no lower bound' if low is None else f'a training range from {low}'}"
+            )
         return self
 
     @property
@@ -245,6 +258,9 @@ class FeatureSpec(_Strict):
         form = self.model_dump(mode="json")
         if form["period"] == "week":
             del form["period"]  # the default: contracts written before `period` keep their hash
+        for feature in form["dynamic"]:
+            if feature["transform"] is None:
+                del feature["transform"]  # likewise for contracts written before `transform`
         canonical = json.dumps(form, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode()).hexdigest()
 

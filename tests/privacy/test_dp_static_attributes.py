@@ -46,9 +46,9 @@ def _raw_static(spec: FeatureSpec, rng: np.random.Generator, n: int) -> np.ndarr
     return np.concatenate(columns, axis=1).astype(np.float32)
 
 
-def _oulad_inputs(seed: int = 0) -> ModelInputs:
+def _oulad_inputs(seed: int = 0, spec: FeatureSpec | None = None) -> ModelInputs:
     """Contract-normalised OULAD-shaped inputs: few clicks a week, every attribute present."""
-    spec = _spec()
+    spec = spec or _spec()
     rng = np.random.default_rng(seed)
     at_risk = (np.arange(STUDENTS) % 3 == 0).astype(np.float32)
     rate = np.where(at_risk == 1, 2.0, 10.0)[:, None, None]
@@ -120,6 +120,8 @@ def test_static_weights_do_not_take_over_the_per_student_gradient(name: str) -> 
     shipped = _static_share(name, inputs)
     unscaled = _static_share(name, inputs, static_scale=1.0)  # the models before issue 19
     # Unscaled, the static weights hold a large share of what clipping bounds and noise drowns
-    # (the measurement this guards); scaled to about unit norm, a small one.
-    assert unscaled > 0.15
+    # (the measurement this guards: 0.39 and 0.21 with contract 1.2.0's linear clicks, 0.38 and
+    # 0.12 with 1.3.0's log-scaled ones, which take more of the gradient themselves); scaled to
+    # about unit norm, a small one (0.008 and 0.002).
+    assert unscaled > 0.1
     assert shipped < 0.05

@@ -126,3 +126,97 @@ def test_clip_bounds_must_lie_inside_the_valid_range() -> None:
             'name = "x"\nversion = "1.0.0"\nweeks = 2\n'
             '[[dynamic]]\nname = "share"\nmin = 0.0\nmax = 1.0\nclip_max = 2.0\n'
         )
+
+
+_COUNTS = (
+    'name = "x"\nversion = "1.0.0"\nweeks = 2\n'
+    '[[dynamic]]\nname = "clicks"\nmin = 0.0\nclip_max = 200.0\ncenter = 0.0\n{transform}'
+    '[[dynamic]]\nname = "share"\nmin = 0.0\nmax = 1.0\n'
+)
+
+
+def _counts(transform: str) -> FeatureSpec:
+    return parse_spec(_COUNTS.format(transform=transform))
+
+
+def _two_weeks(spec: FeatureSpec, clicks: list[float]) -> CohortArrays:
+    n = len(clicks)
+    dynamic = np.zeros((n, 2, 2), dtype=np.float32)
+    dynamic[:, 0, 0] = clicks
+    dynamic[:, :, 1] = 0.5
+    dynamic[0, 1, 0] = np.nan  # missing stays missing
+    return CohortArrays(
+        student_ids=np.array([f"s{i}" for i in range(n)], dtype=object),
+        terms=np.array(["t"] * n, dtype=object),
+        dynamic=dynamic,
+        week_mask=np.ones((n, 2), dtype=np.float32),
+        static=np.zeros((n, 0), dtype=np.float32),
+        grade=np.zeros(n, dtype=np.float32),
+        at_risk=np.zeros(n, dtype=np.float32),
+        dynamic_names=spec.dynamic_names,
+        static_names=spec.static_names,
+    )
+
+
+def test_log1p_maps_counts_after_clamping_with_centre_and_scale_in_log_units() -> None:
+    spec = _counts('transform = "log1p"\n')
+    clicks = [0.0, 1.0, 10.0, 200.0, 5000.0]
+    norm = Normalizer.from_contract(spec)
+    inputs = norm.transform(_two_weeks(spec, clicks)).dynamic
+    half = np.log(201.0) / 2  # the default scale: half the clamped range in log units
+    expected = np.log1p(np.minimum(clicks, 200.0)) / half
+    np.testing.assert_allclose(inputs[:, 0, 0], expected, rtol=1e-6)
+    assert inputs[0, 1, 0] == 0.0  # a missing week is the centre, as without the transform
+    np.testing.assert_allclose(inputs[:, 0, 1], 0.0)  # the other feature is untouched
+    # Without the transform the same ordinary week of 10 clicks is a twentieth of that input.
+    linear = Normalizer.from_contract(_counts("")).transform(_two_weeks(spec, clicks)).dynamic
+    assert linear[2, 0, 0] == pytest.approx(0.1)
+    assert inputs[2, 0, 0] > 0.85
+
+
+def test_log1p_normaliser_round_trips_and_reports_the_reference_in_counts() -> None:
+    spec = parse_spec(
+        _COUNTS.format(transform='transform = "log1p"\n').replace(
+            "0.0\ncenter = 0.0", "0.0\ncenter = 2.0", 1
+        )
+    )
+    norm = Normalizer.from_contract(spec)
+    back = Normalizer.from_state(norm.state())
+    cohort = _two_weeks(spec, [3.0, 40.0])
+    np.testing.assert_array_equal(back.transform(cohort).dynamic, norm.transform(cohort).dynamic)
+    np.testing.assert_allclose(back.dynamic_reference(), [np.expm1(2.0), 0.5])
+    # A card written before the transform existed reads every column linearly.
+    old = norm.state()
+    del old["dyn_log1p"]
+    assert Normalizer.from_state(old).dyn_log1p is None
+
+
+def test_train_zscore_ignores_the_contract_transform() -> None:
+    spec = _counts('transform = "log1p"\n')
+    cohort = _two_weeks(spec, [0.0, 4.0, 8.0])
+    fitted = Normalizer.from_contract(spec).fit(cohort)
+    assert fitted.dyn_log1p is None and "dyn_log1p" not in fitted.state()
+
+
+def test_log1p_needs_non_negative_counts_and_leaves_older_fingerprints_alone() -> None:
+    with pytest.raises(DataContractError, match=r"log1p.*min = 0"):
+        parse_spec(
+            _COUNTS.format(transform='transform = "log1p"\n').replace(
+                "min = 0.0\nclip", "min = -5.0\nclip"
+            )
+        )
+    with pytest.raises(DataContractError, match="transform"):
+        _counts('transform = "log"\n')
+    # The field is left out of the fingerprint when unset, so contracts written before it keep
+    # their fingerprint; setting it is a new contract.
+    plain = _counts("")
+    assert plain.fingerprint == parse_spec(plain.to_toml()).fingerprint
+    assert _counts('transform = "log1p"\n').fingerprint != plain.fingerprint
+    assert "transform" not in plain.to_toml()
+
+
+def test_the_oulad_contract_reads_clicks_on_a_log_scale() -> None:
+    spec = load_spec(ROOT / "simulations/datasets/oulad/spec.toml")
+    clicks = [f for f in spec.dynamic if f.name.startswith("clicks_")]
+    assert len(clicks) == 20 and all(f.transform == "log1p" for f in clicks)
+    assert all(f.transform is None for f in spec.dynamic if f not in clicks)
