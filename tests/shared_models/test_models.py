@@ -112,6 +112,21 @@ def test_cnn_lstm_activity_map_uses_only_the_selected_channels() -> None:
         _build("cnn-lstm", activity_index=[0, 7])
 
 
+@pytest.mark.parametrize("name", ["cnn-lstm", "cnn"])
+def test_activity_scale_scales_the_activity_channels_and_not_the_week_mask(name: str) -> None:
+    scaled = _build(name, activity_index=[0, 2], seed=3)
+    plain = _build(name, activity_index=[0, 2], seed=3, activity_scale=1.0)
+    assert scaled.activity_scale == 0.1  # the default (issue 19)
+    # Scaling the inputs by s is scaling the convolution's weights on those channels by s.
+    with torch.no_grad():
+        weight = plain.conv[0].weight
+        weight[:, :2] *= 0.1  # the two activity channels; the week mask (last) stays
+        dynamic, mask, static = _batch(seed=4)
+        expected, got = plain.eval()(dynamic, mask, static), scaled.eval()(dynamic, mask, static)
+    for head in expected:
+        torch.testing.assert_close(got[head], expected[head])
+
+
 def test_state_dict_keys_and_shapes_match_between_independent_builds() -> None:
     for name in MODEL_NAMES:
         server, client = _build(name, seed=1), _build(name, seed=2)

@@ -15,12 +15,20 @@ from shared_models.models.registry import build_model
 from shared_models.training import set_seed
 
 
-@pytest.mark.parametrize("name", ["cnn-lstm", "multitask"])
-def test_a_card_without_static_scale_was_trained_unscaled(name: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("name", "field"),
+    [
+        ("cnn-lstm", "static_scale"),
+        ("multitask", "static_scale"),
+        ("cnn-lstm", "activity_scale"),
+        ("cnn", "activity_scale"),
+    ],
+)
+def test_a_card_without_a_scale_was_trained_unscaled(name: str, field: str, tmp_path: Path) -> None:
     spec = default_spec()
     n_dynamic, n_static = len(spec.dynamic), len(spec.static_names)
     set_seed(0)
-    old = build_model(name, spec.weeks, n_dynamic, n_static, {"static_scale": 1.0})
+    old = build_model(name, spec.weeks, n_dynamic, n_static, {field: 1.0})
     folder = tmp_path / name
     save_trained(
         folder, old, name=name, task="multitask", spec=spec,
@@ -28,11 +36,13 @@ def test_a_card_without_static_scale_was_trained_unscaled(name: str, tmp_path: P
     )  # fmt: skip
     card_path = folder / "model.json"
     card = json.loads(card_path.read_text())
-    del card["config"]["static_scale"]  # as an edufl before issue 19 wrote it
+    del card["config"][field]  # as an edufl before issue 19 wrote it
     card_path.write_text(json.dumps(card))
 
     loaded, _, restored = load_trained(folder, spec)
-    assert restored.config["static_scale"] == 1.0
+    assert restored.config[field] == 1.0
+    # The default would have built another model: the test would fail without the fallback.
+    assert build_model(name, spec.weeks, n_dynamic, n_static).config.model_dump()[field] != 1.0
     dynamic, mask = torch.rand(3, spec.weeks, n_dynamic), torch.ones(3, spec.weeks)
     static = torch.rand(3, n_static)
     with torch.no_grad():
@@ -45,3 +55,5 @@ def test_a_current_card_and_models_without_the_field_are_left_as_they_are() -> N
     assert trained_config("cnn-lstm", {"static_scale": 0.1})["static_scale"] == 0.1
     assert "static_scale" not in trained_config("lstm", {})
     assert trained_config("cnn", {})["static_scale"] == 1.0
+    assert trained_config("cnn", {})["activity_scale"] == 1.0
+    assert "activity_scale" not in trained_config("multitask", {})
