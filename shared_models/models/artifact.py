@@ -239,9 +239,8 @@ def _validated_card(raw: Any, card_path: Path) -> tuple[ModelCard, Normalizer]:
 #: Config fields added after cards were first written, with the value a card that lacks them
 #: was trained with (its new default would rebuild a different model): ``static_scale`` (issue
 #: 19) scales the static attributes of ``cnn-lstm``, ``cnn`` and ``multitask``, 0.1 by default
-#: since; a model saved before it read them unscaled. ``activity_scale`` likewise scales the
-#: activity map of ``cnn-lstm`` and ``cnn`` before the convolution.
-_BEFORE_FIELD: dict[str, Any] = {"static_scale": 1.0, "activity_scale": 1.0}
+#: since; a model saved before it read them unscaled.
+_BEFORE_FIELD: dict[str, Any] = {"static_scale": 1.0}
 
 
 def trained_config(model: str, config: dict[str, Any]) -> dict[str, Any]:

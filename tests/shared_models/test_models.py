@@ -114,9 +114,9 @@ def test_cnn_lstm_activity_map_uses_only_the_selected_channels() -> None:
 
 @pytest.mark.parametrize("name", ["cnn-lstm", "cnn"])
 def test_activity_scale_scales_the_activity_channels_and_not_the_week_mask(name: str) -> None:
-    scaled = _build(name, activity_index=[0, 2], seed=3)
-    plain = _build(name, activity_index=[0, 2], seed=3, activity_scale=1.0)
-    assert scaled.activity_scale == 0.1  # the default (issue 19)
+    scaled = _build(name, activity_index=[0, 2], seed=3, activity_scale=0.1)
+    plain = _build(name, activity_index=[0, 2], seed=3)
+    assert plain.activity_scale == 1.0  # the default: the paper's plain map (issue 19)
     # Scaling the inputs by s is scaling the convolution's weights on those channels by s.
     with torch.no_grad():
         weight = plain.conv[0].weight

@@ -20,8 +20,6 @@ from shared_models.training import set_seed
     [
         ("cnn-lstm", "static_scale"),
         ("multitask", "static_scale"),
-        ("cnn-lstm", "activity_scale"),
-        ("cnn", "activity_scale"),
     ],
 )
 def test_a_card_without_a_scale_was_trained_unscaled(name: str, field: str, tmp_path: Path) -> None:
@@ -55,5 +53,3 @@ def test_a_current_card_and_models_without_the_field_are_left_as_they_are() -> N
     assert trained_config("cnn-lstm", {"static_scale": 0.1})["static_scale"] == 0.1
     assert "static_scale" not in trained_config("lstm", {})
     assert trained_config("cnn", {})["static_scale"] == 1.0
-    assert trained_config("cnn", {})["activity_scale"] == 1.0
-    assert "activity_scale" not in trained_config("multitask", {})
