@@ -374,7 +374,9 @@ class Normalizer:
             static_high=bounds("static_high", np.inf),
             method=str(state.get("method", "train-zscore")),
             # Cards written before the contract's `transform`: no column is transformed.
-            dyn_log1p=np.asarray(state["dyn_log1p"], dtype=bool) if "dyn_log1p" in state else None,
+            dyn_log1p=(
+                None if state.get("dyn_log1p") is None else np.asarray(state["dyn_log1p"], bool)
+            ),
         )
 
 

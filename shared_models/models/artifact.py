@@ -274,6 +274,16 @@ def _normalizer(card: _CardSchema, card_path: Path) -> Normalizer:
             raise DataContractError(f"{card_path}: normalizer.{key} must be positive")
     if not np.isfinite(scalars).all() or scalars[0] >= scalars[1]:
         raise DataContractError(f"{card_path}: normalizer grade_min must be below grade_max")
+    log1p = card.normalizer.get("dyn_log1p")
+    if log1p is not None and (
+        not isinstance(log1p, list)
+        or len(log1p) != card.n_dynamic
+        or not all(isinstance(b, bool) for b in log1p)
+    ):
+        raise DataContractError(
+            f"{card_path}: normalizer.dyn_log1p must be {card.n_dynamic} true/false values, one "
+            "per weekly feature (the contract's `transform`)"
+        )
     return normalizer
 
 

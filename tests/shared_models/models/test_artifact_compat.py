@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from shared_models.data.cohort import Normalizer
-from shared_models.data.contract import default_spec
+from shared_models.data.contract import default_spec, load_spec
+from shared_models.errors import DataContractError
 from shared_models.models.artifact import load_trained, save_trained, trained_config
 from shared_models.models.registry import build_model
 from shared_models.training import set_seed
@@ -53,3 +54,28 @@ def test_a_current_card_and_models_without_the_field_are_left_as_they_are() -> N
     assert trained_config("cnn-lstm", {"static_scale": 0.1})["static_scale"] == 0.1
     assert "static_scale" not in trained_config("lstm", {})
     assert trained_config("cnn", {})["static_scale"] == 1.0
+
+
+OULAD_SPEC = Path(__file__).resolve().parents[3] / "simulations/datasets/oulad/spec.toml"
+
+
+@pytest.mark.parametrize("bad", [[True], "yes", [1] * 23, [True] * 24])
+def test_a_card_with_a_malformed_log1p_mask_is_refused_with_the_field_named(
+    bad: object, tmp_path: Path
+) -> None:
+    spec = load_spec(OULAD_SPEC)  # its clicks are log1p (contract 1.3.0)
+    n_dynamic, n_static = len(spec.dynamic), len(spec.static_names)
+    model = build_model("lstm", spec.weeks, n_dynamic, n_static)
+    save_trained(
+        tmp_path, model, name="lstm", task="risk", spec=spec,
+        normalizer=Normalizer.from_contract(spec),
+    )  # fmt: skip
+    card_path = tmp_path / "model.json"
+    card = json.loads(card_path.read_text())
+    assert card["normalizer"]["dyn_log1p"][:20] == [True] * 20  # the card carries the transform
+    _, normalizer, _ = load_trained(tmp_path, spec)
+    assert normalizer.dyn_log1p is not None and normalizer.dyn_log1p.sum() == 20
+    card["normalizer"]["dyn_log1p"] = bad
+    card_path.write_text(json.dumps(card))
+    with pytest.raises(DataContractError, match=r"model.json: normalizer.dyn_log1p must be 23"):
+        load_trained(tmp_path, spec)
