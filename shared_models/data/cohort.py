@@ -296,7 +296,8 @@ class Normalizer:
         assert self.static_mean is not None and self.static_std is not None
         dyn = _clamped(cohort.dynamic, self.dyn_low, self.dyn_high)
         if self.dyn_log1p is not None:
-            dyn = np.array(dyn, dtype=np.float64)  # a copy: the cohort's arrays stay raw
+            if dyn is cohort.dynamic:  # not clamped, so not yet a copy: the cohort stays raw
+                dyn = dyn.copy()
             dyn[..., self.dyn_log1p] = np.log1p(dyn[..., self.dyn_log1p])  # NaN stays NaN
         dyn = (dyn - self.dyn_mean) / self.dyn_std
         dyn = np.where(np.isnan(dyn), 0.0, dyn)

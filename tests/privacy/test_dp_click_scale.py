@@ -34,7 +34,8 @@ def _click_share(spec: FeatureSpec) -> float:
     torch.manual_seed(0)
     n_static = inputs.static.shape[1]
     model = build_model("lstm", WEEKS, len(spec.dynamic), n_static, {"use_static": False})
-    weights = dict(model.named_parameters())["rnn.weight_ih_l0"]  # (4 x hidden, features + mask)
+    names = [name for name, _ in model.named_parameters()]
+    index = names.index("rnn.weight_ih_l0")  # (4 x hidden, features + mask)
     clicks = [i for i, f in enumerate(spec.dynamic) if f.name.startswith("clicks_")]
     batch = input_tensors(inputs)
     shares = []
@@ -43,7 +44,6 @@ def _click_share(spec: FeatureSpec) -> float:
         loss = task_loss(model(*one[:3]), one[3], one[4], "risk")
         grads = torch.autograd.grad(loss, list(model.parameters()))
         total = sum(float((g**2).sum()) for g in grads)
-        index = [p is weights for p in model.parameters()].index(True)
         shares.append(float((grads[index][:, clicks] ** 2).sum()) / total)
     return float(np.mean(shares))
 

@@ -162,7 +162,12 @@ def test_log1p_maps_counts_after_clamping_with_centre_and_scale_in_log_units() -
     spec = _counts('transform = "log1p"\n')
     clicks = [0.0, 1.0, 10.0, 200.0, 5000.0]
     norm = Normalizer.from_contract(spec)
-    inputs = norm.transform(_two_weeks(spec, clicks)).dynamic
+    cohort = _two_weeks(spec, clicks)
+    inputs = norm.transform(cohort).dynamic
+    np.testing.assert_array_equal(cohort.dynamic[:, 0, 0], clicks)  # the cohort stays raw
+    unclamped = Normalizer.from_state({**norm.state(), "dyn_low": None, "dyn_high": None})
+    unclamped.transform(cohort)
+    np.testing.assert_array_equal(cohort.dynamic[:, 0, 0], clicks)  # also without clamps
     half = np.log(201.0) / 2  # the default scale: half the clamped range in log units
     expected = np.log1p(np.minimum(clicks, 200.0)) / half
     np.testing.assert_allclose(inputs[:, 0, 0], expected, rtol=1e-6)
