@@ -20,6 +20,7 @@ from flwr.app import Array, ArrayRecord
 from flwr.serverapp import Grid
 from torch import nn
 
+from server.averaging import TailAverage
 from server.checkpoints import Checkpoint, CheckpointError, CheckpointStore
 from server.config import FederationConfig, FederationConfigError
 from server.guard import GuardedStrategy
@@ -108,7 +109,12 @@ def run_federation(
         ),
         config.guard,
     )
-    first_round = _restore(store, config, spec, model, strategy)
+    # Without averaging, a first round past the last: a resumed run still trains on from an
+    # iterate its checkpoint kept, and releases that.
+    average = TailAverage(
+        config.first_averaged_round if config.average_rounds > 0 else config.rounds + 1
+    )
+    first_round, iterate = _restore(store, config, spec, model, strategy, average)
     if first_round > config.rounds:
         logger.warning(
             "all %d rounds of %s are done; nothing to run", config.rounds, config.out_dir
@@ -137,7 +143,7 @@ def run_federation(
                 f"round {report.server_round}: every node failed; node "
                 f"{report.failures[0].node_id}: {reason[-1]}"
             )
-        assign_weights(model, {k: v.numpy() for k, v in report.arrays.items()})
+        assign_weights(model, {k: v.numpy() for k, v in report.arrays.items()})  # released
         _record_privacy(ledger, report, dp_requested=config.privacy_budget is not None)
         record = round_record(
             report,
@@ -155,8 +161,14 @@ def run_federation(
                 "train": record["train"],
                 "evaluate": record["evaluate"],
                 "update_digests": strategy.seen,  # replays stay detectable after a restart
+                # The checkpoint's model is the mean of these rounds' global models (None:
+                # this round's own), `server.averaging`.
+                "averaged_rounds": (
+                    [average.first, report.server_round] if report.iterate is not None else None
+                ),
             },
-            state=strategy_state(strategy.inner),
+            state=strategy_state(strategy.inner)
+            | (average.state(report.iterate) if report.iterate is not None else {}),
             metrics_record=record,
         )
         final, final_record = report.evaluate, record
@@ -165,7 +177,7 @@ def run_federation(
         else:
             logger.info(progress_line(report, config.rounds))
 
-    arrays = ArrayRecord({k: Array(v) for k, v in named_weights(model).items()})
+    arrays = iterate or ArrayRecord({k: Array(v) for k, v in named_weights(model).items()})
     train_config = config.train_config(spec.fingerprint, run_id)
     run_rounds(
         strategy,
@@ -178,6 +190,7 @@ def run_federation(
         timeout=config.round_timeout,
         on_round=commit,
         evaluate_round=config.evaluates,
+        average=average,
     )
     write_report(config.out_dir)
     if deliver:
@@ -425,15 +438,21 @@ def _restore(
     spec: FeatureSpec,
     model: nn.Module,
     strategy: GuardedStrategy,
-) -> int:
-    """Load the last checkpoint into ``model``/``strategy`` when resuming; the next round."""
+    average: TailAverage,
+) -> tuple[int, ArrayRecord | None]:
+    """Load the last checkpoint into ``model``/``strategy``/``average`` when resuming.
+
+    Returns:
+        The next round, and the global model it trains from when that is not ``model``'s
+        (the checkpoint holds a mean of iterates, `server.averaging`); None on a new run.
+    """
     _refuse_another_run(config)
     last = store.latest()
     if last is None:
         if config.resume:
             logger.warning("no checkpoint in %s to resume from; starting at round 1", store.run_dir)
         store.trim_metrics(0)
-        return 1
+        return 1, None
     expected = _identity(config, spec)
     differs = [k for k in _RESUME_KEYS if last.manifest.get(k) != expected[k]]
     if differs:
@@ -441,13 +460,18 @@ def _restore(
         raise CheckpointError(
             f"cannot resume {store.run_dir}: its checkpoints belong to a different run ({detail})"
         )
-    restore_strategy_state(strategy.inner, store.load(last, model))
+    state = store.load(last, model)
+    restore_strategy_state(
+        strategy.inner, {k: v for k, v in state.items() if not TailAverage.is_state(k)}
+    )
+    released = ArrayRecord({k: Array(v) for k, v in named_weights(model).items()})
+    iterate = average.restore(last.round, released, state)
     digests = last.manifest.get("update_digests", {})
     if isinstance(digests, dict):
         strategy.seen = {str(k): int(v) for k, v in digests.items()}
     store.trim_metrics(last.round)
     logger.warning("resuming %s after round %d", store.run_dir, last.round)
-    return last.round + 1
+    return last.round + 1, iterate
 
 
 def round_record(

@@ -269,13 +269,33 @@ def _started_from(store: CheckpointStore) -> str:
     )
 
 
+def _averaged(store: CheckpointStore) -> str:
+    """Which rounds' global models the released model averages ("" if only the last's)."""
+    try:
+        last = store.latest()
+    except CheckpointError:
+        return ""
+    rounds = last.manifest.get("averaged_rounds") if last is not None else None
+    if not (isinstance(rounds, list) and len(rounds) == 2):
+        return ""
+    first, final = rounds
+    span = f"round {first}" if first == final else f"rounds {first}-{final}"
+    return (
+        f"\n## Released model\n\nThe model this run released (its last checkpoint, what the "
+        f"nodes evaluated and adopt) is the mean of the global models of {span}, not the last "
+        "round's alone: each round's model carries that round's DP noise, and the mean averages "
+        "it down. The nodes trained on from the un-averaged models. Averaging models the nodes "
+        "already received costs no privacy budget.\n"
+    )
+
+
 def write_report(run_dir: Path | str) -> tuple[Path, Path]:
     """Write ``summary.md`` and ``rounds.png`` from the run's metrics log; returns both paths."""
     run_dir = Path(run_dir)
     store = CheckpointStore(run_dir)
     records = store.read_metrics()
     summary = run_dir / SUMMARY
-    write_text_atomic(summary, render_summary(records) + _started_from(store))
+    write_text_atomic(summary, render_summary(records) + _started_from(store) + _averaged(store))
     plot = run_dir / PLOT
     plot_rounds(records, plot)
     logger.info("wrote %s and %s", summary, plot)

@@ -18,6 +18,7 @@ from typing import Any
 from flwr.app import ArrayRecord, ConfigRecord, Message
 from flwr.serverapp import Grid
 
+from server.averaging import TailAverage
 from server.guard import GuardedStrategy, Rejection
 from server.superlink.retry import exchange
 from shared_models.protocol import RISK_HIST_NEG, RISK_HIST_POS, read_reply
@@ -45,7 +46,9 @@ class RoundReport:
 
     server_round: int
     seconds: float
-    arrays: ArrayRecord  # the global model after the round
+    #: The model the round releases: what the nodes evaluated and the checkpoint holds; the
+    #: mean of the iterates once tail averaging has begun (`server.averaging`).
+    arrays: ArrayRecord
     train: dict[str, Any]  # aggregated train metrics (empty if nothing was aggregated)
     evaluate: dict[str, Any]  # aggregated evaluation metrics on the nodes' test splits
     train_nodes: list[NodeResult] = field(default_factory=list)
@@ -55,6 +58,8 @@ class RoundReport:
     #: Whether the nodes were asked for a federated evaluation this round (under DP, by
     #: default the last round only); False leaves ``evaluate`` empty, not stale.
     evaluated: bool = True
+    #: The aggregated global model the next round trains from; None: ``arrays`` itself.
+    iterate: ArrayRecord | None = None
 
 
 def run_rounds(
@@ -69,15 +74,19 @@ def run_rounds(
     timeout: float,
     on_round: Callable[[RoundReport], None],
     evaluate_round: Callable[[int], bool] | None = None,
+    average: TailAverage | None = None,
 ) -> ArrayRecord:
     """Run rounds ``first_round..last_round``; ``on_round`` runs after each (e.g. to checkpoint).
 
     ``evaluate_round`` says after which rounds the nodes are asked for a federated evaluation
-    (`FederationConfig.evaluates`); None: after every round.
+    (`FederationConfig.evaluates`); None: after every round. ``average``: the released model
+    is its mean of the last rounds' global models (evaluated and reported as ``arrays``),
+    while training goes on from the aggregated model (``iterate``); None releases that.
 
     Returns:
-        The global model after the last round.
+        The model the last round released.
     """
+    released = arrays
     for server_round in range(first_round, last_round + 1):
         started = time.monotonic()
         logger.info("round %d/%d: training", server_round, last_round)
@@ -89,6 +98,7 @@ def run_rounds(
         new_arrays, train_metrics = strategy.aggregate_train(server_round, replies)
         if new_arrays is not None:
             arrays = new_arrays
+        released = arrays if average is None else average.update(server_round, arrays)
         rejected = list(strategy.rejections)
 
         evaluated = evaluate_round is None or evaluate_round(server_round)
@@ -99,7 +109,7 @@ def run_rounds(
             logger.info("round %d/%d: evaluating", server_round, last_round)
             messages = list(
                 strategy.configure_evaluate(
-                    server_round, arrays, ConfigRecord(dict(evaluate_config)), grid
+                    server_round, released, ConfigRecord(dict(evaluate_config)), grid
                 )
             )
             replies = exchange(grid, messages, timeout)
@@ -113,7 +123,7 @@ def run_rounds(
             RoundReport(
                 server_round=server_round,
                 seconds=time.monotonic() - started,
-                arrays=arrays,
+                arrays=released,
                 train=dict(train_metrics or {}),
                 evaluate=dict(evaluate_metrics or {}),
                 train_nodes=train_nodes,
@@ -121,9 +131,10 @@ def run_rounds(
                 rejected=rejected,
                 failures=failures + eval_failures,
                 evaluated=evaluated,
+                iterate=None if released is arrays else arrays,
             )
         )
-    return arrays
+    return released
 
 
 def _histograms(msg: Message) -> dict[str, list[float]]:

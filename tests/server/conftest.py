@@ -103,6 +103,12 @@ def _one_torch_thread() -> Iterator[None]:
 
 
 @pytest.fixture
+def exports(consortium_dir: Path) -> list[Path]:
+    """Three institutions' exports of the shared synthetic consortium."""
+    return [consortium_dir / f"institution_0{i}" for i in (1, 2, 3)]
+
+
+@pytest.fixture
 def flower_task(monkeypatch: pytest.MonkeyPatch) -> None:
     """The process identity Flower's runtime sets before a ServerApp creates messages."""
     monkeypatch.setattr(TaskIdentity, "_run_id", 1)

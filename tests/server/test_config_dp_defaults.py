@@ -1,4 +1,4 @@
-"""DP-aware defaults: under DP the local-training fields not given take `DP_DEFAULTS`."""
+"""DP-aware defaults: under DP the fields `DP_DEFAULTS` names, when not given, take its values."""
 
 from __future__ import annotations
 
@@ -11,7 +11,11 @@ from typer.testing import CliRunner
 
 from server.config import DP_DEFAULTS, DP_LEARNING_RATES, FederationConfig
 
-TRAINING = tuple(DP_DEFAULTS)  # local_epochs, batch_size, learning_rate
+TRAINING = tuple(DP_DEFAULTS)  # local_epochs, batch_size, learning_rate, average_rounds
+
+
+#: The same fields without DP: the fields' own defaults.
+PLAIN = {"local_epochs": 3, "batch_size": 32, "learning_rate": None, "average_rounds": 0.0}
 
 
 def _training(config: FederationConfig) -> dict[str, object]:
@@ -124,8 +128,7 @@ def test_the_demo_trains_with_the_shared_dp_defaults(
         **DP_DEFAULTS,
         "learning_rate": DP_LEARNING_RATES.get(model, DP_DEFAULTS["learning_rate"]),
     }
-    expected = dp if epsilon else {"local_epochs": 3, "batch_size": 32, "learning_rate": None}
-    assert _training(config) == expected
+    assert _training(config) == (dp if epsilon else PLAIN)
     assert config.dp_epsilon == (epsilon or None)
     assert config.model == model
 
@@ -161,7 +164,7 @@ def test_simulate_run_trains_under_dp_with_the_dp_defaults_unless_told(
     args = ["simulate", "run", "--synthetic", "2", "--students", "60", "--rounds", "2"]
     runner = CliRunner()
     for extra, expected in [
-        ([], {"local_epochs": 3, "batch_size": 32, "learning_rate": None}),
+        ([], PLAIN),
         (["--dp-epsilon", "3"], DP_DEFAULTS),
         (["--dp-epsilon", "3", "--batch-size", "64"], DP_DEFAULTS | {"batch_size": 64}),
     ]:
@@ -192,7 +195,7 @@ def test_server_start_proposes_dp_with_the_dp_defaults_and_no_dp_without(
     for extra, expected in [
         ([], DP_DEFAULTS),  # DP is the deployment default
         (["--config", str(toml)], DP_DEFAULTS | {"local_epochs": 2}),
-        (["--no-dp"], {"local_epochs": 3, "batch_size": 32, "learning_rate": None}),
+        (["--no-dp"], PLAIN),
     ]:
         result = runner.invoke(app, [*base, *extra])
         assert result.exit_code == 0, result.output

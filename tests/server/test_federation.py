@@ -19,11 +19,6 @@ from tests.server.conftest import InProcessGrid
 pytestmark = pytest.mark.usefixtures("flower_task")
 
 
-@pytest.fixture
-def exports(consortium_dir: Path) -> list[Path]:
-    return [consortium_dir / f"institution_0{i}" for i in (1, 2, 3)]
-
-
 def _config(out_dir: Path, **changes: Any) -> FederationConfig:
     base: dict[str, Any] = {
         "model_overrides": {"hidden_size": 8},
