@@ -21,11 +21,17 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 import numpy as np
-from flwr.app import Array, ArrayRecord
+
+if TYPE_CHECKING:  # Flower is imported where arrays are built: light commands read the share
+    from flwr.app import ArrayRecord
 
 logger = logging.getLogger(__name__)
+
+#: The share of a DP run's rounds averaged where its config sets none (`server.config`).
+DP_AVERAGE_ROUNDS = 0.5
 
 _ITERATE = "iterate/"
 _COUNT = "average/count"
@@ -59,6 +65,8 @@ class TailAverage:
         iterates of rounds ``first..server_round`` (a round run twice after a resume counts
         once: the resume restores the mean of the rounds before it).
         """
+        from flwr.app import Array, ArrayRecord
+
         if server_round < self.first:
             return iterate
         values = {name: array.numpy() for name, array in iterate.items()}
@@ -93,6 +101,8 @@ class TailAverage:
             The iterate the next round trains from: the saved one where the checkpoint kept
             one (it was averaged), else the checkpoint's model, which was the iterate.
         """
+        from flwr.app import Array, ArrayRecord
+
         saved = {k[len(_ITERATE) :]: v for k, v in state.items() if k.startswith(_ITERATE)}
         if not saved:
             return released

@@ -31,7 +31,7 @@ from privacy.budget import (
     Mechanism,
     PrivacyBudget,
 )
-from server.averaging import first_averaged_round
+from server.averaging import DP_AVERAGE_ROUNDS, first_averaged_round
 from server.guard import GuardConfig
 from server.strategies import check_strategy
 from shared_models.errors import EduflError
@@ -57,7 +57,7 @@ DP_DEFAULTS: dict[str, Any] = {
     "local_epochs": 1,
     "batch_size": 256,
     "learning_rate": 0.03,
-    "average_rounds": 0.5,
+    "average_rounds": DP_AVERAGE_ROUNDS,
 }
 
 #: Under DP, a model's own step size where it differs from `DP_DEFAULTS`: the linear model's

@@ -17,6 +17,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from privacy.budget import DEFAULT_DELTA, DEFAULT_EPSILON, DEFAULT_MAX_GRAD_NORM
+from server.averaging import DP_AVERAGE_ROUNDS, first_averaged_round
 from shared_models.baselines import baseline_names
 from shared_models.data.contract import default_spec, load_spec
 from shared_models.errors import EduflError
@@ -76,6 +77,7 @@ class DPTuning(_Strict):
     batch_size: Annotated[int, Field(ge=1)] | None = None
     local_epochs: Annotated[int, Field(ge=1)] | None = None
     rounds: Annotated[int, Field(ge=1)] | None = None  # the federated-dp run's, this row only
+    average_rounds: Annotated[float, Field(ge=0, le=1)] | None = None  # see DifferentialPrivacy
 
 
 class ModelEntry(_Strict):
@@ -148,6 +150,22 @@ class DifferentialPrivacy(_Strict):
     # None: the federated one. More rounds at the same epsilon: more, noisier steps (the
     # accountant calibrates the noise to every step of the run).
     rounds: Annotated[int, Field(ge=1)] | None = None
+    # The released model: the mean of the global models of this share of the last rounds
+    # (`server.averaging`); None: the federation's DP default (the last half).
+    average_rounds: Annotated[float, Field(ge=0, le=1)] | None = None
+
+
+def released_model(dp: DifferentialPrivacy, rounds: int) -> str:
+    """Which rounds' global models a DP run's released model averages, in words."""
+    share = DP_AVERAGE_ROUNDS if dp.average_rounds is None else dp.average_rounds
+    first, last = first_averaged_round(dp.rounds or rounds, share), dp.rounds or rounds
+    if first == last:
+        return "the last round's global model released"
+    return f"the mean of rounds {first}-{last}'s global models released"
+
+
+def _averaged(dp: DifferentialPrivacy, rounds: int) -> str:
+    return "" if dp.average_rounds is None else f", {released_model(dp, rounds)}"
 
 
 class Reference(_Strict):
@@ -274,7 +292,7 @@ class ExperimentConfig(_Strict):
                 f"  {m.label}: {dp.rounds or fed.rounds} round(s) x "
                 f"{dp.local_epochs or fed.local_epochs} local epoch(s), Adam "
                 f"{dp.learning_rate or fed.learning_rate:g}, batch "
-                f"{dp.batch_size or fed.batch_size}."
+                f"{dp.batch_size or fed.batch_size}{_averaged(dp, fed.rounds)}."
             )
         return notes
 

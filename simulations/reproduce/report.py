@@ -24,6 +24,7 @@ from simulations.reproduce.config import (
     ExperimentConfig,
     contract_weeks,
     mode_label,
+    released_model,
 )
 from simulations.reproduce.data import choice
 from simulations.reproduce.figures import draw_figures
@@ -149,7 +150,8 @@ def _protocol(rep: Reproduction) -> list[str]:
             f"the whole run, delta {dp.delta:g}, clipping {dp.max_grad_norm:g}, Adam "
             f"{dp.learning_rate or fed.learning_rate:g}, batch {dp.batch_size or fed.batch_size}, "
             f"{dp.local_epochs or fed.local_epochs} local epoch(s) per round, "
-            f"{dp.rounds or fed.rounds} round(s)."
+            f"{dp.rounds or fed.rounds} round(s), {released_model(dp, fed.rounds)} "
+            "(`server.averaging`)."
         )
         lines += cfg.dp_row_notes()  # rows with DP settings of their own
     lines.append(

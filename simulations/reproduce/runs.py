@@ -303,6 +303,7 @@ def train_federated(
             "batch_size": dp.batch_size or federated.batch_size,
             "local_epochs": dp.local_epochs or federated.local_epochs,
             "rounds": dp.rounds or federated.rounds,
+            "average_rounds": dp.average_rounds,  # None: the federation's DP default
         }
     config = FederationConfig.from_options(None, settings, source=f"the federated run in {run_dir}")
     result = simulate(config, data.exports, on_round=on_round, device=device, engine=engine)

@@ -1,4 +1,5 @@
-"""A row's own federated-dp rounds (``dp = { rounds = N }``): validated, applied, reported."""
+"""A row's own federated-dp rounds (``dp = { rounds = N }``) and averaged share of them
+(``average_rounds``): validated, applied, reported."""
 
 from __future__ import annotations
 
@@ -50,12 +51,12 @@ class _Captured(Exception):
     """Stops the run once its federation config is built."""
 
 
-def _rounds_run(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, dp: Any) -> int:
-    """The rounds of the federation `train_federated` starts for the tiny experiment's row."""
+def _federation(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, dp: Any) -> Any:
+    """The federation config `train_federated` starts for the tiny experiment's first row."""
     config = _load(tmp_path)
 
     def fake_simulate(federation: Any, *args: Any, **kwargs: Any) -> None:
-        raise _Captured(federation.rounds)
+        raise _Captured(federation)
 
     monkeypatch.setattr(simulation_runner, "simulate", fake_simulate)
     data = PreparedData(
@@ -65,7 +66,11 @@ def _rounds_run(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, dp: Any) -> int
         train_federated(
             config.models[0], config.target, data, config.federated, dp, 0, tmp_path / "run"
         )
-    return int(caught.value.args[0])
+    return caught.value.args[0]
+
+
+def _rounds_run(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, dp: Any) -> int:
+    return int(_federation(monkeypatch, tmp_path, dp).rounds)
 
 
 def test_a_rows_dp_rounds_replace_the_experiments_in_its_federated_dp_run_only(
@@ -97,3 +102,24 @@ def test_dp_rounds_that_are_not_a_positive_whole_number_fail_with_their_key(
         _load(tmp_path, text)
     with pytest.raises(ExperimentConfigError, match=r"dp\.rounds"):
         _load(tmp_path, EXPERIMENT + f"rounds = {value}\n")  # the experiment's [dp] too
+
+
+def test_dp_runs_release_the_mean_of_their_last_half_unless_a_row_says_otherwise(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    config = _load(tmp_path)
+    gru = config.models[1]  # no dp settings of its own: the experiment's
+    shipped = _federation(monkeypatch, tmp_path, config.dp_for(gru))
+    assert (shipped.average_rounds, shipped.first_averaged_round) == (0.5, 6)
+    assert _federation(monkeypatch, tmp_path, None).average_rounds == 0  # no DP: the last round
+    own = config.dp_for(gru).model_copy(update={"average_rounds": 0.0})
+    assert _federation(monkeypatch, tmp_path, own).first_averaged_round == 10
+
+    text = EXPERIMENT.replace("local_epochs = 1 }", "local_epochs = 1, average_rounds = 0.2 }")
+    row = _load(tmp_path, text)
+    assert row.dp_row_notes() == [
+        "  LSTM: 30 round(s) x 1 local epoch(s), Adam 0.01, batch 32, the mean of rounds "
+        "25-30's global models released."
+    ]
+    with pytest.raises(ExperimentConfigError, match=r"models\.0\.dp\.average_rounds"):
+        _load(tmp_path, EXPERIMENT.replace("local_epochs = 1 }", "average_rounds = 2 }"))
