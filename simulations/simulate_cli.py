@@ -157,6 +157,13 @@ def run(
         help="Local Adam learning rate (default: the model's, 1e-3 for the recurrent models; "
         "under DP 0.03, 0.05 for logistic).",
     ),
+    average_rounds: float | None = typer.Option(
+        None,
+        min=0,
+        max=1,
+        help="Share of the last rounds whose global models the released model averages "
+        "(default 0: the last round's; under DP 0.5, the last half).",
+    ),
     proximal_mu: float | None = typer.Option(None, help="FedProx's proximal coefficient."),
     fraction_train: float | None = typer.Option(None, help="Share of nodes trained per round."),
     min_nodes: int | None = typer.Option(None, min=1, help="Nodes per round (default: all)."),
@@ -198,8 +205,8 @@ def run(
     OUT/rounds.png. A run interrupted for any reason continues with --resume. With --ray-address
     (or RAY_ADDRESS) the virtual nodes run on an existing Ray cluster; --engine inline runs them
     in this process instead, without Ray's start-up (docs/simulations.md, "Engines"). With
-    --dp-epsilon, the local epochs, batch size and learning rate not given take the DP
-    defaults (server.config.DP_DEFAULTS; docs/results.md, "DP-aware defaults (issue 19)").
+    --dp-epsilon, the local epochs, batch size, learning rate and averaged rounds not given take
+    the DP defaults (server.config.DP_DEFAULTS; docs/results.md, "DP-aware defaults (issue 19)").
 
     Example:
 
@@ -259,6 +266,7 @@ def run(
         "local_epochs": local_epochs,
         "batch_size": batch_size,
         "learning_rate": lr,
+        "average_rounds": average_rounds,
         "proximal_mu": proximal_mu,
         "fraction_train": fraction_train,
         "min_nodes": min_nodes,

@@ -113,6 +113,7 @@ def test_simulate_run_help_states_the_dp_defaults() -> None:
     assert f"under DP {DP_DEFAULTS['batch_size']})" in text
     assert f"under DP {DP_DEFAULTS['learning_rate']:g}, " in text
     assert f"{DP_LEARNING_RATES['logistic']:g} for logistic)" in text
+    assert f"under DP {DP_DEFAULTS['average_rounds']:g}, the last half)" in text
 
 
 @pytest.mark.parametrize("model", ["lstm", "logistic"])
