@@ -1,4 +1,5 @@
-"""At-risk ROC-AUC of every round's global model in a reproduction's federated runs.
+"""At-risk ROC-AUC of every round's global model in a reproduction's federated runs (and the
+grade R² of the released model and the last round's, where the model predicts the grade).
 
 ``python -m simulations.reproduce.by_round OUT [--mode federated-dp] [--row lstm]``
 
@@ -29,6 +30,7 @@ from shared_models.data.cohort import ModelInputs
 from shared_models.data.contract import FeatureSpec, default_spec, load_spec
 from shared_models.data.node import prepare_node_data
 from shared_models.evaluation import predict
+from shared_models.metrics import regression_metrics
 from shared_models.models.checkpoints import checkpoint_model, checkpoint_seed
 from shared_models.models.weights import assign_weights, load_tensors
 
@@ -37,12 +39,15 @@ _ITERATE = "iterate/"
 
 @dataclass(frozen=True)
 class RunScores:
-    """One federated run: its released model's ROC-AUC and each round's iterate's."""
+    """One federated run: its released model's at-risk ROC-AUC and each round's iterate's, and
+    the grade R² of both where the model has a grade head (None where it has none)."""
 
     row: str
     run: str
     released: float
     iterates: list[float]
+    released_r2: float | None = None
+    last_r2: float | None = None
 
 
 def _exports(out: Path) -> dict[str, tuple[FeatureSpec, list[Path]]]:
@@ -56,8 +61,12 @@ def _exports(out: Path) -> dict[str, tuple[FeatureSpec, list[Path]]]:
     return found
 
 
-def _auc(model: torch.nn.Module, test: ModelInputs) -> float:
-    return float(roc_auc_score(test.at_risk, predict(model, test)["risk"]))
+def _scores(model: torch.nn.Module, test: ModelInputs) -> tuple[float, float | None]:
+    """At-risk ROC-AUC, and grade R² (on the scaled grade: R² is the same on any affine scale)."""
+    pred = predict(model, test)
+    auc = float(roc_auc_score(test.at_risk, pred["risk"]))
+    r2 = regression_metrics(test.grade, pred["grade"])["r2"] if "grade" in pred else None
+    return auc, r2
 
 
 def score_run(
@@ -78,9 +87,8 @@ def score_run(
     spec, paths = exports[str(fingerprint)]
     seed = checkpoint_seed(checkpoints[-1])
     test = ModelInputs.concatenate([prepare_node_data(p, spec, seed=seed).test for p in paths])
-    model = checkpoint_model(checkpoints[-1], spec)
-    released = _auc(model, test)
-    iterates = []
+    released, released_r2 = _scores(checkpoint_model(checkpoints[-1], spec), test)
+    iterates, last_r2 = [], None
     for checkpoint in checkpoints:
         model = checkpoint_model(checkpoint, spec)
         if checkpoint.state_path is not None:
@@ -88,8 +96,9 @@ def score_run(
             kept = {k[len(_ITERATE) :]: v for k, v in state.items() if k.startswith(_ITERATE)}
             if kept:  # by the federation's weight names (`named_weights`)
                 assign_weights(model, {k: v.numpy() for k, v in kept.items()})
-        iterates.append(_auc(model, test))
-    return RunScores(run_dir.parent.name, run_dir.name, released, iterates)
+        auc, last_r2 = _scores(model, test)
+        iterates.append(auc)
+    return RunScores(run_dir.parent.name, run_dir.name, released, iterates, released_r2, last_r2)
 
 
 def score_reproduction(out: Path, mode: str = "federated-dp", row: str = "*") -> list[RunScores]:
@@ -113,21 +122,27 @@ def render(scores: list[RunScores]) -> str:
         groups.setdefault((s.row, re.sub(r"-?seed\d+", "", s.run)), []).append(s)
     lines += [
         "",
-        "| row | setting | runs | released | last round's iterate |",
-        "|---|---|---|---|---|",
+        "| row | setting | runs | released | last round's iterate "
+        "| grade R², released | grade R², last iterate |",
+        "|---|---|---|---|---|---|---|",
     ]
     for (row, setting), group in groups.items():
-        released = np.array([s.released for s in group])
-        last = np.array([s.iterates[-1] for s in group])
-        lines.append(
-            f"| {row} | {setting or '-'} | {len(group)} | {_mean_sd(released)} | {_mean_sd(last)} |"
-        )
+        cells = [
+            _mean_sd([s.released for s in group]),
+            _mean_sd([s.iterates[-1] for s in group]),
+            _mean_sd([s.released_r2 for s in group]),
+            _mean_sd([s.last_r2 for s in group]),
+        ]
+        lines.append(f"| {row} | {setting or '-'} | {len(group)} | {' | '.join(cells)} |")
     return "\n".join(lines)
 
 
-def _mean_sd(values: np.ndarray) -> str:
-    sd = f" ± {values.std(ddof=1):.3f}" if len(values) > 1 else ""
-    return f"{values.mean():.3f}{sd}"
+def _mean_sd(values: list[float | None]) -> str:
+    if any(v is None for v in values):
+        return "-"
+    array = np.asarray(values, dtype=np.float64)
+    sd = f" ± {array.std(ddof=1):.3f}" if len(array) > 1 else ""
+    return f"{array.mean():.3f}{sd}"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -155,17 +155,20 @@ class DifferentialPrivacy(_Strict):
     average_rounds: Annotated[float, Field(ge=0, le=1)] | None = None
 
 
-def released_model(dp: DifferentialPrivacy, rounds: int) -> str:
-    """Which rounds' global models a DP run's released model averages, in words."""
-    share = DP_AVERAGE_ROUNDS if dp.average_rounds is None else dp.average_rounds
+def released_model(dp: DifferentialPrivacy, rounds: int, target: Target) -> str:
+    """Which rounds' global models a DP run's released model averages, in words (the
+    federation's default where ``dp`` sets none: the last half for the at-risk target only,
+    `server.config.dp_defaults`)."""
+    default = DP_AVERAGE_ROUNDS if target == "risk" else 0.0
+    share = default if dp.average_rounds is None else dp.average_rounds
     first, last = first_averaged_round(dp.rounds or rounds, share), dp.rounds or rounds
     if first == last:
         return "the last round's global model released"
     return f"the mean of rounds {first}-{last}'s global models released"
 
 
-def _averaged(dp: DifferentialPrivacy, rounds: int) -> str:
-    return "" if dp.average_rounds is None else f", {released_model(dp, rounds)}"
+def _averaged(dp: DifferentialPrivacy, rounds: int, target: Target) -> str:
+    return "" if dp.average_rounds is None else f", {released_model(dp, rounds, target)}"
 
 
 class Reference(_Strict):
@@ -292,7 +295,7 @@ class ExperimentConfig(_Strict):
                 f"  {m.label}: {dp.rounds or fed.rounds} round(s) x "
                 f"{dp.local_epochs or fed.local_epochs} local epoch(s), Adam "
                 f"{dp.learning_rate or fed.learning_rate:g}, batch "
-                f"{dp.batch_size or fed.batch_size}{_averaged(dp, fed.rounds)}."
+                f"{dp.batch_size or fed.batch_size}{_averaged(dp, fed.rounds, self.target)}."
             )
         return notes
 

@@ -150,7 +150,7 @@ def _protocol(rep: Reproduction) -> list[str]:
             f"the whole run, delta {dp.delta:g}, clipping {dp.max_grad_norm:g}, Adam "
             f"{dp.learning_rate or fed.learning_rate:g}, batch {dp.batch_size or fed.batch_size}, "
             f"{dp.local_epochs or fed.local_epochs} local epoch(s) per round, "
-            f"{dp.rounds or fed.rounds} round(s), {released_model(dp, fed.rounds)} "
+            f"{dp.rounds or fed.rounds} round(s), {released_model(dp, fed.rounds, cfg.target)} "
             "(`server.averaging`)."
         )
         lines += cfg.dp_row_notes()  # rows with DP settings of their own

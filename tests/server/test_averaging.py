@@ -183,7 +183,9 @@ def test_resuming_with_more_rounds_averages_the_new_last_rounds_only(
     assert store.latest().manifest["averaged_rounds"] == averaged  # type: ignore[union-attr]
 
 
-def test_under_dp_the_last_half_is_averaged_unless_the_user_says_otherwise(tmp_path: Path) -> None:
+def test_under_dp_the_at_risk_task_averages_the_last_half_unless_the_user_says_otherwise(
+    tmp_path: Path,
+) -> None:
     assert FederationConfig(out_dir=tmp_path).average_rounds == 0.0
     private = FederationConfig(out_dir=tmp_path, dp_epsilon=8.0)
     assert private.average_rounds == 0.5
@@ -191,3 +193,8 @@ def test_under_dp_the_last_half_is_averaged_unless_the_user_says_otherwise(tmp_p
     back = FederationConfig.from_run_config(private.to_run_config())
     assert back.average_rounds == 0.5
     assert private.with_dp_epsilon(None).average_rounds == 0.0
+    # A grade head's level is lost in a mean of rounds: such tasks release the last round's.
+    for task in ("grade", "multitask"):
+        assert FederationConfig(out_dir=tmp_path, dp_epsilon=8, task=task).average_rounds == 0
+        own = FederationConfig(out_dir=tmp_path, dp_epsilon=8, task=task, average_rounds=0.5)
+        assert own.average_rounds == 0.5
