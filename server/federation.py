@@ -177,12 +177,13 @@ def run_federation(
         else:
             logger.info(progress_line(report, config.rounds))
 
-    arrays = iterate or ArrayRecord({k: Array(v) for k, v in named_weights(model).items()})
+    if iterate is None:
+        iterate = ArrayRecord({k: Array(v) for k, v in named_weights(model).items()})
     train_config = config.train_config(spec.fingerprint, run_id)
     run_rounds(
         strategy,
         grid,
-        arrays,
+        iterate,
         first_round=first_round,
         last_round=config.rounds,
         train_config=train_config,
