@@ -31,7 +31,7 @@ from privacy.budget import (
     Mechanism,
     PrivacyBudget,
 )
-from server.averaging import DP_AVERAGE_ROUNDS, first_averaged_round
+from server.averaging import DP_AVERAGE_ROUNDS, dp_average_rounds, first_averaged_round
 from server.guard import GuardConfig
 from server.strategies import check_strategy
 from shared_models.errors import EduflError
@@ -67,19 +67,12 @@ DP_DEFAULTS: dict[str, Any] = {
 DP_LEARNING_RATES: dict[str, float] = {"logistic": 0.05}
 
 
-#: Tasks whose DP runs release the mean of their last rounds by default. A grade head's level
-#: moves over the rounds, and the mean of several rounds' heads misses it: on OULAD AAA at
-#: epsilon 8 (5 seeds, week 20) the CNN-LSTM's grade R² fell from 0.51 (the last round's model)
-#: to 0.35 (the mean of rounds 6-10), with its ROC-AUC unchanged (0.832, 0.830).
-AVERAGED_TASKS = ("risk",)
-
-
 def dp_defaults(model: str, task: str = "risk") -> dict[str, Any]:
     """The settings a run under DP takes for ``model`` and ``task`` where none is given."""
     own = DP_DEFAULTS | (
         {"learning_rate": DP_LEARNING_RATES[model]} if model in DP_LEARNING_RATES else {}
     )
-    return own if task in AVERAGED_TASKS else own | {"average_rounds": 0.0}
+    return own | {"average_rounds": dp_average_rounds(task)}
 
 
 _JSON_FIELDS = ("model_overrides", "strategy_params")
@@ -148,7 +141,7 @@ class FederationConfig(BaseModel):
             filled = [key for key in DP_DEFAULTS if data.get(key) in (None, "")]
             data = {**data, **{key: DP_DEFAULTS[key] for key in filled}}
         config = handler(data)
-        # The model's and task's own DP values (`DP_LEARNING_RATES`, `AVERAGED_TASKS`) once
+        # The model's and task's own DP values (`DP_LEARNING_RATES`, `dp_average_rounds`) once
         # both are validated; same types as the generic ones, so nothing needs validating again.
         own = dp_defaults(config.model, config.task)
         config.__dict__.update({key: own[key] for key in filled})

@@ -252,13 +252,18 @@ def plot_rounds(records: list[dict[str, Any]], path: Path) -> None:
         plt.close(fig)
 
 
-def _started_from(store: CheckpointStore) -> str:
-    """The public prior the run started from, as its checkpoints record it ("" if none)."""
+def _recorded(store: CheckpointStore, key: str) -> object:
+    """``key`` of the last checkpoint's manifest (None without a readable checkpoint)."""
     try:
         last = store.latest()
     except CheckpointError:
-        return ""
-    prior = last.manifest.get("init_from") if last is not None else None
+        return None
+    return last.manifest.get(key) if last is not None else None
+
+
+def _started_from(store: CheckpointStore) -> str:
+    """The public prior the run started from, as its checkpoints record it ("" if none)."""
+    prior = _recorded(store, "init_from")
     if not isinstance(prior, dict):
         return ""
     return (
@@ -271,11 +276,7 @@ def _started_from(store: CheckpointStore) -> str:
 
 def _averaged(store: CheckpointStore) -> str:
     """Which rounds' global models the released model averages ("" if only the last's)."""
-    try:
-        last = store.latest()
-    except CheckpointError:
-        return ""
-    rounds = last.manifest.get("averaged_rounds") if last is not None else None
+    rounds = _recorded(store, "averaged_rounds")
     if not (isinstance(rounds, list) and len(rounds) == 2):
         return ""
     first, final = rounds

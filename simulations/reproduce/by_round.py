@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from sklearn.metrics import roc_auc_score
 
+from server.averaging import saved_iterate
 from server.checkpoints import CheckpointStore
 from shared_models.data.cohort import ModelInputs
 from shared_models.data.contract import FeatureSpec, default_spec, load_spec
@@ -33,8 +34,6 @@ from shared_models.evaluation import predict
 from shared_models.metrics import regression_metrics
 from shared_models.models.checkpoints import checkpoint_model, checkpoint_seed
 from shared_models.models.weights import assign_weights, load_tensors
-
-_ITERATE = "iterate/"
 
 
 @dataclass(frozen=True)
@@ -93,7 +92,7 @@ def score_run(
         model = checkpoint_model(checkpoint, spec)
         if checkpoint.state_path is not None:
             state = load_tensors(checkpoint.state_path)
-            kept = {k[len(_ITERATE) :]: v for k, v in state.items() if k.startswith(_ITERATE)}
+            kept = saved_iterate(state)
             if kept:  # by the federation's weight names (`named_weights`)
                 assign_weights(model, {k: v.numpy() for k, v in kept.items()})
         auc, last_r2 = _scores(model, test)

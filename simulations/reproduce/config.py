@@ -17,7 +17,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from privacy.budget import DEFAULT_DELTA, DEFAULT_EPSILON, DEFAULT_MAX_GRAD_NORM
-from server.averaging import DP_AVERAGE_ROUNDS, first_averaged_round
+from server.averaging import dp_average_rounds, first_averaged_round
 from shared_models.baselines import baseline_names
 from shared_models.data.contract import default_spec, load_spec
 from shared_models.errors import EduflError
@@ -157,9 +157,9 @@ class DifferentialPrivacy(_Strict):
 
 def released_model(dp: DifferentialPrivacy, rounds: int, target: Target) -> str:
     """Which rounds' global models a DP run's released model averages, in words (the
-    federation's default where ``dp`` sets none: the last half for the at-risk target only,
-    `server.config.dp_defaults`)."""
-    default = DP_AVERAGE_ROUNDS if target == "risk" else 0.0
+    federation's default where ``dp`` sets none: `server.averaging.dp_average_rounds`; the
+    at-risk target trains the task of that name, the others a grade head)."""
+    default = dp_average_rounds(target)
     share = default if dp.average_rounds is None else dp.average_rounds
     first, last = first_averaged_round(dp.rounds or rounds, share), dp.rounds or rounds
     if first == last:
