@@ -18,6 +18,10 @@ ALREADY_REGISTERED = FlowerText(
 #: Flower's Fleet route and code for a node it would not activate (key unknown or in use),
 #: and where a refusal's public JSON carries its ``extra`` (shown by the SuperNode).
 ACTIVATE_NODE_PATH = FlowerText("flwr.supernode.fleet_http_client", "/v1/fleet/activate-node")
+#: The SuperNode's heartbeat route: the public listener serves it in a lane of its own (serve.py).
+NODE_HEARTBEAT_PATH = FlowerText(
+    "flwr.supernode.fleet_http_client", "/v1/fleet/send-node-heartbeat"
+)
 ERROR_EXTRA = FlowerText("flwr.supercore.error.base", 'payload["extra"] = self.public_details')
 #: The request header carrying the node's public key, base64 (node authentication).
 PUBLIC_KEY_HEADER = FlowerName("flwr.supercore.constant", "FLEET_HTTP_PUBLIC_KEY_HEADER")
@@ -67,12 +71,22 @@ NAMES: tuple[FlowerName, ...] = (
     FlowerName("flwr.supercore.sql_mixin", "SQLITE_PRAGMAS"),
     # serve.py: how many task heartbeats Flower's core state lets the ServerApp miss.
     FlowerName("flwr.supercore.corestate.sql_corestate", "HEARTBEAT_PATIENCE"),
+    # serve.py: how many heartbeats Flower's link state lets a SuperNode miss, and the reason
+    # of the error it makes then (which names that number).
+    FlowerName("flwr.server.superlink.linkstate.sql_linkstate", "HEARTBEAT_PATIENCE"),
+    FlowerName("flwr.server.superlink.linkstate.utils", "NODE_UNAVAILABLE_ERROR_REASON"),
     PUBLIC_KEY_HEADER,
     ACTIVATION_FAILED,
     # retry.py: the ServerApp's connection to a SuperLink, polled by edufl itself.
     FlowerName("flwr.superlink.grid.http_grid", "HttpGrid"),
     FlowerName("flwr.superlink.grid.http_grid", "HttpGrid.push_messages", ("messages",)),
     FlowerName("flwr.superlink.grid.http_grid", "HttpGrid.pull_messages", ("message_ids",)),
+    # retry.py: the grid's object puller, asked to retry sooner (its keyword arguments).
+    FlowerName(
+        "flwr.superlink.grid.http_grid",
+        "pull_objects",
+        ("object_ids", "pull_object_fn", "initial_backoff", "backoff_cap"),
+    ),
     FlowerName("flwr.common.constant", "ErrorCode.MESSAGE_UNAVAILABLE"),
     FlowerName("flwr.common.constant", "ErrorCode.REPLY_MESSAGE_UNAVAILABLE"),
     # retry.py: a reply whose packed weights are corrupt becomes this error.
@@ -88,10 +102,18 @@ TASK_EXPIRY = FlowerText(
     "seconds=HEARTBEAT_PATIENCE * HEARTBEAT_DEFAULT_INTERVAL",
 )
 
+#: ... and a node's, which serve.py's node patience lengthens.
+NODE_EXPIRY = FlowerText(
+    "flwr.server.superlink.linkstate.sql_linkstate",
+    "+ HEARTBEAT_PATIENCE * heartbeat_interval",
+)
+
 TEXTS: tuple[FlowerText, ...] = (
     TASK_EXPIRY,
+    NODE_EXPIRY,
     ALREADY_REGISTERED,
     ACTIVATE_NODE_PATH,
+    NODE_HEARTBEAT_PATH,
     ERROR_EXTRA,
     SQLITE_PRAGMA_LOOP,
 )

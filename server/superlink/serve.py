@@ -8,7 +8,8 @@ own `create_app` and serves it on two uvicorn listeners in one process:
 * the public listener (``--host``/``--port``, TLS and node authentication as before) answers
   only the Fleet API's routes and Flower's health check; every other request gets 404 from
   `PublicPlane` before any of Flower's middleware or routes sees it, and at most
-  `PUBLIC_CONCURRENCY` Fleet requests are served at once (the rest wait their turn);
+  `PUBLIC_CONCURRENCY` Fleet requests are served at once (the rest wait their turn), the
+  nodes' heartbeats apart in a lane of their own (`LIVENESS_CONCURRENCY`);
 * the control listener (127.0.0.1, ``--control-port``, plaintext on loopback) answers
   everything: the `flwr` command, edufl's own control calls, the SuperExec and the ServerApp.
 
@@ -35,7 +36,7 @@ from typing import Any
 import uvicorn
 
 from server.institutions import REGISTRY_ENV
-from server.superlink.flower_surface import ACTIVATE_NODE_PATH
+from server.superlink.flower_surface import ACTIVATE_NODE_PATH, NODE_HEARTBEAT_PATH
 from server.superlink.refusals import NodeRefusals
 from shared_models import processes
 from shared_models.deployment import exit_unless_pinned_flower
@@ -57,6 +58,15 @@ GRACEFUL_SHUTDOWN_S = 3
 #: bound keeps the rest of the threads for the control plane, and fewer writers contend for the
 #: lock; a waiting request costs a coroutine, not a thread.
 PUBLIC_CONCURRENCY = 16
+#: Node heartbeats are served in a lane of their own, with this many at once, never behind the
+#: bulk Fleet requests above. A SuperNode's heartbeat call gives up after 5 s, and the SuperLink
+#: marks a node gone after 2 x 30 s without one (Flower 1.41): in the 50-node load test of
+#: 2026-12-03 Fleet requests waited tens of seconds for a slot on the loaded machine, the
+#: heartbeats with them, and the SuperLink answered half the round's messages with Node
+#: Unavailable while those nodes were training (243 of 500 updates lost). A heartbeat is one
+#: small UPDATE; the lane is bounded too, so a node key that floods heartbeats holds at most
+#: these threads.
+LIVENESS_CONCURRENCY = 4
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -104,16 +114,17 @@ class PublicPlane:
         self.allowed = allowed
         self.refusals = refusals
         self.concurrency = concurrency
-        self._slots: asyncio.Semaphore | None = None  # made in the serving loop, on first use
+        self.liveness = frozenset({NODE_HEARTBEAT_PATH.text})
+        # Made in the serving loop, on first use: bulk Fleet requests, and node heartbeats.
+        self._slots: asyncio.Semaphore | None = None
+        self._liveness_slots: asyncio.Semaphore | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
         if kind == "http" and (scope["method"], scope["path"]) in self.allowed:
             if self.refusals is not None:  # refused node keys are named in the log
                 send = self.refusals.watch(scope, send)
-            if self._slots is None:
-                self._slots = asyncio.Semaphore(self.concurrency)
-            async with self._slots:
+            async with self._lane(scope["path"]):
                 await self.app(scope, receive, send)
             return
         if kind == "lifespan":
@@ -139,6 +150,16 @@ class PublicPlane:
             }
         )
         await send({"type": "http.response.body", "body": _NOT_FOUND})
+
+    def _lane(self, path: str) -> asyncio.Semaphore:
+        """The semaphore a Fleet request waits on: heartbeats never queue behind bulk work."""
+        if path in self.liveness:
+            if self._liveness_slots is None:
+                self._liveness_slots = asyncio.Semaphore(LIVENESS_CONCURRENCY)
+            return self._liveness_slots
+        if self._slots is None:
+            self._slots = asyncio.Semaphore(self.concurrency)
+        return self._slots
 
 
 class _Server(uvicorn.Server):
@@ -205,6 +226,7 @@ def build_app(args: argparse.Namespace) -> Any:
 
     _lengthen_busy_timeout()
     _lengthen_task_patience()
+    _lengthen_node_patience()
     certificates = None
     if not args.insecure:
         certificates = tuple(
@@ -281,6 +303,36 @@ def _lengthen_task_patience() -> None:
     if not hasattr(sql_corestate, "HEARTBEAT_PATIENCE"):
         raise RuntimeError("Flower's task expiry changed; see flower_surface.py")
     sql_corestate.HEARTBEAT_PATIENCE = TASK_HEARTBEAT_PATIENCE  # type: ignore[attr-defined]
+
+
+#: Heartbeats a SuperNode may miss before the SuperLink declares it gone and answers the
+#: round's message for it with Node Unavailable: Flower tolerates 2 x 30 s. A node's heartbeat
+#: call gives up after 5 s; in the 50-node load test of 2026-12-03 (all nodes and the SuperLink
+#: on 2 cores) the SuperLink took longer than that to read 1,373 of 2,471 heartbeats (Flower
+#: logged them as ClientDisconnect), and declared half the nodes gone while they trained and
+#: replied: 243 of 500 updates lost. A crashed node is now noticed after 3 minutes, not 1; a
+#: revoked one still at once (its node is unregistered).
+NODE_HEARTBEAT_PATIENCE = 6
+
+
+def _lengthen_node_patience() -> None:
+    """Let a SuperNode miss `NODE_HEARTBEAT_PATIENCE` - 1 heartbeats, not 1.
+
+    Flower's SQL link state reads ``HEARTBEAT_PATIENCE`` from its module globals when it
+    activates a node and acknowledges a heartbeat (``online_until``); the reason of the Node
+    Unavailable error it then makes names the patience, so it is rewritten to match.
+    """
+    from flwr.server.superlink.linkstate import sql_linkstate
+    from flwr.server.superlink.linkstate import utils as linkstate_utils
+
+    reason = getattr(linkstate_utils, "NODE_UNAVAILABLE_ERROR_REASON", None)
+    if not hasattr(sql_linkstate, "HEARTBEAT_PATIENCE") or not isinstance(reason, str):
+        raise RuntimeError("Flower's node expiry changed; see flower_surface.py")
+    flowers = f"within {sql_linkstate.HEARTBEAT_PATIENCE} \N{MULTIPLICATION SIGN}"
+    linkstate_utils.NODE_UNAVAILABLE_ERROR_REASON = reason.replace(  # type: ignore[attr-defined]
+        flowers, f"within {NODE_HEARTBEAT_PATIENCE} \N{MULTIPLICATION SIGN}"
+    )
+    sql_linkstate.HEARTBEAT_PATIENCE = NODE_HEARTBEAT_PATIENCE  # type: ignore[attr-defined]
 
 
 def superexec_argv(control_port: int, secret_file: str, parent_pid: int) -> list[str]:

@@ -174,51 +174,62 @@ def test_the_serverapp_task_may_miss_more_heartbeats_than_flowers_default(
     assert sql_corestate.HEARTBEAT_PATIENCE == TASK_HEARTBEAT_PATIENCE > HEARTBEAT_PATIENCE
 
 
+class _HeldApp:
+    """An ASGI app that holds every request until ``release`` is set; the most held at once."""
+
+    def __init__(self) -> None:
+        import asyncio
+
+        self.inside = self.most = 0
+        self.release = asyncio.Event()
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        self.inside += 1
+        self.most = max(self.most, self.inside)
+        await self.release.wait()
+        self.inside -= 1
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+
+async def _post(plane: PublicPlane, path: str) -> int:
+    """POST ``path`` through ``plane`` as an ASGI server would; the response's status."""
+    statuses: list[int] = []
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: dict[str, Any]) -> None:
+        if message["type"] == "http.response.start":
+            statuses.append(message["status"])
+
+    scope = {"type": "http", "method": "POST", "path": path, "client": ("127.0.0.9", 1)}
+    await plane(scope, receive, send)
+    return statuses[0]
+
+
 def test_the_public_listener_serves_at_most_its_concurrency_at_once_and_queues_the_rest() -> None:
     """50 nodes' Fleet requests must not take every worker thread from the control plane."""
     import asyncio
 
-    inside = 0
-    most = 0
-    release = asyncio.Event()
-
-    async def slow_fleet(scope: Any, receive: Any, send: Any) -> None:
-        nonlocal inside, most
-        inside += 1
-        most = max(most, inside)
-        await release.wait()
-        inside -= 1
-        await send({"type": "http.response.start", "status": 200, "headers": []})
-        await send({"type": "http.response.body", "body": b""})
-
+    slow_fleet = _HeldApp()
     path = "/v1/fleet/pull-messages"
     plane = PublicPlane(slow_fleet, frozenset({("POST", path)}), concurrency=3)
 
     async def request(target: str) -> int:
-        statuses: list[int] = []
-
-        async def receive() -> dict[str, Any]:
-            return {"type": "http.request", "body": b"", "more_body": False}
-
-        async def send(message: dict[str, Any]) -> None:
-            if message["type"] == "http.response.start":
-                statuses.append(message["status"])
-
-        scope = {"type": "http", "method": "POST", "path": target, "client": ("127.0.0.9", 1)}
-        await plane(scope, receive, send)
-        return statuses[0]
+        return await _post(plane, target)
 
     async def scenario() -> tuple[list[int], int, int]:
         fleet = [asyncio.ensure_future(request(path)) for _ in range(10)]
         await asyncio.sleep(0.05)
-        queued_most = most
+        queued_most = slow_fleet.most
         # A refused request is answered at once, even while every slot is taken.
         refused = await asyncio.wait_for(request("/v1/control/start-run"), timeout=1)
-        release.set()
+        slow_fleet.release.set()
         return list(await asyncio.gather(*fleet)), queued_most, refused
 
     statuses, queued_most, refused = asyncio.run(scenario())
-    assert queued_most == 3 and most == 3
+    assert queued_most == 3 and slow_fleet.most == 3
     assert statuses == [200] * 10
     assert refused == 404
 
@@ -226,3 +237,114 @@ def test_the_public_listener_serves_at_most_its_concurrency_at_once_and_queues_t
 def test_the_public_listener_needs_a_positive_concurrency() -> None:
     with pytest.raises(ValueError, match="at least 1"):
         PublicPlane(_recording_app([]), frozenset(), concurrency=0)
+
+
+def test_a_node_heartbeat_is_served_while_every_fleet_slot_is_taken_and_others_queue() -> None:
+    """A heartbeat stuck behind bulk traffic made the SuperLink declare busy nodes gone.
+
+    The 50-node load test of 2026-12-03 lost 243 of 500 updates: requests waited tens of
+    seconds for a Fleet slot, the nodes' heartbeats (5 s call timeout) with them, and after
+    2 x 30 s without one the SuperLink answered the round's messages with Node Unavailable.
+    A heartbeat has a lane of its own: it is answered while the bulk slots are all held.
+    """
+    import asyncio
+
+    from server.superlink.flower_surface import NODE_HEARTBEAT_PATH
+
+    release = asyncio.Event()
+    served: list[str] = []
+
+    async def fleet(scope: Any, receive: Any, send: Any) -> None:
+        if scope["path"] != NODE_HEARTBEAT_PATH.text:
+            await release.wait()
+        served.append(scope["path"])
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    bulk = "/v1/fleet/push-object"
+    routes = frozenset({("POST", bulk), ("POST", NODE_HEARTBEAT_PATH.text)})
+    plane = PublicPlane(fleet, routes, concurrency=2)
+
+    async def request(target: str) -> int:
+        return await _post(plane, target)
+
+    async def scenario() -> list[int]:
+        pushes = [asyncio.ensure_future(request(bulk)) for _ in range(8)]
+        await asyncio.sleep(0.05)  # 2 pushes hold the slots, 6 wait
+        beats = [await asyncio.wait_for(request(NODE_HEARTBEAT_PATH.text), 1) for _ in range(3)]
+        assert served == [NODE_HEARTBEAT_PATH.text] * 3  # before any push
+        release.set()
+        await asyncio.gather(*pushes)
+        return beats
+
+    assert asyncio.run(scenario()) == [200] * 3
+    assert served.count(bulk) == 8
+
+
+def test_the_heartbeat_lane_is_bounded_too() -> None:
+    """A node key flooding heartbeats holds at most the lane's slots, not every thread."""
+    import asyncio
+
+    from server.superlink.flower_surface import NODE_HEARTBEAT_PATH
+    from server.superlink.serve import LIVENESS_CONCURRENCY
+
+    fleet = _HeldApp()
+    plane = PublicPlane(fleet, frozenset({("POST", NODE_HEARTBEAT_PATH.text)}), concurrency=16)
+
+    async def request() -> None:
+        await _post(plane, NODE_HEARTBEAT_PATH.text)
+
+    async def scenario() -> int:
+        beats = [asyncio.ensure_future(request()) for _ in range(3 * LIVENESS_CONCURRENCY)]
+        await asyncio.sleep(0.05)
+        held = fleet.most
+        fleet.release.set()
+        await asyncio.gather(*beats)
+        return held
+
+    assert asyncio.run(scenario()) == LIVENESS_CONCURRENCY < 16
+
+
+def test_a_node_may_miss_more_heartbeats_than_flowers_default_and_the_error_says_how_many(
+    flower_app: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Flower's link state, once build_app ran, keeps a node online for 6 x its interval."""
+    from flwr.common.constant import HEARTBEAT_PATIENCE
+    from flwr.server.superlink.linkstate import sql_linkstate
+    from flwr.server.superlink.linkstate import utils as linkstate_utils
+
+    from server.superlink.serve import NODE_HEARTBEAT_PATIENCE
+
+    assert sql_linkstate.HEARTBEAT_PATIENCE == NODE_HEARTBEAT_PATIENCE > HEARTBEAT_PATIENCE
+    reason = linkstate_utils.NODE_UNAVAILABLE_ERROR_REASON
+    assert (
+        f"within {NODE_HEARTBEAT_PATIENCE} \N{MULTIPLICATION SIGN} its expected interval" in reason
+    )
+
+    # Flower's own SQL link state: a node last heard of 90 s ago (3 missed heartbeats of 30 s)
+    # is still online; 200 s ago, it is gone.
+    import datetime
+    import secrets
+
+    from flwr.common.constant import NOOP_ACCOUNT_NAME, NOOP_FLWR_AID
+    from flwr.server.superlink.linkstate import LinkStateFactory
+    from flwr.supercore.constant import NOOP_FEDERATION_ID
+    from flwr.supercore.object_store import ObjectStoreFactory
+    from flwr.superlink.federation import NoOpFederationManager
+
+    state = LinkStateFactory(":memory:", NoOpFederationManager(), ObjectStoreFactory()).state()
+    node = state.create_node(
+        NOOP_FLWR_AID, NOOP_ACCOUNT_NAME, secrets.token_bytes(32), heartbeat_interval=30
+    )
+    assert state.activate_node(node, 30.0)
+    run_id = state.create_run(
+        None, None, None, {}, NOOP_FEDERATION_ID, None, NOOP_FLWR_AID, "serverapp"
+    )
+    started = datetime.datetime.now(datetime.UTC)
+    later = {"by": 90.0}
+    monkeypatch.setattr(
+        sql_linkstate, "now", lambda: started + datetime.timedelta(seconds=later["by"])
+    )
+    assert state.get_nodes(run_id) == {node}
+    later["by"] = 200.0
+    assert state.get_nodes(run_id) == set()
