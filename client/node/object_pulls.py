@@ -33,65 +33,43 @@ is not given up sooner than Flower would.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
 from types import ModuleType
 from typing import Any
+
+from shared_models import object_pulls as _shared
 
 #: Seconds before asking again for an object that was not there (Flower: 1 s), then doubling.
 INITIAL_BACKOFF_S = 0.05
 #: In a task's process, asking the SuperNode: the first wait and the longest (Flower: 1 s, 10 s).
 TASK_BACKOFF_S = 0.05
 TASK_BACKOFF_CAP_S = 1.0
-_MARK = "_edufl_quick_retry"
+#: The task's settings: tries unbounded, Flower's time limit the bound.
+_TASK = {
+    "initial_backoff": TASK_BACKOFF_S,
+    "backoff_cap": TASK_BACKOFF_CAP_S,
+    "max_tries_per_object": None,
+}
 
 
 def quick(pull_objects: Callable[..., Any]) -> Callable[..., Any]:
     """``pull_objects`` with a first retry after ``INITIAL_BACKOFF_S`` unless told otherwise."""
-    if getattr(pull_objects, _MARK, False):
-        return pull_objects
-
-    @functools.wraps(pull_objects)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        kwargs.setdefault("initial_backoff", INITIAL_BACKOFF_S)
-        return pull_objects(*args, **kwargs)
-
-    setattr(wrapper, _MARK, True)
-    return wrapper
+    return _shared.sooner(pull_objects, initial_backoff=INITIAL_BACKOFF_S)
 
 
 def install(module: ModuleType) -> bool:
     """Replace ``module.pull_objects`` (Flower's, imported by name) by ``quick``'s version."""
-    pull_objects = getattr(module, "pull_objects", None)
-    if not callable(pull_objects):
-        return False
-    module.pull_objects = quick(pull_objects)  # type: ignore[attr-defined]
-    return True
+    return _shared.install(module, "pull_objects", initial_backoff=INITIAL_BACKOFF_S)
 
 
 def quick_task(pull_and_inflate: Callable[..., Any]) -> Callable[..., Any]:
     """Flower's ``pull_and_inflate_object_from_tree`` asking again after ``TASK_BACKOFF_S``
     (doubling up to ``TASK_BACKOFF_CAP_S``, tries bounded by Flower's time limit only), unless
     told otherwise."""
-    if getattr(pull_and_inflate, _MARK, False):
-        return pull_and_inflate
-
-    @functools.wraps(pull_and_inflate)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        kwargs.setdefault("initial_backoff", TASK_BACKOFF_S)
-        kwargs.setdefault("backoff_cap", TASK_BACKOFF_CAP_S)
-        kwargs.setdefault("max_tries_per_object", None)  # Flower's max_time bounds it
-        return pull_and_inflate(*args, **kwargs)
-
-    setattr(wrapper, _MARK, True)
-    return wrapper
+    return _shared.sooner(pull_and_inflate, **_TASK)
 
 
 def install_task(module: ModuleType) -> bool:
     """Replace ``module.pull_and_inflate_object_from_tree`` (Flower's ``run_clientapp`` imports
     it by name) by ``quick_task``'s version; call it in the task's own process only."""
-    pull_and_inflate = getattr(module, "pull_and_inflate_object_from_tree", None)
-    if not callable(pull_and_inflate):
-        return False
-    module.pull_and_inflate_object_from_tree = quick_task(pull_and_inflate)  # type: ignore[attr-defined]
-    return True
+    return _shared.install(module, "pull_and_inflate_object_from_tree", **_TASK)

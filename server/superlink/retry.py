@@ -17,6 +17,7 @@ from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 
 from server.superlink.packing import PackedArraysError, pack_records, unpack_records
+from shared_models import object_pulls
 
 logger = logging.getLogger(__name__)
 
@@ -27,9 +28,39 @@ logger = logging.getLogger(__name__)
 REPLY_POLL_S = 0.1
 
 try:
+    from flwr.superlink.grid import http_grid as _http_grid
     from flwr.superlink.grid.http_grid import HttpGrid as _SlowPollingGrid
 except ImportError:  # pragma: no cover - another Flower layout: its own polling then
+    _http_grid = None  # type: ignore[assignment]
     _SlowPollingGrid = None  # type: ignore[assignment,misc]
+
+#: A reply's object not uploaded yet is asked for again after this long, doubling up to
+#: `OBJECT_BACKOFF_CAP_S`. Flower's SuperLink hands the ServerApp a reply as soon as the node
+#: pushed its metadata, while the reply's arrays and records are still going up (a paced node's
+#: push takes 0.5-0.8 s on loopback), and Flower's grid then waits 1 s before asking again,
+#: doubling to 10 s: in the deployment benchmark's rounds the ServerApp sat out about 1 s of
+#: most rounds after the first reply came (docs/benchmarks.md, question 4). The ServerApp is one
+#: client pulling two objects at a time, so the quicker asks are a handful of small requests a
+#: round; Flower's 500 tries per object stay, which with the 1 s cap gives up on a reply whose
+#: upload never completes after about 8 minutes, not about 80 (the node is then asked again:
+#: see `exchange`).
+OBJECT_BACKOFF_S = 0.05
+OBJECT_BACKOFF_CAP_S = 1.0
+
+
+def quick_reply_pulls() -> bool:
+    """Make Flower's ServerApp grid ask again soon for a reply's objects; idempotent.
+
+    Returns whether this Flower release's grid could be changed (otherwise it keeps its pace).
+    """
+    if _http_grid is None:  # pragma: no cover - another Flower layout
+        return False
+    return object_pulls.install(
+        _http_grid,
+        "pull_objects",
+        initial_backoff=OBJECT_BACKOFF_S,
+        backoff_cap=OBJECT_BACKOFF_CAP_S,
+    )
 
 
 #: A node whose reply has not come this long after the round's median reply (times
@@ -46,7 +77,8 @@ _IN_TRANSIT = (ErrorCode.MESSAGE_UNAVAILABLE, ErrorCode.REPLY_MESSAGE_UNAVAILABL
 def exchange(grid: Grid, messages: list[Message], timeout: float) -> list[Message]:
     """``grid.send_and_receive``; on a SuperLink, asking often and asking lost nodes again.
 
-    On a SuperLink the replies are asked for every ``REPLY_POLL_S`` seconds, and a node whose
+    On a SuperLink the replies are asked for every ``REPLY_POLL_S`` seconds, a reply's objects
+    still uploading are asked for again soon (`quick_reply_pulls`), and a node whose
     reply was lost gets the same message again: at once when the grid says the reply's upload
     did not complete (``_IN_TRANSIT``), and when its reply is far behind the others' (see
     ``RESEND_FACTOR``). With 50 nodes pushing at once on a loaded machine, the SuperLink's
@@ -68,6 +100,7 @@ def exchange(grid: Grid, messages: list[Message], timeout: float) -> list[Messag
         return []
     if _SlowPollingGrid is None or not isinstance(grid, _SlowPollingGrid):
         return list(grid.send_and_receive(messages, timeout=timeout))
+    quick_reply_pulls()
     started = time.monotonic()
     deadline = started + timeout
     by_node = {int(m.metadata.dst_node_id): m for m in messages}

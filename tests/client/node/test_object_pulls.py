@@ -16,13 +16,14 @@ from flwr.supercore.inflatable.inflatable_utils import (
 from client.node import object_pulls
 
 
-def _arrives_after(seconds: float) -> tuple[object, list[float]]:
+def arrives_after(seconds: float) -> tuple[object, list[float]]:
     """A pull function whose object is 'still uploading' for ``seconds``; the ask times."""
-    start = time.monotonic()
+    # perf_counter: a test may stand a fake clock in for time.monotonic
+    start = time.perf_counter()
     asks: list[float] = []
 
     def pull(object_id: str) -> bytes:
-        asks.append(time.monotonic() - start)
+        asks.append(time.perf_counter() - start)
         if asks[-1] < seconds:
             raise ObjectUnavailableError(object_id)
         return b"content"
@@ -31,12 +32,12 @@ def _arrives_after(seconds: float) -> tuple[object, list[float]]:
 
 
 def test_an_object_uploading_for_a_moment_arrives_a_moment_later_not_a_second() -> None:
-    pull, asks = _arrives_after(0.1)
+    pull, asks = arrives_after(0.1)
     quick = object_pulls.quick(pull_objects)
     assert quick(["a" * 64], pull_object_fn=pull) == {"a" * 64: b"content"}
     assert asks[-1] < 0.6  # Flower's own first retry alone is 0.8-1.2 s
 
-    pull, asks = _arrives_after(0.1)
+    pull, asks = arrives_after(0.1)
     pull_objects(["b" * 64], pull_object_fn=pull)
     assert asks[-1] >= 0.8  # what it replaces
 
@@ -50,7 +51,7 @@ def test_the_callers_own_backoff_and_flowers_limits_still_apply() -> None:
 
     object_pulls.quick(fake)([], pull_object_fn=None, initial_backoff=2.0)
     assert seen["initial_backoff"] == 2.0
-    pull, _ = _arrives_after(60)
+    pull, _ = arrives_after(60)
     with pytest.raises(ObjectPullError, match="retry limit"):
         object_pulls.quick(pull_objects)(["c" * 64], pull_object_fn=pull, max_tries_per_object=3)
 
@@ -87,7 +88,7 @@ def test_a_task_asks_its_supernode_again_soon_for_a_message_still_arriving() -> 
         seen.update(kwargs)
         return pull_objects(object_ids, pull_fn, **kwargs)  # type: ignore[arg-type]
 
-    pull, asks = _arrives_after(0.3)
+    pull, asks = arrives_after(0.3)
     quick = object_pulls.quick_task(pull_and_inflate)
     assert quick(["d" * 64], pull) == {"d" * 64: b"content"}
     assert seen == {"initial_backoff": 0.05, "backoff_cap": 1.0, "max_tries_per_object": None}

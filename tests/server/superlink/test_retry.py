@@ -251,3 +251,36 @@ def test_a_node_whose_every_reply_is_lost_is_not_waited_for_once_no_ask_is_left(
     assert _nodes(replies) == [1, 2]  # node 3: no reply (the round reports it as missing)
     assert [node for node, _ in grid.pushed.values()].count(3) == server.superlink.retry.MAX_ASKS
     assert clock.now < 10  # 4 asks of ~1 s, then nothing left in flight: no wait for the timeout
+
+
+def test_the_serverapp_asks_again_soon_for_a_reply_still_uploading(
+    clock: _Clock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A reply is handed to the ServerApp before its objects are all up: the grid asks for a
+    missing object again after 0.05 s (doubling to 1 s), not after Flower's 1 s (doubling
+    to 10 s), which cost most deployment rounds about a second."""
+    import itertools
+
+    from flwr.supercore.inflatable import inflatable_utils
+    from flwr.superlink.grid import http_grid
+
+    from tests.client.node.test_object_pulls import arrives_after
+
+    # Flower's own (an exchange earlier in this process may have installed the quick one)
+    flowers = inflatable_utils.pull_objects
+    monkeypatch.setattr(http_grid, "pull_objects", flowers)
+    server.superlink.retry.exchange(_SuperLink(clock, {7: 0.0}), _to([7]), timeout=5)
+    quick = http_grid.pull_objects
+    assert quick is not flowers and getattr(quick, "_edufl_quick_retry", False)
+    assert server.superlink.retry.quick_reply_pulls()
+    assert http_grid.pull_objects is quick  # installed once
+
+    pull, asks = arrives_after(0.3)
+    assert quick(["a" * 64], pull_object_fn=pull) == {"a" * 64: b"content"}
+    assert asks[-1] < 0.6  # Flower's own first retry alone is 0.8-1.2 s
+    gaps = [b - a for a, b in itertools.pairwise(asks)]
+    assert len(gaps) >= 3 and max(gaps) < 0.3  # 0.05, 0.1, 0.2
+
+    pull, asks = arrives_after(0.3)
+    flowers(["b" * 64], pull_object_fn=pull)
+    assert asks[-1] >= 0.8  # what it replaces
