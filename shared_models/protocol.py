@@ -343,8 +343,14 @@ def _flower_quoted(key: str, value: str) -> str:
 #: Record names of a reply's ``RecordDict``.
 ARRAYS_RECORD = "arrays"  # ArrayRecord: the trained weights (train replies only)
 METRICS_RECORD = "metrics"  # MetricRecord: NUM_EXAMPLES and aggregate metrics
-NODE_RECORD = "node"  # ConfigRecord: INSTITUTION (the institution's name, not a student's)
-PRIVACY_RECORD = "privacy"  # ConfigRecord: the signed ledger entries (aggregate DP parameters)
+#: ConfigRecord: INSTITUTION (the institution's name, not a student's) and, in a DP reply, the
+#: signed ledger entries (LEDGER_ENTRY, LEDGER_EARLIER: aggregate DP parameters). One record, not
+#: two: each record is one more object, one more authenticated request to the SuperLink, in
+#: every reply of every round (docs/benchmarks.md, question 4).
+NODE_RECORD = "node"
+#: Where the replies of earlier edufl nodes (before 2026-12-03) carried the ledger entries;
+#: `read_reply` still reads it.
+PRIVACY_RECORD = "privacy"
 
 #: The weight of a reply in aggregation (Flower's strategies' default ``weighted_by_key``).
 NUM_EXAMPLES = "num-examples"
@@ -477,10 +483,10 @@ def encode_reply(reply: Reply) -> tuple[ReplyRecord, ...]:
     if reply.weights is not None:
         records.append(ReplyRecord(ARRAYS_RECORD, "ArrayRecord", dict(reply.weights)))
     records.append(ReplyRecord(METRICS_RECORD, "MetricRecord", metrics))
-    records.append(ReplyRecord(NODE_RECORD, "ConfigRecord", {INSTITUTION: reply.institution}))
+    node: dict[str, str] = {INSTITUTION: reply.institution}
     if reply.ledger_entry is not None:
-        privacy = {LEDGER_ENTRY: reply.ledger_entry, LEDGER_EARLIER: reply.ledger_earlier}
-        records.append(ReplyRecord(PRIVACY_RECORD, "ConfigRecord", privacy))
+        node |= {LEDGER_ENTRY: reply.ledger_entry, LEDGER_EARLIER: reply.ledger_earlier}
+    records.append(ReplyRecord(NODE_RECORD, "ConfigRecord", node))
     return tuple(records)
 
 
@@ -526,7 +532,9 @@ def read_reply(
             for k, v in record.items()
             if k in _HISTOGRAM_KEYS and isinstance(v, list | tuple)
         }
-    privacy = config_records.get(PRIVACY_RECORD, {})
+    privacy = config_records.get(NODE_RECORD, {})
+    if LEDGER_ENTRY not in privacy:  # a node of an earlier edufl: its own record
+        privacy = config_records.get(PRIVACY_RECORD, {})
     return ReceivedReply(
         metrics=metrics,
         institution=reply_institution(config_records),

@@ -44,7 +44,7 @@ def _node(export: Path, state: Path, **config: str | float) -> Context:
 
 def _entry(reply: object) -> dict[str, object]:
     assert not reply.has_error(), reply.error  # type: ignore[attr-defined]
-    record = reply.content["privacy"]  # type: ignore[attr-defined]
+    record = reply.content["node"]  # type: ignore[attr-defined]
     return decode_entry(str(record[REPLY_KEY]))
 
 
@@ -160,7 +160,7 @@ def test_server_ledger_fills_a_gap_from_the_earlier_entries_a_reply_carries(
         _message(MessageType.TRAIN, config, moved, **{"run-id": "r1", "server-round": 2}), node
     )
 
-    record = reply.content["privacy"]
+    record = reply.content["node"]
     server = ConsortiumLedger(tmp_path / "consortium.jsonl")
     assert server.receive_text(str(record[REPLY_KEY]), earlier=str(record[EARLIER_KEY]))
     assert [(e.seq, e.round, e.kind) for e in server.entries()] == [
@@ -207,7 +207,7 @@ def test_dp_train_reply_carries_only_the_update_the_released_count_and_ledger_en
     assert (count.sample_rate, count.steps) == (1.0, 1)
     assert train.neighbouring == "add-remove-one-student" and train.n_noised
     # The count entry rides along as an earlier entry of the run; the round's as the entry.
-    earlier = reply.content["privacy"][EARLIER_KEY]
+    earlier = reply.content["node"][EARLIER_KEY]
     assert '"kind":"count"' in str(earlier)
     assert _entry(reply)["kind"] == "train"
 

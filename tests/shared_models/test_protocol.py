@@ -227,16 +227,33 @@ def test_a_reply_is_laid_out_as_today_and_read_back_by_the_server() -> None:
     assert [(r.name, r.kind) for r in records] == [
         ("arrays", "ArrayRecord"),
         ("metrics", "MetricRecord"),
-        ("node", "ConfigRecord"),
-        ("privacy", "ConfigRecord"),
+        ("node", "ConfigRecord"),  # the ledger entries too: one object less per reply
     ]
     by_name = {r.name: r.items for r in records}
     assert by_name["metrics"] == {"num-examples": 12, **metrics}
-    assert by_name["privacy"] == {"privacy-ledger-entry": "{}", "privacy-ledger-earlier": ""}
+    assert by_name["node"] == {
+        "institution": "uni_a",
+        "privacy-ledger-entry": "{}",
+        "privacy-ledger-earlier": "",
+    }
     configs = {r.name: r.items for r in records if r.kind == "ConfigRecord"}
     received = read_reply({"metrics": by_name["metrics"]}, configs)
     assert received.institution == "uni_a" and received.ledger_entry == "{}"
     assert received.metrics["num-examples"] == 12.0
+
+
+def test_the_server_still_reads_the_ledger_entries_of_an_earlier_nodes_own_record() -> None:
+    """Nodes of edufl before 2026-12-03 sent them in a "privacy" record beside "node"."""
+    configs = {
+        "node": {"institution": "uni_a"},
+        "privacy": {"privacy-ledger-entry": "{}", "privacy-ledger-earlier": "[]"},
+    }
+    received = read_reply({"metrics": {"num-examples": 3}}, configs)
+    assert (received.institution, received.ledger_entry, received.ledger_earlier) == (
+        "uni_a",
+        "{}",
+        "[]",
+    )
 
 
 def test_an_evaluation_reply_carries_no_weights_and_no_privacy_record() -> None:
