@@ -59,13 +59,12 @@ GRACEFUL_SHUTDOWN_S = 3
 #: lock; a waiting request costs a coroutine, not a thread.
 PUBLIC_CONCURRENCY = 16
 #: Node heartbeats are served in a lane of their own, with this many at once, never behind the
-#: bulk Fleet requests above. A SuperNode's heartbeat call gives up after 5 s, and the SuperLink
-#: marks a node gone after 2 x 30 s without one (Flower 1.41): in the 50-node load test of
-#: 2026-12-03 Fleet requests waited tens of seconds for a slot on the loaded machine, the
-#: heartbeats with them, and the SuperLink answered half the round's messages with Node
-#: Unavailable while those nodes were training (243 of 500 updates lost). A heartbeat is one
-#: small UPDATE; the lane is bounded too, so a node key that floods heartbeats holds at most
-#: these threads.
+#: bulk Fleet requests above and their queue: a SuperNode's heartbeat call gives up after 5 s,
+#: its other calls after 30 s, so a heartbeat queued behind tens of pushes and pulls is lost
+#: where they are not. A heartbeat is one small UPDATE; the lane is bounded too, so a node key
+#: that floods heartbeats holds at most these threads. The lane alone did not stop the 50-node
+#: load test's losses of 2026-12-03: the loaded process read heartbeats late before they reached
+#: any queue (see `NODE_HEARTBEAT_PATIENCE`).
 LIVENESS_CONCURRENCY = 4
 
 Scope = MutableMapping[str, Any]
