@@ -71,10 +71,6 @@ NAMES: tuple[FlowerName, ...] = (
     FlowerName("flwr.supercore.sql_mixin", "SQLITE_PRAGMAS"),
     # serve.py: how many task heartbeats Flower's core state lets the ServerApp miss.
     FlowerName("flwr.supercore.corestate.sql_corestate", "HEARTBEAT_PATIENCE"),
-    # serve.py: how many heartbeats Flower's link state lets a SuperNode miss, and the reason
-    # of the error it makes then (which names that number).
-    FlowerName("flwr.server.superlink.linkstate.sql_linkstate", "HEARTBEAT_PATIENCE"),
-    FlowerName("flwr.server.superlink.linkstate.utils", "NODE_UNAVAILABLE_ERROR_REASON"),
     PUBLIC_KEY_HEADER,
     ACTIVATION_FAILED,
     # retry.py: the ServerApp's connection to a SuperLink, polled by edufl itself.
@@ -102,15 +98,8 @@ TASK_EXPIRY = FlowerText(
     "seconds=HEARTBEAT_PATIENCE * HEARTBEAT_DEFAULT_INTERVAL",
 )
 
-#: ... and a node's, which serve.py's node patience lengthens.
-NODE_EXPIRY = FlowerText(
-    "flwr.server.superlink.linkstate.sql_linkstate",
-    "+ HEARTBEAT_PATIENCE * heartbeat_interval",
-)
-
 TEXTS: tuple[FlowerText, ...] = (
     TASK_EXPIRY,
-    NODE_EXPIRY,
     ALREADY_REGISTERED,
     ACTIVATE_NODE_PATH,
     NODE_HEARTBEAT_PATH,

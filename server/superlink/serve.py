@@ -64,7 +64,7 @@ PUBLIC_CONCURRENCY = 16
 #: where they are not. A heartbeat is one small UPDATE; the lane is bounded too, so a node key
 #: that floods heartbeats holds at most these threads. The lane alone did not stop the 50-node
 #: load test's losses of 2026-12-03: the loaded process read heartbeats late before they reached
-#: any queue (see `NODE_HEARTBEAT_PATIENCE`).
+#: any queue (docs/reliability.md, "Load").
 LIVENESS_CONCURRENCY = 4
 
 Scope = MutableMapping[str, Any]
@@ -225,7 +225,6 @@ def build_app(args: argparse.Namespace) -> Any:
 
     _lengthen_busy_timeout()
     _lengthen_task_patience()
-    _lengthen_node_patience()
     certificates = None
     if not args.insecure:
         certificates = tuple(
@@ -302,36 +301,6 @@ def _lengthen_task_patience() -> None:
     if not hasattr(sql_corestate, "HEARTBEAT_PATIENCE"):
         raise RuntimeError("Flower's task expiry changed; see flower_surface.py")
     sql_corestate.HEARTBEAT_PATIENCE = TASK_HEARTBEAT_PATIENCE  # type: ignore[attr-defined]
-
-
-#: Heartbeats a SuperNode may miss before the SuperLink declares it gone and answers the
-#: round's message for it with Node Unavailable: Flower tolerates 2 x 30 s. A node's heartbeat
-#: call gives up after 5 s; in the 50-node load test of 2026-12-03 (all nodes and the SuperLink
-#: on 2 cores) the SuperLink took longer than that to read 1,373 of 2,471 heartbeats (Flower
-#: logged them as ClientDisconnect), and declared half the nodes gone while they trained and
-#: replied: 243 of 500 updates lost. A crashed node is now noticed after 3 minutes, not 1; a
-#: revoked one still at once (its node is unregistered).
-NODE_HEARTBEAT_PATIENCE = 6
-
-
-def _lengthen_node_patience() -> None:
-    """Let a SuperNode miss `NODE_HEARTBEAT_PATIENCE` - 1 heartbeats, not 1.
-
-    Flower's SQL link state reads ``HEARTBEAT_PATIENCE`` from its module globals when it
-    activates a node and acknowledges a heartbeat (``online_until``); the reason of the Node
-    Unavailable error it then makes names the patience, so it is rewritten to match.
-    """
-    from flwr.server.superlink.linkstate import sql_linkstate
-    from flwr.server.superlink.linkstate import utils as linkstate_utils
-
-    reason = getattr(linkstate_utils, "NODE_UNAVAILABLE_ERROR_REASON", None)
-    if not hasattr(sql_linkstate, "HEARTBEAT_PATIENCE") or not isinstance(reason, str):
-        raise RuntimeError("Flower's node expiry changed; see flower_surface.py")
-    flowers = f"within {sql_linkstate.HEARTBEAT_PATIENCE} \N{MULTIPLICATION SIGN}"
-    linkstate_utils.NODE_UNAVAILABLE_ERROR_REASON = reason.replace(  # type: ignore[attr-defined]
-        flowers, f"within {NODE_HEARTBEAT_PATIENCE} \N{MULTIPLICATION SIGN}"
-    )
-    sql_linkstate.HEARTBEAT_PATIENCE = NODE_HEARTBEAT_PATIENCE  # type: ignore[attr-defined]
 
 
 def superexec_argv(control_port: int, secret_file: str, parent_pid: int) -> list[str]:
