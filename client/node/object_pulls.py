@@ -44,6 +44,8 @@ INITIAL_BACKOFF_S = 0.05
 #: In a task's process, asking the SuperNode: the first wait and the longest (Flower: 1 s, 10 s).
 TASK_BACKOFF_S = 0.05
 TASK_BACKOFF_CAP_S = 1.0
+#: The SuperNode's settings: Flower's doubling, cap and tries.
+_NODE = {"initial_backoff": INITIAL_BACKOFF_S}
 #: The task's settings: tries unbounded, Flower's time limit the bound.
 _TASK = {
     "initial_backoff": TASK_BACKOFF_S,
@@ -54,12 +56,12 @@ _TASK = {
 
 def quick(pull_objects: Callable[..., Any]) -> Callable[..., Any]:
     """``pull_objects`` with a first retry after ``INITIAL_BACKOFF_S`` unless told otherwise."""
-    return _shared.sooner(pull_objects, initial_backoff=INITIAL_BACKOFF_S)
+    return _shared.sooner(pull_objects, **_NODE)
 
 
 def install(module: ModuleType) -> bool:
     """Replace ``module.pull_objects`` (Flower's, imported by name) by ``quick``'s version."""
-    return _shared.install(module, "pull_objects", initial_backoff=INITIAL_BACKOFF_S)
+    return _shared.install(module, "pull_objects", **_NODE)
 
 
 def quick_task(pull_and_inflate: Callable[..., Any]) -> Callable[..., Any]:
