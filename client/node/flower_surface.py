@@ -62,9 +62,20 @@ TASK_PULL = FlowerName(
         "max_tries_per_object",
     ),
 )
+#: The SuperNode's wait for a heartbeat's answer, which `heartbeats` lengthens: read for each
+#: call by the Fleet HTTP client, and by the heartbeat sender to space its heartbeats.
+_FLEET_CLIENT = "flwr.supernode.fleet_http_client"
+_HEARTBEAT = "flwr.supercore.heartbeat"
+HEARTBEAT_CALL_TIMEOUT = FlowerName(_FLEET_CLIENT, "HEARTBEAT_CALL_TIMEOUT")
+HEARTBEAT_CALL = FlowerText(_FLEET_CLIENT, "timeout=HEARTBEAT_CALL_TIMEOUT,")
+HEARTBEAT_SPACING = FlowerText(
+    _HEARTBEAT, "next_interval: float = HEARTBEAT_DEFAULT_INTERVAL - HEARTBEAT_CALL_TIMEOUT"
+)
 
 NAMES: tuple[FlowerName, ...] = (
     PULL,
+    HEARTBEAT_CALL_TIMEOUT,
+    FlowerName(_HEARTBEAT, "HEARTBEAT_CALL_TIMEOUT"),
     PUSH,
     LOOP_TIME,
     PULL_OBJECTS,
@@ -115,4 +126,6 @@ TEXTS: tuple[FlowerText, ...] = (
     REFUSAL_NOTE,
     IDLE_SLEEP,
     REPLY_CHECK_SLEEP,
+    HEARTBEAT_CALL,
+    HEARTBEAT_SPACING,
 )

@@ -16,8 +16,10 @@ seconds (0.25), each further empty pull by 25 % more, up to Flower's 3 s: a busy
 about a dozen more times in the 10 s after each message, an idle one exactly as Flower does.
 The reply check runs every 0.05 s (it reads the SuperNode's own in-memory state), and an
 object of a message that is not uploaded yet is asked for again after 0.05 s instead of 1 s
-(``client.node.object_pulls``). Nothing else in Flower's loop changes: the same pulls,
-pushes, retries and heartbeats.
+(``client.node.object_pulls``), and each heartbeat waits 15 s for the SuperLink's answer
+instead of 5 s, sent a little more often to fit (``client.node.heartbeats``: a loaded SuperLink
+that reads a heartbeat after its caller left does not count it). Nothing else in Flower's loop
+changes: the same pulls, pushes and retries.
 
 On by default (``edufl client start``; ``--pull-interval 0`` keeps Flower's pace): every
 quicker ask is a request to the SuperLink. With 50 paced nodes on one 2-core machine
@@ -43,7 +45,7 @@ from collections.abc import Callable, Sequence
 from types import ModuleType
 from typing import Any
 
-from client.node import flower_surface, log_times, object_pulls
+from client.node import flower_surface, heartbeats, log_times, object_pulls
 from shared_models.deployment import exit_unless_pinned_flower
 
 logger = logging.getLogger("edufl.supernode_pace")
@@ -177,12 +179,14 @@ def main(argv: Sequence[str] | None = None) -> None:
         raise SystemExit(f"--pull-interval: {exc}") from None
 
     exit_unless_pinned_flower()  # the loop patched here is Flower 1.41.0's
-    from flwr.supernode import start_client_internal
+    from flwr.supercore import heartbeat
+    from flwr.supernode import fleet_http_client, start_client_internal
     from flwr.supernode.cli import flower_supernode
 
     _log_own_lines()
     log_times.time_flower_lines()  # EDUFL_NODE_LOG_TIMES=1: the SuperNode's lines timed
     install(start_client_internal, pace)
+    heartbeats.install(fleet_http_client, heartbeat)  # a loaded SuperLink answers late
     sys.argv = ["flower-supernode", *command[1:]]  # command[0] is the flower-supernode path
     flower_supernode()
 
