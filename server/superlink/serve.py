@@ -59,12 +59,13 @@ GRACEFUL_SHUTDOWN_S = 3
 #: lock; a waiting request costs a coroutine, not a thread.
 PUBLIC_CONCURRENCY = 16
 #: Node heartbeats are served in a lane of their own, with this many at once, never behind the
-#: bulk Fleet requests above and their queue: a SuperNode's heartbeat call gives up after 5 s,
-#: its other calls after 30 s, so a heartbeat queued behind tens of pushes and pulls is lost
-#: where they are not. A heartbeat is one small UPDATE; the lane is bounded too, so a node key
-#: that floods heartbeats holds at most these threads. The lane alone did not stop the 50-node
-#: load test's losses of 2026-12-03: the loaded process read heartbeats late before they reached
-#: any queue (docs/reliability.md, "Load").
+#: bulk Fleet requests above and their queue: Flower's SuperNode gives up on a heartbeat after
+#: 5 s (edufl's node after 15 s: `client.node.heartbeats`), on its other calls after 30 s, so a
+#: heartbeat queued behind tens of pushes and pulls is lost where they are not. A heartbeat is
+#: one small UPDATE; the lane is bounded too, so a node key that floods heartbeats holds at most
+#: these threads. The lane alone did not stop the 50-node load test's losses of 2026-12-03: the
+#: loaded process read heartbeats late before they reached any queue; the node's longer wait
+#: did (docs/reliability.md, "Load").
 LIVENESS_CONCURRENCY = 4
 
 Scope = MutableMapping[str, Any]
