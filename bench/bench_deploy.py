@@ -489,16 +489,23 @@ def _run_modes(
 def _report(report: Report, rounds: dict[str, list[dict[str, Any]]]) -> None:
     """Per mode: median/min/max over the rounds after the first of every federation.
 
-    The measure is the overhead where the replies carry training times, else the round's wall
-    time (the nodes train the same students the same way in every mode).
+    Each mode's measure is its overhead where its rounds have training times (a DP reply
+    carries none: edufl's executor logs them, `add_train_times`), else its round's wall time
+    (Flower's own node logs none). The ratios between modes compare overheads when both have
+    them, else wall times (the nodes train the same students the same way in every mode).
     """
     keys = ("wall_s", "slowest_train_s", "overhead_s", "in_task_s", "transport_s", "slowest_task_s")
-    measure = "overhead_s" if all(_stats(r, "overhead_s") for r in rounds.values()) else "wall_s"
-    label = {
+    labels = {
         "overhead_s": "round wall time - slowest node's training",
         "wall_s": "round wall time (replies carry no training time)",
-    }[measure]
+    }
+
+    def measure_of(*modes: str) -> str:
+        return "overhead_s" if all(_stats(rounds[m], "overhead_s") for m in modes) else "wall_s"
+
     for mode, rows in rounds.items():
+        measure = measure_of(mode)
+        label = labels[measure]
         steady = [r for r in rows if r["round"] > 1]
         stats = {key: _stats(steady, key) for key in keys}
         report.details[mode] = {
@@ -529,6 +536,7 @@ def _report(report: Report, rounds: dict[str, list[dict[str, Any]]]) -> None:
         )
     for mode, reference in (("warm", "flower"), ("warm", "cold")):
         if {mode, reference} <= rounds.keys():
+            measure = measure_of(mode, reference)
             report.add(
                 Row(
                     "4 deployment overhead",

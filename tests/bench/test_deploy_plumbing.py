@@ -244,6 +244,39 @@ def test_deploy_rows_without_training_times_compare_round_wall_times() -> None:
     assert rows["round wall time warm / flower (per pair of federations)"].stats.median == 5 / 11
 
 
+def test_a_mode_with_training_times_gets_its_overhead_and_target_beside_one_without() -> None:
+    """Flower's own node logs no training times; that must not hide the paced node's overhead
+    (the combined table of `python -m bench` once showed wall times only)."""
+    from bench.bench_deploy import TARGET_S, _report, round_rows
+    from bench.common import Report
+
+    def record(k: int, seconds: float, train: dict[str, Any]) -> dict[str, Any]:
+        return {"round": k, "seconds": seconds, "failures": [], "institutions": [{"train": train}]}
+
+    timed = [(30.0, 5.0), (2.0, 1.0), (3.5, 1.0)]  # paced: wall, training -> overheads 1.0, 2.5
+    rounds = {
+        "flower": [
+            {"rep": 1, **r}
+            for r in round_rows([record(k + 1, w, {}) for k, w in enumerate([30.0, 10.0, 12.0])])
+        ],
+        "paced": [
+            {"rep": 1, **r}
+            for r in round_rows(
+                [record(k + 1, w, {"train/seconds": t}) for k, (w, t) in enumerate(timed)]
+            )
+        ],
+    }
+    report = Report("bench_deploy", "4", {})
+    _report(report, rounds)
+
+    rows = {row.measure: row for row in report.rows}
+    paced = rows["paced: round wall time - slowest node's training"]
+    assert paced.stats.median == 1.75 and paced.target == f"< {TARGET_S:g} s"
+    assert paced.met is True
+    flower = rows["flower: round wall time (replies carry no training time)"]
+    assert flower.stats.median == 11.0 and flower.met is None
+
+
 def test_dp_rounds_get_training_times_and_overhead_from_the_nodes_own_logs(
     tmp_path: Path,
 ) -> None:
