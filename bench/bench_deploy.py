@@ -63,6 +63,8 @@ EXECUTOR_WARM = {"cold": False, "warm": True, "paced": True}
 #: (its default, `client.node.launcher.DEFAULT_PULL_INTERVAL_S`).
 PACED_PULL_S = 0.25
 TARGET_S = 2.0  # issue 8, item 4: deployment overhead per round
+#: The mode the target is for: the node `edufl client start` runs by default.
+DEFAULT_MODE = "paced"
 #: The public listener's address: a loopback address other than the control plane's 127.0.0.1,
 #: so that a request reaching the Control or Runtime API through it would show (issue 17).
 PUBLIC_HOST = "127.0.0.2"
@@ -506,6 +508,7 @@ def _report(report: Report, rounds: dict[str, list[dict[str, Any]]]) -> None:
     for mode, rows in rounds.items():
         measure = measure_of(mode)
         label = labels[measure]
+        targeted = measure == "overhead_s" and mode == DEFAULT_MODE
         steady = [r for r in rows if r["round"] > 1]
         stats = {key: _stats(steady, key) for key in keys}
         report.details[mode] = {
@@ -529,8 +532,8 @@ def _report(report: Report, rounds: dict[str, list[dict[str, Any]]]) -> None:
                 f"{mode}: {label}",
                 value,
                 "s",
-                target=f"< {TARGET_S:g} s" if measure == "overhead_s" else "",
-                met=None if value is None or measure != "overhead_s" else value.median < TARGET_S,
+                target=f"< {TARGET_S:g} s" if targeted else "",
+                met=None if value is None or not targeted else value.median < TARGET_S,
                 note="; ".join(notes),
             )
         )

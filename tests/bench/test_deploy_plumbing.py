@@ -275,6 +275,14 @@ def test_a_mode_with_training_times_gets_its_overhead_and_target_beside_one_with
     assert paced.met is True
     flower = rows["flower: round wall time (replies carry no training time)"]
     assert flower.stats.median == 11.0 and flower.met is None
+    # The target is the default node's: another mode's overhead is shown without one.
+    rounds["warm"] = [dict(r) for r in rounds["paced"]]
+    report = Report("bench_deploy", "4", {})
+    _report(report, rounds)
+    rows = {row.measure: row for row in report.rows}
+    warm = rows["warm: round wall time - slowest node's training"]
+    assert warm.stats.median == 1.75 and warm.target == "" and warm.met is None
+    assert rows["paced: round wall time - slowest node's training"].met is True
 
 
 def test_dp_rounds_get_training_times_and_overhead_from_the_nodes_own_logs(
