@@ -275,7 +275,8 @@ def test_revoked_institution_is_refused_at_once_or_at_the_next_start(
     assert institutions(first) == {"uni-a", "uni-b"}
     # The round it was revoked in ends without it, as a failure (Flower's Node Unavailable),
     # not at the round timeout (120 s); the update it trained and spent budget on (its own
-    # ledger) is refused by the SuperLink or never sent, never aggregated. The next round has only the others.
+    # ledger) is refused by the SuperLink or never sent, never aggregated. The next round has
+    # only the others.
     assert ledger_rounds(dep.home("uni-c") / "privacy" / "ledger.jsonl") == [2]
     assert institutions(second) == {"uni-a", "uni-b"}
     assert [f["node_id"] for f in _failures(second)] == [int(c_id)]
