@@ -29,6 +29,7 @@ from types import ModuleType
 
 from client.node import flower_surface
 
+#: `client.node.pacing`'s logger: the one the paced SuperNode prints (`pacing._log_own_lines`).
 logger = logging.getLogger("edufl.supernode_pace")
 
 #: Seconds the node waits for the SuperLink's answer to a heartbeat (Flower: 5 s).

@@ -219,20 +219,27 @@ def test_a_forked_node_the_superlink_did_not_activate_is_started_again_as_the_cl
     nodes.stop_all(timeout=1)
 
 
+def _record(k: int, seconds: float, train: dict[str, Any] | None = None) -> dict[str, Any]:
+    """One round of a run's ``metrics.jsonl``, as `round_rows` reads it."""
+    return {
+        "round": k,
+        "seconds": seconds,
+        "failures": [],
+        "institutions": [{"train": train or {}}],
+    }
+
+
 def test_deploy_rows_without_training_times_compare_round_wall_times() -> None:
     from bench.bench_deploy import _report, round_rows
     from bench.common import Report
 
-    def record(k: int, seconds: float, train: dict[str, Any]) -> dict[str, Any]:
-        return {"round": k, "seconds": seconds, "failures": [], "institutions": [{"train": train}]}
-
-    timed = round_rows([record(1, 9.0, {"train/seconds": 2.5}), record(2, 4.0, {})])
+    timed = round_rows([_record(1, 9.0, {"train/seconds": 2.5}), _record(2, 4.0, {})])
     assert timed[0]["overhead_s"] == 6.5 and "overhead_s" not in timed[1]
 
     walls = {"flower": [30.0, 10.0, 12.0], "warm": [30.0, 4.0, 6.0]}
     rounds = {
         mode: [
-            {"rep": 1, **r} for r in round_rows([record(k + 1, w, {}) for k, w in enumerate(ws)])
+            {"rep": 1, **r} for r in round_rows([_record(k + 1, w, {}) for k, w in enumerate(ws)])
         ]
         for mode, ws in walls.items()
     }
@@ -250,19 +257,16 @@ def test_a_mode_with_training_times_gets_its_overhead_and_target_beside_one_with
     from bench.bench_deploy import TARGET_S, _report, round_rows
     from bench.common import Report
 
-    def record(k: int, seconds: float, train: dict[str, Any]) -> dict[str, Any]:
-        return {"round": k, "seconds": seconds, "failures": [], "institutions": [{"train": train}]}
-
     timed = [(30.0, 5.0), (2.0, 1.0), (3.5, 1.0)]  # paced: wall, training -> overheads 1.0, 2.5
     rounds = {
         "flower": [
             {"rep": 1, **r}
-            for r in round_rows([record(k + 1, w, {}) for k, w in enumerate([30.0, 10.0, 12.0])])
+            for r in round_rows([_record(k + 1, w, {}) for k, w in enumerate([30.0, 10.0, 12.0])])
         ],
         "paced": [
             {"rep": 1, **r}
             for r in round_rows(
-                [record(k + 1, w, {"train/seconds": t}) for k, (w, t) in enumerate(timed)]
+                [_record(k + 1, w, {"train/seconds": t}) for k, (w, t) in enumerate(timed)]
             )
         ],
     }
@@ -290,9 +294,6 @@ def test_dp_rounds_get_training_times_and_overhead_from_the_nodes_own_logs(
 ) -> None:
     from bench.bench_deploy import add_task_split, round_rows
 
-    def record(k: int, seconds: float) -> dict[str, Any]:
-        return {"round": k, "seconds": seconds, "failures": [], "institutions": [{"train": {}}]}
-
     logs = {
         "uni-a": [
             "INFO    :      round 1: uni-a trained with DP-SGD in 0.800 s (3 steps)",
@@ -309,7 +310,7 @@ def test_dp_rounds_get_training_times_and_overhead_from_the_nodes_own_logs(
     for name, lines in logs.items():
         (tmp_path / name / "logs").mkdir(parents=True)
         (tmp_path / name / "logs" / "supernode.log").write_text("\n".join(lines) + "\n")
-    rows = round_rows([record(1, 3.0), record(2, 2.0)])
+    rows = round_rows([_record(1, 3.0), _record(2, 2.0)])
     add_task_split(rows, tmp_path)
     first, second = rows
     assert first["slowest_train_s"] == 1.5 and first["overhead_s"] == 1.5
