@@ -4,7 +4,11 @@ Each federation runs as an operator and the universities would run it: `edufl se
 (the SuperLink with its planes split: the Fleet API alone on the public address, 127.0.0.2
 here, Control and Runtime on 127.0.0.1; TLS and node authentication; then the ServerApp run)
 and one SuperNode per institution, each serving its own synthetic export with its own enrolled
-key, DP-SGD on as every node defaults to. The modes compared:
+key, DP-SGD on as every node defaults to. The nodes share this machine's cores, so each trains
+with one torch thread (``--threads-per-node``, `edufl client start --threads`), as the load test's
+nodes do: with torch's own two threads per node, three nodes' DP rounds on 2 cores took 6x as
+long (0.82 s against 0.13 s for the slowest node's training), a second thread waiting for a
+core another node holds. The modes compared:
 
 - ``flower``: Flower's own process isolation, for reference only: the SuperNode with Flower's
   default ``--isolation subprocess``, whose SuperExec starts a fresh ``flwr-clientapp`` per
@@ -102,6 +106,8 @@ class Federation:
     children: list[Any] = field(default_factory=list)  # processes.Child or a pid
     #: Timestamps on the server's and the nodes' log lines (``--log-times``).
     log_times: bool = False
+    #: Every node's torch threads (`edufl client start --threads`); None: torch's own.
+    threads: int | None = None
 
     def __post_init__(self) -> None:
         from shared_models import processes
@@ -184,6 +190,7 @@ class Federation:
             runtime_port=processes.free_port(),
             warm_clientapp=warm,
             pull_interval=pull_interval,
+            threads=self.threads,
         )
 
     def start_node(
@@ -395,7 +402,12 @@ def add_task_split(rows: list[dict[str, Any]], homes: Path) -> None:
 
 def run_federation(mode: str, args: Any, exports: list[Path], root: Path) -> list[dict[str, Any]]:
     """One federation of ``len(exports)`` nodes in ``mode``; its per-round figures."""
-    fed = Federation(root, hard_limit_s=args.timeout + 120, log_times=args.log_times)
+    fed = Federation(
+        root,
+        hard_limit_s=args.timeout + 120,
+        log_times=args.log_times,
+        threads=args.threads_per_node or None,
+    )
     nodes = fed.enrol(exports)
     config = f"local_epochs = {args.local_epochs}\nfraction_evaluate = 0.0\nround_timeout = 300.0\n"
     try:
@@ -437,6 +449,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--local-epochs", type=int, default=1)
     p.add_argument("--timeout", type=int, default=900, help="seconds per federation")
     p.add_argument("--workdir", type=Path, default=None, help="kept; default a temp dir")
+    p.add_argument(
+        "--threads-per-node",
+        type=int,
+        default=1,
+        help="every node's torch threads (--threads): the nodes share this machine's cores; "
+        "0 leaves torch's own (a thread per core, in every node)",
+    )
     p.add_argument(
         "--log-times",
         action="store_true",

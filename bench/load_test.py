@@ -249,7 +249,12 @@ def run(args: Any, work: Path) -> dict[str, Any]:
     exports = write_consortium(
         work / "exports", institutions=args.nodes, students=args.students, seed=0
     )
-    fed = Federation(work / "federation", hard_limit_s=args.timeout + 300, host=args.public_host)
+    fed = Federation(
+        work / "federation",
+        hard_limit_s=args.timeout + 300,
+        host=args.public_host,
+        threads=args.threads_per_node,
+    )
     log("consortium keys, a key pair per institution, enrolment")
     nodes = fed.enrol(exports)
     config = (

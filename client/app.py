@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
@@ -138,7 +139,7 @@ def train(msg: Message, context: Context) -> Message:
     restarted before committing it) gets the same reply again, without a second spend.
     """
     settings = RoundSettings.from_config(_config(msg))
-    own = NodeConfig.parse(context.node_config)
+    own = _own(context)
     node = _node(own, settings)
     global_weights = _weights(msg)
     budget = _budget(own, settings)
@@ -235,7 +236,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     whose budget cannot pay for it declines with an error naming why, and sends nothing exact.
     """
     settings = RoundSettings.from_config(_config(msg))
-    own = NodeConfig.parse(context.node_config)
+    own = _own(context)
     node = _node(own, settings)
     weights = _weights(msg)
     model = build_local_model(settings, node.shapes, _device(own))
@@ -283,7 +284,7 @@ def deliver(msg: Message, context: Context) -> Message:
     """
     from client.early_warning.adopt import DeliveryRefused, adopt_delivery
 
-    own = NodeConfig.parse(context.node_config)
+    own = _own(context)
     delivery = Delivery.from_config(_record(msg, DELIVERY_RECORD))
     weights = _weights(msg)
     data_path = Path(own.export_path())
@@ -414,6 +415,19 @@ def _assign(model: Any, weights: dict[str, np.ndarray]) -> None:
         assign_weights(model, weights)
     except ValueError as exc:
         raise ProtocolError(f"the server's weights do not fit this node's model: {exc}") from None
+
+
+def _own(context: Context) -> NodeConfig:
+    """This node's config, its torch threads (``threads``) applied to this process.
+
+    A deployed node handles each message in a process of its own (`client.node.warm_exec`), so
+    the setting holds for that message's training, evaluation or adoption; unset, torch keeps
+    its own choice.
+    """
+    own = NodeConfig.parse(context.node_config)
+    if own.threads is not None:
+        torch.set_num_threads(own.threads)
+    return own
 
 
 def _device(own: NodeConfig) -> Any:

@@ -200,6 +200,8 @@ NUM_PARTITIONS = "num-partitions"
 HOME_PATH = "home-path"
 #: Where this node trains and scores: auto, cpu, cuda or cuda:N (`shared_models.devices`).
 DEVICE = "device"
+#: Torch threads for this node's training and scoring (unset: torch's own, one per core).
+THREADS = "threads"
 _DP_KEYS = (DP_MODE, DP_EPSILON, DP_DELTA, DP_MAX_NOISE)
 
 
@@ -249,6 +251,9 @@ class NodeConfig(BaseModel):
     home_path: str | None = Field(default=None, alias=HOME_PATH)
     #: None trains on the CPU, as before the key existed; `edufl client start` sets it.
     device: str | None = Field(default=None, alias=DEVICE)
+    #: None: torch's own choice (a thread per core). Where several nodes or other jobs share
+    #: the cores, 1: a second thread spinning for a busy core made a DP round 6x slower.
+    threads: Annotated[int, Field(ge=1)] | None = Field(default=None, alias=THREADS)
 
     @field_validator("*", mode="before")
     @classmethod

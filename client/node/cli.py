@@ -125,6 +125,14 @@ def start(
         "HOME/privacy); keep it across restarts so spent epsilon keeps counting.",
     ),
     device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
+    threads: int | None = typer.Option(
+        None,
+        "--threads",
+        min=1,
+        help="Torch threads for a round's training and scoring (default: torch's own, one per "
+        "core). Give 1 where several nodes or other jobs share the cores: a thread waiting for "
+        "a busy core slows the round.",
+    ),
 ) -> None:
     """Join the federation: run a SuperNode that trains on this institution's export.
 
@@ -213,6 +221,7 @@ def start(
         privacy_state=privacy_state,
         max_model_params=max_model_params,
         device=device,
+        threads=threads,
     )
     privacy = "WITHOUT DP when the server asks none" if no_dp else "DP-SGD required"
     deadline = time.monotonic() + activation_wait

@@ -81,6 +81,8 @@ class NodeOptions:
     max_model_params: int | None = DEFAULT_MAX_MODEL_PARAMS
     #: Where the ClientApp trains and evaluates (auto, cpu, cuda[:N]); None: the CPU.
     device: str | None = None
+    #: Torch threads for each message's training and scoring; None: torch's own (one per core).
+    threads: int | None = None
 
 
 def check_export(data_dir: Path, spec: Path | None) -> ValidationReport:
@@ -176,6 +178,7 @@ def node_config(options: NodeOptions) -> NodeConfig:
         # The final global model is delivered into HOME/models (`edufl client report --home`).
         home_path=str(options.home.resolve()),
         device=options.device,
+        threads=options.threads,
     )
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -30,12 +31,12 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 without_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
 
 
-def _node(export: Path, **config: str) -> Context:
+def _node(export: Path, **config: Any) -> Context:
     node_config = {"data-path": str(export), "institution": "uni_north", **config}
     return Context(run_id=1, node_id=7, node_config=node_config, state=RecordDict(), run_config={})
 
 
-def _trained(export: Path, **config: str) -> dict[str, np.ndarray]:
+def _trained(export: Path, **config: Any) -> dict[str, np.ndarray]:
     fed = _config()
     reply = app(_message(MessageType.TRAIN, fed, _global_weights(fed)), _node(export, **config))
     assert not reply.has_error()

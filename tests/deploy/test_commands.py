@@ -123,7 +123,7 @@ def test_supernode_pins_the_ca_uses_the_node_key_and_names_its_export(tmp_path: 
     assert "--insecure" not in argv
 
 
-def test_supernode_carries_the_institutions_own_budget_or_its_explicit_opt_out(
+def test_supernode_carries_the_institutions_own_budget_opt_out_and_threads(
     tmp_path: Path,
 ) -> None:
     base = NodeOptions(
@@ -145,6 +145,9 @@ def test_supernode_carries_the_institutions_own_budget_or_its_explicit_opt_out(
     assert (own["dp"], own["dp-epsilon"], own["dp-delta"]) == ("required", 3.0, 1e-6)
     assert own["privacy-state"] == str(tmp_path / "p")
     assert config(replace(base, no_dp=True))["dp"] == "off"
+    # Torch's own thread count unless the node is given one (`edufl client start --threads`).
+    assert "threads" not in config(base)
+    assert config(replace(base, threads=1))["threads"] == 1
 
 
 def test_app_definition_is_a_valid_flower_app_naming_the_edufl_apps(tmp_path: Path) -> None:
