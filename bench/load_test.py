@@ -28,7 +28,8 @@ more than 50 nodes on one small machine can hold. ``--launch fork`` (the default
 very same node code (``client.node.warm_exec.main`` on ``node_argv``'s arguments) in processes
 forked from this one after it imported those modules once, so the nodes share those pages (on
 the universities' own machines each node has them to itself). Each node's torch uses
-``--threads-per-node`` threads (1: 50 nodes share 2 cores).
+``--threads-per-node`` threads (1: 50 nodes share 2 cores), in its node config as
+`edufl client start --threads` sets it, applied in each message's process.
 
 The nodes run at ``--node-nice`` (10 by default) below the consortium's processes: on the
 universities' machines a node's training never competes with the SuperLink for a CPU, here 50

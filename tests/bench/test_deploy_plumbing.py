@@ -279,6 +279,14 @@ def test_a_mode_with_training_times_gets_its_overhead_and_target_beside_one_with
     assert paced.met is True
     flower = rows["flower: round wall time (replies carry no training time)"]
     assert flower.stats.median == 11.0 and flower.met is None
+    # The same federations' overhead as a share of Flower's own round (1.75 / 11), beside the
+    # share the target was when it was set: a machine's speed moves both.
+    share = rows[
+        "paced overhead / flower round wall time (per pair of federations; the 2 s target was "
+        "0.14 of Flower's node's 14.3 s when set)"
+    ]
+    assert share.stats.median == pytest.approx(1.75 / 11.0)
+    assert share.target == "" and share.met is None  # the target is the overhead's row
     # The target is the default node's: another mode's overhead is shown without one.
     rounds["warm"] = [dict(r) for r in rounds["paced"]]
     report = Report("bench_deploy", "4", {})
