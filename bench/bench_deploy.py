@@ -474,6 +474,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.environ[log_times.ENV] = "1"
     if args.quick:
         args.rounds, args.reps = 3, 1
+    if args.threads_per_node < 0:
+        p.error(f"--threads-per-node must be 0 (torch's own) or more, not {args.threads_per_node}")
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     if unknown := set(modes) - set(MODES):
         p.error(f"unknown mode(s) {sorted(unknown)}; choose from {MODES}")

@@ -325,3 +325,14 @@ def test_dp_rounds_get_training_times_and_overhead_from_the_nodes_own_logs(
     assert first["in_task_s"] == 0.5 and first["transport_s"] == 1.0
     assert "overhead_s" not in second  # one node did not log its training: no figure
     assert second["transport_s"] == 1.1
+
+
+def test_deploy_refuses_a_negative_thread_count_before_starting_anything(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from bench.bench_deploy import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--threads-per-node", "-1", "--modes", "paced"])
+    assert exit_info.value.code == 2
+    assert "--threads-per-node must be 0 (torch's own) or more, not -1" in capsys.readouterr().err
