@@ -46,6 +46,7 @@ SuperNode and the ServerApp, TLS transfers, aggregation). Federations of the mod
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import re
@@ -406,6 +407,30 @@ def add_task_split(rows: list[dict[str, Any]], homes: Path) -> None:
         row["transport_s"] = round(row["wall_s"] - max(tasks), 3)
 
 
+def _thread_count(text: str) -> int:
+    """A node's thread count from the command line: 0 (torch's own) or more."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(
+            f"--threads-per-node must be 0 (torch's own) or more, not {text}"
+        )
+    return value
+
+
+def add_threads_argument(p: argparse.ArgumentParser) -> None:
+    """``--threads-per-node``, as this benchmark and the load test take it (default 1)."""
+    p.add_argument(
+        "--threads-per-node",
+        type=_thread_count,
+        default=1,
+        help="every node's torch threads (edufl client start --threads): the nodes share this "
+        "machine's cores; 0 leaves torch's own (a thread per core, in every node)",
+    )
+
+
 def run_federation(mode: str, args: Any, exports: list[Path], root: Path) -> list[dict[str, Any]]:
     """One federation of ``len(exports)`` nodes in ``mode``; its per-round figures."""
     fed = Federation(
@@ -455,13 +480,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--local-epochs", type=int, default=1)
     p.add_argument("--timeout", type=int, default=900, help="seconds per federation")
     p.add_argument("--workdir", type=Path, default=None, help="kept; default a temp dir")
-    p.add_argument(
-        "--threads-per-node",
-        type=int,
-        default=1,
-        help="every node's torch threads (--threads): the nodes share this machine's cores; "
-        "0 leaves torch's own (a thread per core, in every node)",
-    )
+    add_threads_argument(p)
     p.add_argument(
         "--log-times",
         action="store_true",
@@ -474,8 +493,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.environ[log_times.ENV] = "1"
     if args.quick:
         args.rounds, args.reps = 3, 1
-    if args.threads_per_node < 0:
-        p.error(f"--threads-per-node must be 0 (torch's own) or more, not {args.threads_per_node}")
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     if unknown := set(modes) - set(MODES):
         p.error(f"unknown mode(s) {sorted(unknown)}; choose from {MODES}")

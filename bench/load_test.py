@@ -69,6 +69,7 @@ from bench.bench_deploy import (
 from bench.bench_deploy import (
     PUBLIC_HOST,
     Federation,
+    add_threads_argument,
     planes_split,
     superlink_log_summary,
 )
@@ -83,7 +84,6 @@ class ForkedNodes:
     def __init__(
         self,
         hard_limit_s: int,
-        threads: int,
         nice: int = 0,
         activation_wait: float = 90.0,
         preload: bool = True,
@@ -92,9 +92,6 @@ class ForkedNodes:
             from client.node import warm_exec
 
             warm_exec._preload(",".join(warm_exec.PRELOAD))
-            import torch
-
-            torch.set_num_threads(threads)
         self.hard_limit_s = hard_limit_s
         self.nice = nice
         self.activation_wait = activation_wait
@@ -254,7 +251,7 @@ def run(args: Any, work: Path) -> dict[str, Any]:
         work / "federation",
         hard_limit_s=args.timeout + 300,
         host=args.public_host,
-        threads=args.threads_per_node,
+        threads=args.threads_per_node or None,
     )
     log("consortium keys, a key pair per institution, enrolment")
     nodes = fed.enrol(exports)
@@ -266,7 +263,7 @@ def run(args: Any, work: Path) -> dict[str, Any]:
     )
     memory = TreeMemory()
     forked = (
-        ForkedNodes(fed.hard_limit_s, args.threads_per_node, args.node_nice, args.activation_wait)
+        ForkedNodes(fed.hard_limit_s, args.node_nice, args.activation_wait)
         if args.launch == "fork"
         else None
     )
@@ -462,7 +459,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         default=PUBLIC_HOST,
         help="loopback address of the public listener (the control plane is on 127.0.0.1)",
     )
-    p.add_argument("--threads-per-node", type=int, default=1)
+    add_threads_argument(p)
     p.add_argument(
         "--node-nice", type=int, default=10, help="niceness of forked nodes (0: as the server)"
     )
@@ -491,8 +488,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.nodes, args.rounds, args.students = 5, 2, 300
     if shutil.which("timeout") is None:
         raise SystemExit("needs coreutils' timeout")
-    if args.launch == "exec":
-        os.environ.setdefault("OMP_NUM_THREADS", str(args.threads_per_node))
     report = Report("load_test", "issue 9.2: load", vars(args))
     work = args.workdir or Path(tempfile.mkdtemp(prefix="edufl-load-"))
     try:

@@ -170,7 +170,7 @@ class _ExitingNodes(load_test.ForkedNodes):
     """Nodes that write their next log line and exit at once (real processes, no SuperNode)."""
 
     def __init__(self, lines: list[str], activation_wait: float) -> None:
-        super().__init__(60, 1, activation_wait=activation_wait, preload=False)
+        super().__init__(60, activation_wait=activation_wait, preload=False)
         self.lines = lines
 
     def start(self, options: Any, first_start: float | None = None) -> int:
