@@ -58,10 +58,15 @@ from shared_models.data.cohort import ModelInputs
 from shared_models.data.contract import default_spec
 from shared_models.devices import describe_device
 from shared_models.evaluation import input_tensors
-from shared_models.losses import task_loss
 from shared_models.models.registry import build_model
 from shared_models.models.weights import unwrap
-from shared_models.training import make_loader, make_optimizer, set_seed, train_one_epoch
+from shared_models.training import (
+    backward_batch,
+    make_loader,
+    make_optimizer,
+    set_seed,
+    train_one_epoch,
+)
 
 VARIANTS = ("plain", "dp")
 WARMUP_BATCHES = 5
@@ -200,10 +205,9 @@ def dp_step(
     source = _RecordingSource(KEY)
     install_secure_noise(optimizer, source)
     tensors = tuple(t.to(device) for t in batch)
-    outputs = wrapped(*tensors[:3])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
-        task_loss(outputs, tensors[3], tensors[4], _task(model)).backward()  # type: ignore[no-untyped-call]
+        backward_batch(wrapped, tensors, optimizer, _task(model))  # type: ignore[arg-type]
         per_student = _grads(model)
         optimizer.step()
     params = dict(model.named_parameters())
@@ -269,11 +273,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             if gpu:
                 log(f"{model}: DP step on the GPU vs the CPU ({args.check_students} students)")
                 checks[model] = agreement(model, students(args.check_students, seed=1))
+                log("  " + ", ".join(f"{k} {v:.1e}" for k, v in checks[model].items()))
             for n in sizes:
                 reps = {"cpu": args.reps if n <= args.cpu_reps_above else 1, "cuda": args.reps}
                 log(f"{model}, {n:,} students: {', '.join(str(d) for d in devices)} x {VARIANTS}")
-                results[f"{model}, {n:,} students"] = measure(
-                    model, students(n), devices, args.batch, reps, Path(tmp)
+                label = f"{model}, {n:,} students"
+                results[label] = measure(model, students(n), devices, args.batch, reps, Path(tmp))
+                # Each setting's medians as soon as they exist: a run cut short keeps them.
+                log(
+                    "  "
+                    + ", ".join(f"{k} {v['wall'].median:.3f} s" for k, v in results[label].items())
                 )
     report.details["epochs"] = {
         label: {

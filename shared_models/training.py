@@ -56,6 +56,7 @@ __all__ = [  # predict/evaluate live in evaluation.py; re-exported for one train
     "EpochRecord",
     "FitConfig",
     "FitResult",
+    "backward_batch",
     "evaluate",
     "fit",
     "make_loader",
@@ -134,16 +135,17 @@ def _add_proximal_gradient(pairs: list[tuple[nn.Parameter, Tensor]], mu: float) 
                 param.grad.add_(grad)
 
 
-def _step(
+def backward_batch(
     model: nn.Module,
     batch: Batch,
     optimizer: Optimizer,
     task: str,
-    class_weight: float | None,
-    loss_weights: Mapping[str, float] | None,
+    class_weight: float | None = None,
+    loss_weights: Mapping[str, float] | None = None,
     grade_loss: str = "squared",
 ) -> float:
-    """Forward and backward of one batch; returns its loss. The update is the caller's."""
+    """Forward and backward of one batch (``task``'s loss, with the self-supervised heads'
+    targets); returns its loss. The update is the caller's."""
     optimizer.zero_grad()
     outputs = model(batch[0], batch[1], batch[2])
     loss = task_loss(
@@ -215,7 +217,7 @@ def train_one_epoch(
                 continue
             # Under DP the grade head trains on the Bernoulli quasi-likelihood: its gradient has
             # the risk head's scale, so clipping does not drown it (`shared_models.losses`).
-            loss = _step(
+            loss = backward_batch(
                 model,
                 batch,
                 optimizer,

@@ -15,6 +15,7 @@ from client.local import build_local_model, local_train
 from privacy.budget import DPPlan, PrivacyBudget
 from privacy.dp import DPSession
 from privacy.noise import SecureRandom
+from server.config import FederationConfig
 from shared_models.data.node import prepare_node_data
 from shared_models.devices import DeviceError, model_device
 from shared_models.models.weights import assign_weights, named_weights
@@ -69,9 +70,9 @@ def test_a_misspelt_node_device_is_a_node_config_error(export_copy: Path) -> Non
 
 
 def _local_dp_round(
-    export: Path, state_dir: Path, device: str | None
+    export: Path, state_dir: Path, device: str | None, fed: FederationConfig | None = None
 ) -> tuple[torch.nn.Module, dict[str, np.ndarray]]:
-    fed = _config()
+    fed = fed or _config()
     settings = RoundSettings.from_config(fed.train_config(SPEC.fingerprint) | {"server-round": 1})
     node = prepare_node_data(export, SPEC, seed=settings.seed, institution="uni_north")
     weights = _global_weights(fed)
@@ -109,13 +110,25 @@ def test_local_dp_training_on_the_cpu_equals_training_without_a_device(
 def test_local_dp_training_on_cuda_sends_cpu_weights_close_to_the_cpu_round(
     export_copy: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    # Same key: the same students sampled and the same noise. Dropout is off: CUDA's generator
+    # draws other masks than the CPU's from the same seed, and other masks alone move this round
+    # by about 10 % (first run on an H200: 11.9 %; on the CPU with a second generator: 10.4 %).
+    # What is left is float32 summation order (one DP step: 2.7e-6 relative, bench_gpu), which
+    # Adam can turn into a learning-rate step for a near-zero gradient, so the round's update is
+    # compared as a whole: the GPU's within 1 % of the CPU's, in norm. A device path that
+    # sampled, clipped or noised differently would be off by tens of percent.
     monkeypatch.setattr("privacy.dp.SecureRandom", lambda: SecureRandom(bytes(32)))
-    _, on_cpu = _local_dp_round(export_copy, tmp_path / "cpu", "cpu")
-    model, on_gpu = _local_dp_round(export_copy, tmp_path / "gpu", "cuda")
+    fed = _config(model_overrides={"hidden_size": 8, "dropout": 0.0})
+    start = _global_weights(fed)
+    _, on_cpu = _local_dp_round(export_copy, tmp_path / "cpu", "cpu", fed)
+    model, on_gpu = _local_dp_round(export_copy, tmp_path / "gpu", "cuda", fed)
     assert model_device(model).type == "cuda"
-    for name, value in on_cpu.items():
-        assert isinstance(on_gpu[name], np.ndarray)
-        np.testing.assert_allclose(on_gpu[name], value, rtol=0, atol=1e-3, err_msg=name)
+    assert all(isinstance(v, np.ndarray) for v in on_gpu.values())
+    assert on_gpu.keys() == on_cpu.keys()
+    moved = np.sqrt(sum(np.sum((on_cpu[k] - start[k]) ** 2) for k in on_cpu))
+    apart = np.sqrt(sum(np.sum((on_gpu[k] - on_cpu[k]) ** 2) for k in on_cpu))
+    assert moved > 0
+    assert apart / moved < 1e-2, f"GPU update {apart / moved:.2%} off the CPU's"
 
 
 @needs_cuda
