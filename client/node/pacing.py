@@ -12,8 +12,9 @@ pace, 3.4 s paced).
 
 This command runs Flower's own ``flower-supernode`` entry point with that loop paced instead:
 after the node received or sent a message, an empty pull is followed by ``--pull-interval``
-seconds (0.25), each further empty pull by 25 % more, up to Flower's 3 s: a busy node asks
-about a dozen more times in the 10 s after each message, an idle one exactly as Flower does.
+seconds (0.25) for ``FLAT_S`` (2.5 s), then each further empty pull by 25 % more, up to
+Flower's 3 s: a busy node asks about ten times in the 2.5 s after each message and about
+a dozen more in the 10 s after that, an idle one exactly as Flower does.
 The reply check runs every 0.05 s (it reads the SuperNode's own in-memory state), and an
 object of a message that is not uploaded yet is asked for again after 0.05 s instead of 1 s
 (``client.node.object_pulls``), and each heartbeat waits 15 s for the SuperLink's answer
@@ -57,6 +58,11 @@ FLOWER_REPLY_CHECK_S = 0.5
 #: The first wait after the node's last message; each later empty pull waits ``GROWTH`` x more.
 PULL_INTERVAL_S = 0.25
 GROWTH = 1.25
+#: For this long after the node's last message every empty pull waits ``PULL_INTERVAL_S``; the
+#: waits grow only after it. The next round's message usually comes 0.5-2 s after a node's reply
+#: (the other nodes' replies, aggregation, checkpoint), where the growing waits (0.49, 0.61 s)
+#: had left a node a quarter of a second late on average (docs/benchmarks.md, section 4).
+FLAT_S = 2.5
 REPLY_CHECK_S = 0.05
 #: The loop's functions wrapped here (their names in ``flwr.supernode.start_client_internal``).
 _PULL, _PUSH = flower_surface.PULL.attr, flower_surface.PUSH.attr
@@ -70,23 +76,32 @@ class Pace:
         first: float = PULL_INTERVAL_S,
         slowest: float = FLOWER_IDLE_S,
         growth: float = GROWTH,
+        flat: float = FLAT_S,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if not 0 < first <= slowest:
             raise ValueError(f"the pull interval must be in (0, {slowest:g}] s, not {first!r}")
         if growth < 1:
             raise ValueError(f"growth must be at least 1, not {growth!r}")
-        self.first, self.slowest, self.growth = first, slowest, growth
-        self._empty = 0  # empty pulls since the last message
+        if flat < 0:
+            raise ValueError(f"the flat window must be at least 0 s, not {flat!r}")
+        self.first, self.slowest, self.growth, self.flat = first, slowest, growth, flat
+        self._clock = clock
+        self._empty = 0  # empty pulls since the last message, after the flat window
+        self._since = clock()
         self._lock = threading.Lock()
 
     def busy(self) -> None:
         """The node just received or sent a message: ask again soon."""
         with self._lock:
             self._empty = 0
+            self._since = self._clock()
 
     def next_wait(self) -> float:
         """Seconds to wait after one more empty pull."""
         with self._lock:
+            if self._clock() - self._since < self.flat:
+                return self.first
             wait = min(self.slowest, self.first * self.growth**self._empty)
             self._empty += 1
         return wait

@@ -15,7 +15,7 @@ from client.node.pacing import FLOWER_IDLE_S, Pace, PacedClock, install
 
 
 def test_pace_asks_soon_after_a_message_then_backs_off_to_flowers_three_seconds() -> None:
-    pace = Pace(first=0.25, growth=1.25)
+    pace = Pace(first=0.25, growth=1.25, flat=0)
     waits = [pace.next_wait() for _ in range(20)]
     assert waits[0] == 0.25
     assert all(b >= a for a, b in itertools.pairwise(waits))
@@ -23,6 +23,31 @@ def test_pace_asks_soon_after_a_message_then_backs_off_to_flowers_three_seconds(
     assert sum(w < FLOWER_IDLE_S for w in waits) == 12  # about 10 s of quicker pulls
     pace.busy()
     assert pace.next_wait() == 0.25
+
+
+def test_pace_keeps_its_first_interval_for_the_flat_window_after_each_message() -> None:
+    now = [0.0]
+    pace = Pace(first=0.25, growth=1.25, flat=2.5, clock=lambda: now[0])
+
+    def waits_until(end: float) -> list[float]:
+        out = []
+        while now[0] < end:
+            out.append(pace.next_wait())
+            now[0] += out[-1]
+        return out
+
+    flat = waits_until(2.5)
+    assert flat == [0.25] * 10  # the next round's message, 0.5-2 s away, is seen <= 0.25 s late
+    later = waits_until(60.0)
+    assert later[:3] == [0.25, 0.3125, 0.390625]  # then backing off as before
+    assert later[-1] == FLOWER_IDLE_S  # an idle node asks at Flower's pace
+    pace.busy()
+    assert waits_until(now[0] + 2.5) == [0.25] * 10
+
+
+def test_pace_refuses_a_negative_flat_window() -> None:
+    with pytest.raises(ValueError, match="flat window"):
+        Pace(flat=-1)
 
 
 @pytest.mark.parametrize("first", [0, -1, 3.5])
@@ -53,7 +78,7 @@ def test_installed_loop_waits_less_after_each_message(monkeypatch: pytest.Monkey
     slept: list[float] = []
     monkeypatch.setattr(supernode_pace.time, "sleep", slept.append)
     loop = _fake_loop([None, None, None, 7, None, None])
-    assert install(loop, Pace(first=0.25, growth=2.0))
+    assert install(loop, Pace(first=0.25, growth=2.0, flat=0))
     loop.run()  # type: ignore[attr-defined]
     # three empty pulls back off, the message (and its reply) resets the pace
     assert slept == [0.25, 0.5, 1.0, 0.25, 0.5]
