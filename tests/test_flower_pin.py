@@ -133,10 +133,11 @@ def test_the_lists_name_every_flower_internal_the_adapters_import(package: str) 
 
 def test_the_code_reads_its_flower_texts_and_names_from_the_lists() -> None:
     from client.node import launcher, pacing, warm_exec
-    from server.superlink import control
+    from server.superlink import control, retry
 
     assert node_surface.ACTIVATED.text == launcher._ACTIVATED
     assert launcher._FLOWER_EXIT.search("Exit Code: 305").group(1) == "305"  # type: ignore[union-attr]
     assert node_surface.RECEIVED.text.encode() == warm_exec._HINT
     assert (node_surface.PULL.attr, node_surface.PUSH.attr) == (pacing._PULL, pacing._PUSH)
     assert server_surface.ALREADY_REGISTERED.text == control._ALREADY_REGISTERED
+    assert server_surface.HTTP_GRID.module == retry._HTTP_GRID

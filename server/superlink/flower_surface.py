@@ -26,6 +26,9 @@ ERROR_EXTRA = FlowerText("flwr.supercore.error.base", 'payload["extra"] = self.p
 #: The request header carrying the node's public key, base64 (node authentication).
 PUBLIC_KEY_HEADER = FlowerName("flwr.supercore.constant", "FLEET_HTTP_PUBLIC_KEY_HEADER")
 ACTIVATION_FAILED = FlowerName("flwr.supercore.error", "ApiErrorCode.FLEET_NODE_ACTIVATION_FAILED")
+#: retry.py: the ServerApp's connection to a SuperLink, polled by edufl itself. Its module is
+#: imported by name, only once such a grid exists.
+HTTP_GRID = FlowerName("flwr.superlink.grid.http_grid", "HttpGrid")
 
 NAMES: tuple[FlowerName, ...] = (
     # serve.py: Flower's SuperLink app, configured as `flower-superlink` would configure it.
@@ -73,8 +76,7 @@ NAMES: tuple[FlowerName, ...] = (
     FlowerName("flwr.supercore.corestate.sql_corestate", "HEARTBEAT_PATIENCE"),
     PUBLIC_KEY_HEADER,
     ACTIVATION_FAILED,
-    # retry.py: the ServerApp's connection to a SuperLink, polled by edufl itself.
-    FlowerName("flwr.superlink.grid.http_grid", "HttpGrid"),
+    HTTP_GRID,
     FlowerName("flwr.superlink.grid.http_grid", "HttpGrid.push_messages", ("messages",)),
     FlowerName("flwr.superlink.grid.http_grid", "HttpGrid.pull_messages", ("message_ids",)),
     # retry.py: the grid's object puller, asked to retry sooner (its keyword arguments).

@@ -7,15 +7,19 @@ codes of a reply lost in transit. Simulation's grid gets Flower's own ``send_and
 from __future__ import annotations
 
 import copy
+import importlib
 import logging
+import sys
 import time
 from collections import Counter
 from collections.abc import Mapping
+from types import ModuleType
 
 from flwr.app import Error, Message, Metadata
 from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 
+from server.superlink import flower_surface
 from server.superlink.packing import PackedArraysError, pack_records, unpack_records
 from shared_models import object_pulls
 
@@ -27,12 +31,25 @@ logger = logging.getLogger(__name__)
 #: call to the SuperLink on the same machine. Simulation's ``InMemoryGrid`` asks every 0.1 s.
 REPLY_POLL_S = 0.1
 
-try:
-    from flwr.superlink.grid import http_grid as _http_grid
-    from flwr.superlink.grid.http_grid import HttpGrid as _SlowPollingGrid
-except ImportError:  # pragma: no cover - another Flower layout: its own polling then
-    _http_grid = None  # type: ignore[assignment]
-    _SlowPollingGrid = None  # type: ignore[assignment,misc]
+#: Flower's module of the ServerApp's grid to a SuperLink, ``HttpGrid``. It is imported only
+#: when a grid to a SuperLink exists: importing it loads Flower's SuperLink state (SQLAlchemy,
+#: Alembic, FastAPI), about 0.7 s that an in-process simulation does not need
+#: (docs/benchmarks.md, section 1).
+_HTTP_GRID = flower_surface.HTTP_GRID.module
+
+
+def _http_grid() -> ModuleType | None:
+    try:
+        return importlib.import_module(_HTTP_GRID)
+    except ImportError:  # pragma: no cover - another Flower layout: its own polling then
+        return None
+
+
+def _on_superlink(grid: Grid) -> bool:
+    """Whether ``grid`` is Flower's grid to a SuperLink (never imports it: one exists only then)."""
+    module = sys.modules.get(_HTTP_GRID)
+    return module is not None and isinstance(grid, getattr(module, flower_surface.HTTP_GRID.attr))
+
 
 #: A reply's object not uploaded yet is asked for again after this long, doubling up to
 #: `OBJECT_BACKOFF_CAP_S`. Flower's SuperLink hands the ServerApp a reply as soon as the node
@@ -53,10 +70,11 @@ def quick_reply_pulls() -> bool:
 
     Returns whether this Flower release's grid could be changed (otherwise it keeps its pace).
     """
-    if _http_grid is None:  # pragma: no cover - another Flower layout
+    http_grid = _http_grid()
+    if http_grid is None:  # pragma: no cover - another Flower layout
         return False
     return object_pulls.install(
-        _http_grid,
+        http_grid,
         "pull_objects",
         initial_backoff=OBJECT_BACKOFF_S,
         backoff_cap=OBJECT_BACKOFF_CAP_S,
@@ -98,7 +116,7 @@ def exchange(grid: Grid, messages: list[Message], timeout: float) -> list[Messag
     """
     if not messages:
         return []
-    if _SlowPollingGrid is None or not isinstance(grid, _SlowPollingGrid):
+    if not _on_superlink(grid):
         return list(grid.send_and_receive(messages, timeout=timeout))
     quick_reply_pulls()
     started = time.monotonic()

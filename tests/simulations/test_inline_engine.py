@@ -219,3 +219,29 @@ def test_inline_is_deterministic_under_dp_with_keyed_noise_sources(
     second = _run(consortium, tmp_path / "b", "inline", dp=True)
     for name, value in first.items():
         np.testing.assert_array_equal(second[name], value, err_msg=name)
+
+
+def test_an_inline_simulation_loads_none_of_flowers_superlink_state(tmp_path: Path) -> None:
+    """In-process, the rounds need no SuperLink: importing its grid loads SQLAlchemy, Alembic
+    and FastAPI (about 0.7 s of a 1,200-student simulation's 7.5 s; docs/benchmarks.md)."""
+    import subprocess
+    import sys
+
+    exports = write_consortium(tmp_path / "consortium", institutions=2, students=120, seed=3)
+    script = (
+        "import json, sys\n"
+        "from pathlib import Path\n"
+        "from server.config import FederationConfig\n"
+        "from simulations.runner import simulate\n"
+        "out = Path(sys.argv[1])\n"
+        "config = FederationConfig(rounds=1, local_epochs=1, min_nodes=2, out_dir=out)\n"
+        "simulate(config, [Path(p) for p in sys.argv[2:]], engine='inline')\n"
+        "print(json.dumps(sorted(m for m in ('flwr.superlink.grid', 'sqlalchemy', 'alembic',"
+        " 'fastapi') if m in sys.modules)))\n"
+    )
+    argv = [sys.executable, "-c", script, str(tmp_path / "run"), *map(str, exports)]
+    repo = Path(__file__).resolve().parents[2]
+    proc = subprocess.run(argv, cwd=repo, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (tmp_path / "run" / "metrics.jsonl").is_file()
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == []
