@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -224,9 +226,6 @@ def test_inline_is_deterministic_under_dp_with_keyed_noise_sources(
 def test_an_inline_simulation_loads_none_of_flowers_superlink_state(tmp_path: Path) -> None:
     """In-process, the rounds need no SuperLink: importing its grid loads SQLAlchemy, Alembic
     and FastAPI (about 0.7 s of a 1,200-student simulation's 7.5 s; docs/benchmarks.md)."""
-    import subprocess
-    import sys
-
     exports = write_consortium(tmp_path / "consortium", institutions=2, students=120, seed=3)
     script = (
         "import json, sys\n"
